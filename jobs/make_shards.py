@@ -1,0 +1,122 @@
+"""Convert chest X-rays once into sharded TFRecords plus a manifest (local folder or gs://).
+
+    python jobs/make_shards.py SRC DST [options]
+
+SRC: a Kaggle-layout folder (ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*), a MedMNIST .npz, a CSV of
+path,label[,patient_id][,split][,subtype], or `demo` for the built-in generated data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from tqdm import tqdm
+
+from pneumo_dist import demo, schema, shards, sources, storage
+from pneumo_dist.images import DEFAULT_MAX_PIXELS
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="make_shards.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("src", metavar="SRC", help="Kaggle folder, .npz, .csv (local or gs://), or 'demo'")
+    parser.add_argument("dst", metavar="DST", help="output folder, local or gs://BUCKET/PREFIX")
+    defaults = shards.ShardOptions()
+    parser.add_argument(
+        "--size", type=int, default=None, help="stored image side in px (default: 256; native size for .npz)"
+    )
+    parser.add_argument("--format", choices=("jpeg", "png"), default=defaults.image_format, help="stored encoding")
+    parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
+    parser.add_argument(
+        "--val-fraction", type=float, default=defaults.val_fraction,
+        help="share of train carved out as validation, grouped by patient, stratified by class",
+    )
+    parser.add_argument(
+        "--keep-val", action="store_true",
+        help="use the source's own val split instead of merging it into train and carving one out",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the shuffle")
+    parser.add_argument("--shard-mb", type=float, default=defaults.shard_target_mb, help="target shard size")
+    parser.add_argument("--min-shards", type=int, default=defaults.min_shards, help="least shards per split")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are refused")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at DST")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    options = shards.ShardOptions(
+        stored_size_px=args.size,
+        image_format=args.format,
+        jpeg_quality=args.jpeg_quality,
+        val_fraction=args.val_fraction,
+        keep_val=args.keep_val,
+        seed=args.seed,
+        shard_target_mb=args.shard_mb,
+        min_shards=args.min_shards,
+        max_pixels=args.max_pixels,
+        strict=args.strict,
+    )
+    bar = tqdm(unit="img", desc="make_shards", disable=None)
+
+    def on_progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="pneumo-demo-") as demo_root:
+            source = args.src
+            if source == "demo":
+                demo.write_demo_dataset(demo_root)
+                source = demo_root
+            result = shards.make_shards(source, args.dst, options, args.overwrite, args.workers, on_progress)
+    except (shards.ShardError, sources.SourceError, storage.StorageError, schema.ManifestError) as error:
+        bar.close()
+        print(f"make_shards: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        bar.close()
+        print("make_shards: interrupted; no manifest was written. Re-run the same command to finish.",
+              file=sys.stderr)
+        return 130
+    bar.close()
+    print(summarize(result))
+    return 0
+
+
+def summarize(result: shards.Result) -> str:
+    manifest = result.manifest
+    if result.unchanged:
+        head = f"{result.manifest_uri} is already complete for these inputs and options: nothing to do"
+    else:
+        head = (
+            f"wrote {result.manifest_uri}: {result.shards_written} shards written, "
+            f"{result.shards_reused} reused from an interrupted run"
+        )
+    lines = [head]
+    for split, counts in manifest["counts"].items():
+        per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
+        lines.append(
+            f"  {split:5s} {sum(counts.values()):6d} images ({per_class}), {manifest['patients'][split]} patients, "
+            f"{len(manifest['splits'][split]['shards'])} shards"
+        )
+    image = manifest["image"]
+    lines.append(f"  stored as {image['stored_size_px']} px grayscale {image['format']}")
+    if manifest["skipped"]:
+        lines.append(f"  skipped {len(manifest['skipped'])} files (listed in the manifest), e.g.:")
+        lines += [f"    {s['source']}: {s['reason']}" for s in manifest["skipped"][:5]]
+    lines += [f"  note: {note}" for note in manifest["notes"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Decode one source image (any JPEG/PNG mode, 8 or 16 bit) to the stored form: 8-bit grayscale,
+square, `stored_size_px` wide, JPEG or PNG encoded.
+
+make_shards uses it for every record and inference uses it for every image, so both see the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+IMAGE_FORMATS = ("jpeg", "png")
+# Kaggle's largest images are about 2,900 x 2,500 px; 50 MP leaves room for other collections while a
+# decompression bomb (a tiny file claiming gigapixels) is refused before it is decoded.
+DEFAULT_MAX_PIXELS = 50_000_000
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class BadImage(Exception):
+    """The bytes are not a usable image; the message says why."""
+
+
+def has_image_extension(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px: int | None = None):
+    """Bytes -> (8-bit grayscale PIL image, (original_height, original_width)).
+
+    `draft_px` lets the JPEG decoder scale down by a power of two while decoding, as long as both sides
+    stay at least that large: several times faster on megapixel X-rays and invisible after resizing.
+    """
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not a readable image (unknown format or corrupt header)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise BadImage(f"decompression bomb refused: {error}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImage(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise BadImage(
+            f"decompression bomb refused: {width}x{height} px is more than max_pixels={max_pixels:,}"
+        )
+    if draft_px and image.format == "JPEG":
+        image.draft("L", (draft_px, draft_px))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadImage(f"truncated or corrupt image data: {error}") from None
+    image = ImageOps.exif_transpose(image)
+    if (image.width > image.height) != (width > height):
+        width, height = height, width  # EXIF said the sensor was rotated
+    return _to_grayscale(image), (height, width)
+
+
+def _to_grayscale(image: Image.Image) -> Image.Image:
+    if image.mode == "L":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        # 16-bit X-rays often use only 10-12 of their bits, so a fixed /257 would leave them nearly
+        # black: stretch each image's own range to 0..255 instead.
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
+        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    # RGB, RGBA/LA (alpha dropped), CMYK, palette, 1-bit: through RGB, with ITU-R 601 luma weights.
+    return image.convert("RGB").convert("L")
+
+
+def resize_square(image: Image.Image, size_px: int) -> Image.Image:
+    """Squash to size_px x size_px. The aspect ratio is not kept: this is what the pneumonia literature
+    does, it keeps the whole thorax, and the original size is stored with each record."""
+    if image.size == (size_px, size_px):
+        return image
+    return image.resize((size_px, size_px), Image.Resampling.LANCZOS)
+
+
+def encode(image: Image.Image, image_format: str, jpeg_quality: int = 95) -> bytes:
+    out = io.BytesIO()
+    if image_format == "jpeg":
+        image.save(out, format="JPEG", quality=jpeg_quality)
+    elif image_format == "png":
+        image.save(out, format="PNG")
+    else:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    return out.getvalue()
+
+
+def to_stored_image(
+    data: bytes,
+    stored_size_px: int,
+    image_format: str = "jpeg",
+    jpeg_quality: int = 95,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[bytes, tuple[int, int]]:
+    """Source bytes -> (encoded stored image, (original_height, original_width)). Raises BadImage."""
+    gray, original_size = decode_grayscale(data, max_pixels=max_pixels, draft_px=stored_size_px)
+    return encode(resize_square(gray, stored_size_px), image_format, jpeg_quality), original_size
+
+
+def array_to_stored_image(
+    pixels: np.ndarray, stored_size_px: int, image_format: str = "jpeg", jpeg_quality: int = 95
+) -> bytes:
+    """A uint8 (H, W) or (H, W, 3) array (MedMNIST) -> encoded stored image."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
+        raise BadImage(f"expected a uint8 (H, W) or (H, W, 3) array, got {pixels.dtype} {pixels.shape}")
+    if pixels.ndim == 3:
+        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3]
+    image = Image.fromarray(pixels)
+    return encode(resize_square(_to_grayscale(image), stored_size_px), image_format, jpeg_quality)

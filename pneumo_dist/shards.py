@@ -1,0 +1,460 @@
+"""Writing a dataset once: source images -> shuffled TFRecord shards + manifest, locally or on GCS.
+
+Each shard is written by a worker process and published atomically together with a small sidecar
+(_work/<shard>.json); the manifest is written last. A folder without a manifest is never a dataset, and a
+re-run with the same inputs and options reuses every shard whose sidecar exists.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import struct
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+
+import pneumo_dist
+from pneumo_dist import images as imaging
+from pneumo_dist import schema, sources, storage
+from pneumo_dist.sources import SourceImage
+
+DEFAULT_STORED_SIZE_PX = 256
+WORK_FOLDER = "_work"
+PLAN_NAME = "plan.json"
+_SIZE_SAMPLE = 16  # images encoded up front to estimate the bytes per record, hence the shard count
+
+
+class ShardError(Exception):
+    """make_shards cannot go on; the message names the file, folder or option."""
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    stored_size_px: int | None = None  # None: 256, or the native size of a .npz source
+    image_format: str = "jpeg"
+    jpeg_quality: int = 95
+    val_fraction: float = 0.15
+    keep_val: bool = False
+    seed: int = 0
+    # tf.data wants many more shards than parallel readers and each ideally tens of MB or more. The
+    # whole Kaggle set is about 100 MB at 256 px, so the shard floor matters more than the size target.
+    shard_target_mb: float = 100.0
+    min_shards: int = 16
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    strict: bool = False
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ShardError:
+            return ShardError(f"option {name}={getattr(self, name)!r}: {why}")
+
+        if self.stored_size_px is not None and not 8 <= self.stored_size_px <= 4096:
+            raise bad("stored_size_px", "must be between 8 and 4096")
+        if self.image_format not in imaging.IMAGE_FORMATS:
+            raise bad("image_format", f"must be one of {', '.join(imaging.IMAGE_FORMATS)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise bad("jpeg_quality", "must be between 1 and 100")
+        if not 0 <= self.val_fraction < 1:
+            raise bad("val_fraction", "must be in [0, 1)")
+        if self.shard_target_mb <= 0:
+            raise bad("shard_target_mb", "must be positive")
+        if self.min_shards < 1:
+            raise bad("min_shards", "must be at least 1")
+        if self.max_pixels < 1:
+            raise bad("max_pixels", "must be positive")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    name: str  # e.g. "train-00003-of-00016.tfrecord"
+    images: tuple[SourceImage, ...]
+    destination: str  # the dataset folder
+
+
+@dataclass(frozen=True)
+class Result:
+    manifest_uri: str
+    manifest: dict
+    shards_written: int
+    shards_reused: int
+    unchanged: bool  # a complete dataset from the same inputs and options was already there
+
+
+def make_shards(
+    source_uri: str,
+    destination: str,
+    options: ShardOptions = ShardOptions(),
+    overwrite: bool = False,
+    workers: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Result:
+    """Convert `source_uri` into a dataset at `destination`. `on_progress(done, total)` counts images."""
+    options.validate()
+    destination = destination.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="pneumo-shards-") as scratch:
+        local_npz = None
+        if source_uri.lower().endswith(".npz") and storage.is_gcs(source_uri):
+            local_npz = os.path.join(scratch, storage.basename(source_uri))
+            storage.download(source_uri, local_npz)
+        listing = sources.list_source(source_uri, local_npz_path=local_npz)
+        if options.strict and listing.skipped:
+            first = listing.skipped[0]
+            raise ShardError(f"{first.source}: {first.reason} (--strict stops at the first bad file)")
+        assigned, split_notes = sources.assign_splits(
+            listing.images, options.val_fraction, options.keep_val, options.seed
+        )
+        options = _resolve_stored_size(options, listing)
+        fingerprint = _fingerprint(source_uri, listing, assigned, options)
+        manifest_uri = storage.join(destination, schema.MANIFEST_NAME)
+
+        existing = _read_manifest_if_any(manifest_uri)
+        if existing is not None and not overwrite:
+            if existing.get("fingerprint") == fingerprint:
+                return Result(manifest_uri, existing, 0, 0, unchanged=True)
+            raise ShardError(
+                f"{destination} already holds a dataset made from other inputs or options "
+                f"({manifest_uri}); pass --overwrite to replace it"
+            )
+        plan_uri = storage.join(destination, WORK_FOLDER, PLAN_NAME)
+        if overwrite or existing is not None or _read_plan_fingerprint(plan_uri) != fingerprint:
+            _delete_dataset_files(destination)
+            storage.write_bytes(plan_uri, json.dumps({"fingerprint": fingerprint}).encode())
+
+        tasks = _plan_shards(assigned, options, destination)
+        done = {task.name: _read_sidecar(destination, task.name) for task in tasks}
+        pending = [task for task in tasks if done[task.name] is None]
+        total = sum(len(task.images) for task in tasks)
+        progress = total - sum(len(task.images) for task in pending)
+        if on_progress:
+            on_progress(progress, total)
+        for task, sidecar in _run_tasks(pending, options, workers):
+            done[task.name] = sidecar
+            progress += len(task.images)
+            if on_progress:
+                on_progress(progress, total)
+
+        manifest = _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done)
+        # The manifest is the commit point: written last, atomically.
+        storage.write_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
+        storage.delete_tree(storage.join(destination, WORK_FOLDER))
+        return Result(manifest_uri, manifest, len(pending), len(tasks) - len(pending), unchanged=False)
+
+
+# --- planning ---------------------------------------------------------------------------------------
+
+
+def _resolve_stored_size(options: ShardOptions, listing: sources.Listing) -> ShardOptions:
+    if options.stored_size_px is not None:
+        return options
+    size = DEFAULT_STORED_SIZE_PX
+    if listing.source_format == "npz":
+        first = listing.images[0]
+        with np.load(first.uri) as arrays:
+            size = int(max(arrays[first.npz_key].shape[1:3]))
+    return dataclasses.replace(options, stored_size_px=size)
+
+
+def _fingerprint(source_uri: str, listing: sources.Listing, assigned: list[SourceImage], options) -> str:
+    """Identifies the inputs and options; the same fingerprint means the same dataset."""
+    digest = hashlib.sha256()
+    settings = dataclasses.asdict(options) | {"format": listing.source_format}
+    settings.pop("strict")  # strictness changes whether we stop, not what is written
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    if listing.source_format == "csv":
+        digest.update(storage.read_bytes(source_uri))  # CSV rows carry no file sizes
+    for image in assigned:
+        digest.update(f"{image.source}|{image.split}|{image.label}|{image.size_bytes}\n".encode())
+    return digest.hexdigest()
+
+
+def _plan_shards(assigned: list[SourceImage], options: ShardOptions, destination: str) -> list[ShardTask]:
+    bytes_per_image = _estimate_bytes_per_image(assigned, options)
+    tasks = []
+    for split in schema.SPLITS:
+        split_images = [image for image in assigned if image.split == split]
+        if not split_images:
+            continue
+        # Seeded per split, so that one split's order does not depend on the others.
+        rng = np.random.default_rng([options.seed, schema.SPLITS.index(split)])
+        shuffled = [split_images[i] for i in rng.permutation(len(split_images))]
+        by_size = math.ceil(len(shuffled) * bytes_per_image / (options.shard_target_mb * 1e6))
+        count = min(len(shuffled), max(options.min_shards, by_size))
+        for index in range(count):
+            tasks.append(
+                ShardTask(
+                    name=f"{split}-{index:05d}-of-{count:05d}.tfrecord",
+                    images=tuple(shuffled[index::count]),
+                    destination=destination,
+                )
+            )
+    return tasks
+
+
+def _estimate_bytes_per_image(assigned: list[SourceImage], options: ShardOptions) -> float:
+    sizes = []
+    for image in assigned[:: max(1, len(assigned) // _SIZE_SAMPLE)][:_SIZE_SAMPLE]:
+        try:
+            sizes.append(len(_convert(image, options)[0]))
+        except (imaging.BadImage, storage.StorageError):
+            continue
+    return float(np.mean(sizes)) if sizes else options.stored_size_px**2
+
+
+# --- the worker -------------------------------------------------------------------------------------
+
+
+def _run_tasks(tasks: list[ShardTask], options: ShardOptions, workers: int | None):
+    """Yield (task, sidecar) as shards finish; several processes, since decoding is CPU-bound."""
+    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            yield task, write_shard(task, options)
+        return
+    # spawn, not fork: the parent may hold GCS connections and threads that must not be copied.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = {pool.submit(write_shard, task, options): task for task in tasks}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def write_shard(task: ShardTask, options: ShardOptions) -> dict:
+    """Convert one shard's images, publish the shard, then its sidecar; return the sidecar."""
+    uri = storage.join(task.destination, task.name)
+    skipped: list[dict] = []
+    counts: Counter = Counter()
+    patients: set[str] = set()
+    digest = hashlib.sha256()
+    records = 0
+    if not storage.is_gcs(uri):
+        os.makedirs(task.destination, exist_ok=True)
+    fd, local_path = tempfile.mkstemp(
+        prefix=f".{task.name}.", suffix=".tmp", dir=None if storage.is_gcs(uri) else task.destination
+    )
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for image in task.images:
+                try:
+                    encoded, sha256, (height, width) = _convert(image, options)
+                except (imaging.BadImage, storage.StorageNotFound) as error:
+                    if options.strict:
+                        raise ShardError(f"{image.source}: {error} (--strict stops at the first bad file)")
+                    skipped.append({"source": image.source, "reason": str(error)})
+                    continue
+                record = _frame_tfrecord(_encode_example(_features(image, encoded, sha256, height, width, options)))
+                out.write(record)
+                digest.update(record)
+                records += 1
+                counts[schema.CLASS_NAMES[image.label]] += 1
+                patients.add(image.patient_id)
+        size_bytes = os.path.getsize(local_path)
+        storage.move_local_into_place(local_path, uri)
+    finally:
+        if os.path.exists(local_path):
+            os.remove(local_path)
+    sidecar = {
+        "path": task.name,
+        "records": records,
+        "bytes": size_bytes,
+        "sha256": digest.hexdigest(),
+        "counts": dict(sorted(counts.items())),
+        "patients": sorted(patients),
+        "skipped": skipped,
+    }
+    storage.write_bytes(_sidecar_uri(task.destination, task.name), json.dumps(sidecar).encode())
+    return sidecar
+
+
+def _convert(image: SourceImage, options: ShardOptions) -> tuple[bytes, str, tuple[int, int]]:
+    """-> (encoded stored image, sha256 of the source bytes, (original height, original width))."""
+    if image.npz_key:
+        pixels = _npz_array(image.uri, image.npz_key)[image.npz_index]
+        encoded = imaging.array_to_stored_image(
+            pixels, options.stored_size_px, options.image_format, options.jpeg_quality
+        )
+        return encoded, hashlib.sha256(pixels.tobytes()).hexdigest(), pixels.shape[:2]
+    data = storage.read_bytes(image.uri)
+    encoded, original_size = imaging.to_stored_image(
+        data, options.stored_size_px, options.image_format, options.jpeg_quality, options.max_pixels
+    )
+    return encoded, hashlib.sha256(data).hexdigest(), original_size
+
+
+@functools.cache
+def _npz_array(path: str, key: str) -> np.ndarray:
+    with np.load(path) as arrays:
+        return arrays[key]
+
+
+def _features(image: SourceImage, encoded: bytes, sha256: str, height: int, width: int, options) -> dict:
+    return {
+        schema.IMAGE_KEY: encoded,
+        schema.IMAGE_FORMAT_KEY: options.image_format.encode(),
+        schema.LABEL_KEY: image.label,
+        schema.SUBTYPE_KEY: image.subtype.encode(),
+        schema.PATIENT_KEY: image.patient_id.encode(),
+        schema.SOURCE_KEY: image.source.encode(),
+        schema.SOURCE_SHA256_KEY: sha256.encode(),
+        schema.ORIGINAL_HEIGHT_KEY: int(height),
+        schema.ORIGINAL_WIDTH_KEY: int(width),
+    }
+
+
+# --- TFRecord and tf.train.Example, written without TensorFlow ---------------------------------------
+# Importing TensorFlow costs each worker process seconds and hundreds of MB; the two formats are small
+# and stable, and tests read our output back with tf.data and tf.train.Example.
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int64s are ten-byte two's complement varints
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _length_delimited(field_number: int, payload: bytes) -> bytes:
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _encode_example(features: dict[str, bytes | int]) -> bytes:
+    """tf.train.Example{features{feature{key: Feature}}}; bytes -> bytes_list (1), int -> int64_list (3)."""
+    entries = b""
+    for key in sorted(features):
+        value = features[key]
+        if isinstance(value, bytes):
+            feature = _length_delimited(1, _length_delimited(1, value))
+        else:
+            feature = _length_delimited(3, _length_delimited(1, _varint(value)))
+        entries += _length_delimited(1, _length_delimited(1, key.encode()) + _length_delimited(2, feature))
+    return _length_delimited(1, entries)
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _frame_tfrecord(record: bytes) -> bytes:
+    length = struct.pack("<Q", len(record))
+    return length + struct.pack("<I", _masked_crc32c(length)) + record + struct.pack("<I", _masked_crc32c(record))
+
+
+# --- state on the destination -----------------------------------------------------------------------
+
+
+def _sidecar_uri(destination: str, shard_name: str) -> str:
+    return storage.join(destination, WORK_FOLDER, shard_name + ".json")
+
+
+def _read_sidecar(destination: str, shard_name: str) -> dict | None:
+    # The sidecar is published after its shard, so its presence means the shard is complete.
+    try:
+        return json.loads(storage.read_bytes(_sidecar_uri(destination, shard_name)))
+    except storage.StorageNotFound:
+        return None
+
+
+def _read_plan_fingerprint(plan_uri: str) -> str | None:
+    try:
+        return json.loads(storage.read_bytes(plan_uri))["fingerprint"]
+    except (storage.StorageNotFound, json.JSONDecodeError, KeyError):
+        return None
+
+
+def _read_manifest_if_any(manifest_uri: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(manifest_uri))
+    except storage.StorageNotFound:
+        return None
+    except json.JSONDecodeError as error:
+        raise ShardError(f"{manifest_uri} exists but is not valid JSON ({error}); use --overwrite") from None
+
+
+def _delete_dataset_files(destination: str) -> None:
+    """Remove what make_shards writes (and nothing else), the manifest first."""
+    storage.delete(storage.join(destination, schema.MANIFEST_NAME))
+    for info in storage.list_files(destination):
+        name = storage.basename(info.uri)
+        if name.endswith(".tfrecord") and info.uri == storage.join(destination, name):
+            storage.delete(info.uri)
+    storage.delete_tree(storage.join(destination, WORK_FOLDER))
+
+
+# --- the manifest -----------------------------------------------------------------------------------
+
+
+def _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done) -> dict:
+    splits: dict[str, dict] = {}
+    counts: dict[str, dict[str, int]] = {}
+    patients: dict[str, int] = {}
+    skipped = [dataclasses.asdict(s) for s in listing.skipped]
+    for split in schema.SPLITS:
+        shard_names = [task.name for task in tasks if task.name.startswith(split + "-")]
+        if not shard_names:
+            continue
+        sidecars = [done[name] for name in shard_names]
+        split_counts = Counter()
+        split_patients: set[str] = set()
+        for sidecar in sidecars:
+            split_counts.update(sidecar["counts"])
+            split_patients.update(sidecar["patients"])
+            skipped.extend(sidecar["skipped"])
+        for class_name in schema.CLASS_NAMES:
+            if not split_counts[class_name]:
+                raise ShardError(
+                    f"the {split} split has no readable {class_name} images: too few images for "
+                    f"val_fraction={options.val_fraction}, or all of them were skipped as bad files"
+                )
+        counts[split] = {name: split_counts[name] for name in schema.CLASS_NAMES}
+        patients[split] = len(split_patients)
+        splits[split] = {
+            "records": sum(s["records"] for s in sidecars),
+            "shards": [{k: s[k] for k in ("path", "records", "bytes", "sha256")} for s in sidecars],
+        }
+    train = counts["train"]
+    total = sum(train.values())
+    return {
+        "schema_version": schema.MANIFEST_SCHEMA_VERSION,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "pneumo_dist_version": pneumo_dist.__version__,
+        "fingerprint": fingerprint,
+        "source": {"uri": source_uri, "format": listing.source_format},
+        "options": dataclasses.asdict(options),
+        "seed": options.seed,
+        "classes": list(schema.CLASS_NAMES),
+        "image": {
+            "stored_size_px": options.stored_size_px,
+            "format": options.image_format,
+            "channels": 1,
+            "jpeg_quality": options.jpeg_quality if options.image_format == "jpeg" else None,
+        },
+        "counts": counts,
+        "patients": patients,
+        # Balanced weights, n / (classes * n_class): the loss weighs both classes equally.
+        "class_weights": {name: total / (len(train) * n) for name, n in train.items()},
+        "splits": splits,
+        "skipped": sorted(skipped, key=lambda s: s["source"]),
+        "notes": listing.notes + split_notes,
+    }
