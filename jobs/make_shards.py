@@ -31,21 +31,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--size", type=int, default=None, help="stored image side in px (default: 256; native size for .npz)"
     )
-    parser.add_argument("--format", choices=("jpeg", "png"), default=defaults.image_format, help="stored encoding")
+    parser.add_argument(
+        "--format", choices=("jpeg", "png"), default=defaults.image_format, help="stored encoding"
+    )
     parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
     parser.add_argument(
-        "--val-fraction", type=float, default=defaults.val_fraction,
+        "--val-fraction",
+        type=float,
+        default=defaults.val_fraction,
         help="share of train carved out as validation, grouped by patient, stratified by class",
     )
     parser.add_argument(
-        "--keep-val", action="store_true",
+        "--keep-val",
+        action="store_true",
         help="use the source's own val split instead of merging it into train and carving one out",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the shuffle")
     parser.add_argument("--shard-mb", type=float, default=defaults.shard_target_mb, help="target shard size")
     parser.add_argument("--min-shards", type=int, default=defaults.min_shards, help="least shards per split")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are refused")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
+    parser.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are refused"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at the first bad file instead of skipping it"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at DST")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     return parser.parse_args(argv)
@@ -85,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         bar.close()
-        print("make_shards: interrupted; no manifest was written. Re-run the same command to finish.",
-              file=sys.stderr)
+        print(
+            "make_shards: interrupted; no manifest was written. Re-run the same command to finish.",
+            file=sys.stderr,
+        )
         return 130
     bar.close()
     print(summarize(result))
@@ -106,8 +117,8 @@ def summarize(result: shards.Result) -> str:
     for split, counts in manifest["counts"].items():
         per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
         lines.append(
-            f"  {split:5s} {sum(counts.values()):6d} images ({per_class}), {manifest['patients'][split]} patients, "
-            f"{len(manifest['splits'][split]['shards'])} shards"
+            f"  {split:5s} {sum(counts.values()):6d} images ({per_class}), "
+            f"{manifest['patients'][split]} patients, {len(manifest['splits'][split]['shards'])} shards"
         )
     image = manifest["image"]
     lines.append(f"  stored as {image['stored_size_px']} px grayscale {image['format']}")

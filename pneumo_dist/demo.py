@@ -56,7 +56,9 @@ def write_demo_dataset(root: str, spec: DemoSpec = DemoSpec()) -> list[str]:
     return written
 
 
-def render_xray(height: int, width: int, pneumonia: bool, subtype: str, rng: np.random.Generator) -> np.ndarray:
+def render_xray(
+    height: int, width: int, pneumonia: bool, subtype: str, rng: np.random.Generator
+) -> np.ndarray:
     """One uint8 (height, width) chest-X-ray-like image."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     y /= height

@@ -44,6 +44,8 @@ def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px
         raise BadImage("not a readable image (unknown format or corrupt header)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise BadImage(f"decompression bomb refused: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadImage(f"truncated or corrupt image header: {error}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise BadImage(f"image has no pixels ({width}x{height})")

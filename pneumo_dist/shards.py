@@ -254,10 +254,14 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
                     encoded, sha256, (height, width) = _convert(image, options)
                 except (imaging.BadImage, storage.StorageNotFound) as error:
                     if options.strict:
-                        raise ShardError(f"{image.source}: {error} (--strict stops at the first bad file)")
+                        raise ShardError(
+                            f"{image.source}: {error} (--strict stops at the first bad file)"
+                        ) from None
                     skipped.append({"source": image.source, "reason": str(error)})
                     continue
-                record = _frame_tfrecord(_encode_example(_features(image, encoded, sha256, height, width, options)))
+                record = _frame_tfrecord(
+                    _encode_example(_features(image, encoded, sha256, height, width, options))
+                )
                 out.write(record)
                 digest.update(record)
                 records += 1
@@ -358,7 +362,12 @@ def _masked_crc32c(data: bytes) -> int:
 
 def _frame_tfrecord(record: bytes) -> bytes:
     length = struct.pack("<Q", len(record))
-    return length + struct.pack("<I", _masked_crc32c(length)) + record + struct.pack("<I", _masked_crc32c(record))
+    return (
+        length
+        + struct.pack("<I", _masked_crc32c(length))
+        + record
+        + struct.pack("<I", _masked_crc32c(record))
+    )
 
 
 # --- state on the destination -----------------------------------------------------------------------

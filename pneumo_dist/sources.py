@@ -159,7 +159,9 @@ def list_npz(path: str, source_name: str) -> Listing:
                 continue
             for key in (images_key, labels_key):
                 if key not in arrays.files:
-                    raise SourceError(f"{source_name}: has no {key!r} array (found: {', '.join(arrays.files)})")
+                    raise SourceError(
+                        f"{source_name}: has no {key!r} array (found: {', '.join(arrays.files)})"
+                    )
             images, labels = arrays[images_key], arrays[labels_key].reshape(-1)
             if images.ndim not in (3, 4) or images.dtype != np.uint8:
                 raise SourceError(
@@ -168,7 +170,8 @@ def list_npz(path: str, source_name: str) -> Listing:
                 )
             if len(images) != len(labels):
                 raise SourceError(
-                    f"{source_name}: {images_key!r} has {len(images)} rows but {labels_key!r} has {len(labels)}"
+                    f"{source_name}: {images_key!r} has {len(images)} rows "
+                    f"but {labels_key!r} has {len(labels)}"
                 )
             if not np.isin(labels, (0, 1)).all():
                 raise SourceError(f"{source_name}: {labels_key!r} holds labels other than 0 and 1")
@@ -280,7 +283,9 @@ def assign_splits(
     pool = [image for image in images if image.split in ("train", "val")]
     test = [image for image in images if image.split == "test"]
     val_patients = _pick_validation_patients(pool, val_fraction, seed)
-    assigned = [replace(image, split="val" if image.patient_id in val_patients else "train") for image in pool]
+    assigned = [
+        replace(image, split="val" if image.patient_id in val_patients else "train") for image in pool
+    ]
     if val_fraction > 0:
         notes.append(
             f"validation: {len(val_patients)} patients, "

@@ -7,6 +7,7 @@ one, never a partial file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -107,8 +108,11 @@ def move_local_into_place(local_path: str, uri: str) -> None:
         upload(local_path, uri)
         os.remove(local_path)
     else:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(local_path, uri)
+        try:
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local_path, uri)
+        except OSError as error:
+            raise StorageError(f"cannot write {uri}: {error.strerror or error}") from None
 
 
 def exists(uri: str) -> bool:
@@ -122,10 +126,8 @@ def delete(uri: str) -> None:
     if not is_gcs(uri):
         Path(uri).unlink(missing_ok=True)
         return
-    try:
+    with contextlib.suppress(StorageNotFound):
         _gcs_call(uri, lambda blob: blob.delete(timeout=GCS_TIMEOUT_S, retry=_retry()))
-    except StorageNotFound:
-        pass
 
 
 def delete_tree(prefix: str) -> None:
@@ -184,16 +186,25 @@ class _local_temp_beside:
 
     def __enter__(self) -> str:
         folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(
+                dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp"
+            )
+        except OSError as error:
+            raise StorageError(f"cannot write {self.path}: {error.strerror or error}") from None
         os.close(fd)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
+            try:
+                os.replace(self.tmp, self.path)
+                return
+            except OSError as error:
+                Path(self.tmp).unlink(missing_ok=True)
+                raise StorageError(f"cannot write {self.path}: {error.strerror or error}") from None
+        Path(self.tmp).unlink(missing_ok=True)
 
 
 # --- GCS plumbing -----------------------------------------------------------------------------------

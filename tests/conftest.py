@@ -1,0 +1,122 @@
+"""Shared fixtures: a real GCS emulator on 127.0.0.1, tiny demo sources, the shared real data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+# Never let google-auth probe a metadata server off this machine.
+os.environ.setdefault("NO_GCE_CHECK", "True")
+os.environ.setdefault("GCE_METADATA_HOST", "127.0.0.1:9")
+os.environ.setdefault("GCE_METADATA_IP", "127.0.0.1:9")
+
+from pneumo_dist.demo import DemoSpec, write_demo_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_DEMO = DemoSpec(
+    images_per_class=(("train", 14), ("val", 2), ("test", 6)), min_side_px=40, max_side_px=64
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A gcp-storage-emulator server for the whole session; yields its URL.
+
+    STORAGE_EMULATOR_HOST is set for this process and so inherited by worker processes.
+    """
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError as error:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                message = process.stderr.read().decode()
+                raise RuntimeError(f"gcp-storage-emulator did not start: {message}") from error
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    yield url
+    if previous is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST")
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = previous
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def bucket(gcs_emulator) -> str:
+    """A fresh, empty bucket on the emulator; yields 'gs://NAME'."""
+    from google.cloud import storage as gcs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    gcs.Client().create_bucket(name)
+    return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory) -> str:
+    """A small Kaggle-layout demo source (read-only by convention: copy it to modify it)."""
+    root = tmp_path_factory.mktemp("demo") / "chest_xray"
+    write_demo_dataset(str(root), TINY_DEMO)
+    return str(root)
+
+
+@pytest.fixture
+def demo_copy(tiny_demo_root, tmp_path) -> Path:
+    """A private, modifiable copy of the tiny demo source."""
+    import shutil
+
+    destination = tmp_path / "source"
+    shutil.copytree(tiny_demo_root, destination)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def shared_kaggle_train() -> Path:
+    root = SHARED_DATA / "chest_xray_224"
+    if not (root / "train").is_dir():
+        pytest.skip("../shared/data/chest_xray_224 is not present")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_mnist_npz() -> Path:
+    path = SHARED_DATA / "pneumoniamnist_trainval.npz"
+    if not path.is_file():
+        pytest.skip("../shared/data/pneumoniamnist_trainval.npz is not present")
+    return path

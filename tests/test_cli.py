@@ -1,0 +1,55 @@
+"""The jobs as a user runs them: real processes, real exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env or os.environ
+    )
+
+
+def test_make_shards_help_lists_sources_and_options():
+    result = run("jobs/make_shards.py", "--help")
+    assert result.returncode == 0
+    for text in ("SRC", "DST", "demo", "--overwrite", "--strict", "--val-fraction", "--keep-val"):
+        assert text in result.stdout
+
+
+def test_make_shards_demo_end_to_end_then_no_op(tmp_path):
+    destination = tmp_path / "shards"
+    first = run("jobs/make_shards.py", "demo", str(destination), "--size", "32")
+    assert first.returncode == 0, first.stderr
+    assert "wrote" in first.stdout and "train" in first.stdout
+    manifest = json.loads((destination / "manifest.json").read_text())
+    assert manifest["counts"]["test"] == {"NORMAL": 40, "PNEUMONIA": 40}
+    second = run("jobs/make_shards.py", "demo", str(destination), "--size", "32")
+    assert second.returncode == 0 and "nothing to do" in second.stdout
+
+
+def test_user_errors_exit_2_with_one_line_naming_the_problem(tmp_path):
+    missing = run("jobs/make_shards.py", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith(f"make_shards: error: {tmp_path / 'nowhere'}")
+    assert "Traceback" not in missing.stderr
+    bad_option = run("jobs/make_shards.py", "demo", str(tmp_path / "out"), "--jpeg-quality", "0")
+    assert bad_option.returncode == 2 and "option jpeg_quality=0" in bad_option.stderr
+    usage = run("jobs/make_shards.py")
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_tf_keras_is_the_keras_after_importing_pneumo_dist():
+    code = (
+        "import pneumo_dist, tensorflow as tf, tf_keras; assert tf.keras.Model is tf_keras.Model; print('ok')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    result = run("-c", code, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    refused = run("-c", "import pneumo_dist", env=env | {"TF_USE_LEGACY_KERAS": "0"})
+    assert refused.returncode != 0 and "pneumo-dist needs tf-keras" in refused.stderr

@@ -1,0 +1,307 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumo_dist import schema, shards, sources, storage
+
+SMALL = shards.ShardOptions(stored_size_px=32, min_shards=4)
+
+
+def read_records(shard_uris: list[str]) -> list[dict]:
+    """Parse shards with TensorFlow itself: proves our writer emits real TFRecords and Examples."""
+    import tensorflow as tf
+
+    spec = {
+        schema.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+        schema.PATIENT_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.SOURCE_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.SUBTYPE_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.SOURCE_SHA256_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.ORIGINAL_HEIGHT_KEY: tf.io.FixedLenFeature([], tf.int64),
+        schema.ORIGINAL_WIDTH_KEY: tf.io.FixedLenFeature([], tf.int64),
+    }
+    records = []
+    for serialized in tf.data.TFRecordDataset(shard_uris):
+        parsed = tf.io.parse_single_example(serialized, spec)
+        record = {k: v.numpy() for k, v in parsed.items()}
+        record["pixels"] = tf.io.decode_image(parsed[schema.IMAGE_KEY]).numpy()
+        records.append(record)
+    return records
+
+
+def local_shards(result, split):
+    return schema.shard_uris(result.manifest, result.manifest_uri, split)
+
+
+def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root, tmp_path):
+    result = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
+    listing = {image.source: image for image in sources.list_kaggle(tiny_demo_root).images}
+    seen = []
+    for split in ("train", "val", "test"):
+        for record in read_records(local_shards(result, split)):
+            source = listing[record[schema.SOURCE_KEY].decode()]
+            data = Path(source.uri).read_bytes()
+            assert record["pixels"].shape == (32, 32, 1) and record["pixels"].dtype == np.uint8
+            assert record[schema.LABEL_KEY] == source.label
+            assert record[schema.PATIENT_KEY].decode() == source.patient_id
+            assert record[schema.SUBTYPE_KEY].decode() == source.subtype
+            assert record[schema.SOURCE_SHA256_KEY].decode() == hashlib.sha256(data).hexdigest()
+            assert record[schema.ORIGINAL_HEIGHT_KEY] >= 40 and record[schema.ORIGINAL_WIDTH_KEY] >= 40
+            seen.append(source.source)
+    assert sorted(seen) == sorted(listing)  # every image exactly once
+
+
+def test_example_encoding_matches_tensorflow():
+    import tensorflow as tf
+
+    features = {"b": b"\x00\xffbytes", "empty": b"", "i": 300, "neg": -5, "big": 2**62, "zero": 0}
+    ours = tf.train.Example.FromString(shards._encode_example(features))
+    expected = tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+                if isinstance(v, bytes)
+                else tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+                for k, v in features.items()
+            }
+        )
+    )
+    assert ours == expected
+
+
+def test_manifest_describes_counts_checksums_and_options(tiny_demo_root, tmp_path):
+    result = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=2)
+    manifest = schema.load_manifest(str(tmp_path / "ds"))
+    assert manifest == result.manifest
+    assert manifest["counts"]["test"] == {"NORMAL": 6, "PNEUMONIA": 6}
+    assert sum(sum(c.values()) for c in manifest["counts"].values()) == 44
+    for split, entry in manifest["splits"].items():
+        assert entry["records"] == sum(manifest["counts"][split].values())
+        assert len(entry["shards"]) == 4
+        for shard in entry["shards"]:
+            data = (tmp_path / "ds" / shard["path"]).read_bytes()
+            assert shard["sha256"] == hashlib.sha256(data).hexdigest() and shard["bytes"] == len(data)
+    train = manifest["counts"]["train"]
+    weights = manifest["class_weights"]
+    assert weights["NORMAL"] * train["NORMAL"] == pytest.approx(weights["PNEUMONIA"] * train["PNEUMONIA"])
+    assert manifest["image"] == {"stored_size_px": 32, "format": "jpeg", "channels": 1, "jpeg_quality": 95}
+    assert manifest["options"]["seed"] == 0 and manifest["skipped"] == []
+    assert sorted(os.listdir(tmp_path / "ds"))[-1] == "val-00003-of-00004.tfrecord"  # no leftovers
+
+
+def test_same_inputs_give_identical_shard_bytes(tiny_demo_root, tmp_path):
+    first = shards.make_shards(tiny_demo_root, str(tmp_path / "a"), SMALL, workers=2)
+    second = shards.make_shards(tiny_demo_root, str(tmp_path / "b"), SMALL, workers=1)
+    assert first.manifest["splits"] == second.manifest["splits"]
+    other_seed = shards.make_shards(
+        tiny_demo_root,
+        str(tmp_path / "c"),
+        shards.ShardOptions(stored_size_px=32, min_shards=4, seed=1),
+        workers=1,
+    )
+    assert other_seed.manifest["splits"] != first.manifest["splits"]
+
+
+def test_records_are_shuffled_across_shards(tiny_demo_root, tmp_path):
+    result = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
+    for shard_uri in local_shards(result, "train"):
+        labels = Counter(int(r[schema.LABEL_KEY]) for r in read_records([shard_uri]))
+        assert labels[0] and labels[1], f"{shard_uri} holds one class only: {labels}"
+
+
+def test_rerun_is_a_no_op_and_other_options_need_overwrite(tiny_demo_root, tmp_path):
+    destination = str(tmp_path / "ds")
+    first = shards.make_shards(tiny_demo_root, destination, SMALL, workers=1)
+    manifest_mtime = os.path.getmtime(first.manifest_uri)
+    again = shards.make_shards(tiny_demo_root, destination, SMALL, workers=1)
+    assert again.unchanged and os.path.getmtime(first.manifest_uri) == manifest_mtime
+    png = shards.ShardOptions(stored_size_px=32, min_shards=2, image_format="png")
+    with pytest.raises(shards.ShardError, match="already holds a dataset .* pass --overwrite"):
+        shards.make_shards(tiny_demo_root, destination, png, workers=1)
+    replaced = shards.make_shards(tiny_demo_root, destination, png, overwrite=True, workers=1)
+    assert replaced.manifest["image"]["format"] == "png"
+    assert len([n for n in os.listdir(destination) if n.endswith(".tfrecord")]) == 6  # old shards gone
+
+
+def test_interrupted_run_leaves_no_manifest_and_a_rerun_reuses_finished_shards(tiny_demo_root, tmp_path):
+    destination = tmp_path / "ds"
+    # A folder where a shard must go makes publishing that one shard fail, after others were published.
+    (destination / "train-00002-of-00004.tfrecord").mkdir(parents=True)
+    with pytest.raises(storage.StorageError, match="cannot write .*train-00002-of-00004.tfrecord"):
+        shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
+    assert not (destination / schema.MANIFEST_NAME).exists()
+    with pytest.raises(schema.ManifestError, match="make_shards did not finish"):
+        schema.load_manifest(str(destination))
+    (destination / "train-00002-of-00004.tfrecord").rmdir()
+    resumed = shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
+    assert (resumed.shards_written, resumed.shards_reused) == (10, 2)  # 0 and 1 were done
+    fresh = shards.make_shards(tiny_demo_root, str(tmp_path / "fresh"), SMALL, workers=1)
+    assert resumed.manifest["splits"] == fresh.manifest["splits"]
+    assert not (destination / shards.WORK_FOLDER).exists()
+
+
+def test_killed_run_leaves_no_manifest_and_a_rerun_completes_it(tiny_demo_root, tmp_path):
+    destination = tmp_path / "ds"
+    command = [
+        sys.executable,
+        "jobs/make_shards.py",
+        tiny_demo_root,
+        str(destination),
+        "--size",
+        "32",
+        "--min-shards",
+        "16",
+        "--workers",
+        "1",
+    ]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = destination / shards.WORK_FOLDER
+    deadline = time.monotonic() + 60
+    while not (work.exists() and any(p.suffix == ".json" and p.name != "plan.json" for p in work.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, (
+            "make_shards ended before it was killed"
+        )
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (destination / schema.MANIFEST_NAME).exists()
+    finished = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert "reused from an interrupted run" in finished.stdout
+    manifest = schema.load_manifest(str(destination))
+    assert sum(entry["records"] for entry in manifest["splits"].values()) == 44
+
+
+def write_bad_files(root):
+    normal = root / "train" / "NORMAL"
+    good = next(normal.iterdir()).read_bytes()
+    (normal / "IM-9001-0001.jpeg").write_bytes(b"")
+    (normal / "IM-9002-0001.jpeg").write_bytes(good[: len(good) // 3])
+    (normal / "IM-9003-0001.jpeg").write_text("<html>not an image</html>")
+    (normal / ".DS_Store").write_bytes(b"\0\0")
+
+
+def test_bad_files_are_skipped_counted_and_listed(demo_copy, tmp_path):
+    write_bad_files(demo_copy)
+    result = shards.make_shards(str(demo_copy), str(tmp_path / "ds"), SMALL, workers=2)
+    reasons = {s["source"]: s["reason"] for s in result.manifest["skipped"]}
+    assert reasons == {
+        "train/NORMAL/.DS_Store": "system file, not an image",
+        "train/NORMAL/IM-9001-0001.jpeg": "empty file (0 bytes)",
+        "train/NORMAL/IM-9002-0001.jpeg": reasons["train/NORMAL/IM-9002-0001.jpeg"],
+        "train/NORMAL/IM-9003-0001.jpeg": "not a readable image (unknown format or corrupt header)",
+    }
+    assert reasons["train/NORMAL/IM-9002-0001.jpeg"].startswith("truncated or corrupt image")
+    assert sum(entry["records"] for entry in result.manifest["splits"].values()) == 44
+
+
+def test_strict_stops_at_the_first_bad_file(demo_copy, tmp_path):
+    write_bad_files(demo_copy)
+    (demo_copy / "train" / "NORMAL" / ".DS_Store").unlink()
+    with pytest.raises(shards.ShardError, match=r"train/NORMAL/IM-900\d-0001.jpeg: .*--strict"):
+        shards.make_shards(
+            str(demo_copy),
+            str(tmp_path / "ds"),
+            shards.ShardOptions(stored_size_px=32, strict=True),
+            workers=2,
+        )
+    assert not (tmp_path / "ds" / schema.MANIFEST_NAME).exists()
+
+
+def test_a_class_left_empty_by_bad_files_is_an_error(demo_copy, tmp_path):
+    for path in (demo_copy / "test" / "NORMAL").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(shards.ShardError, match="the test split has no readable NORMAL images"):
+        shards.make_shards(str(demo_copy), str(tmp_path / "ds"), SMALL, workers=1)
+    assert not (tmp_path / "ds" / schema.MANIFEST_NAME).exists()
+
+
+def test_gcs_source_to_gcs_destination(tiny_demo_root, bucket, tmp_path):
+    storage.copy_many(
+        (info.uri, storage.join(bucket, "raw", info.uri[len(tiny_demo_root) + 1 :]))
+        for info in storage.list_files(tiny_demo_root)
+    )
+    destination = storage.join(bucket, "datasets", "demo")
+    result = shards.make_shards(storage.join(bucket, "raw"), destination, SMALL, workers=2)
+    local = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
+    assert result.manifest["splits"] == local.manifest["splits"]  # same bytes, wherever they live
+    assert schema.load_manifest(destination) == result.manifest
+    assert not storage.list_files(storage.join(destination, shards.WORK_FOLDER))
+    assert shards.make_shards(storage.join(bucket, "raw"), destination, SMALL, workers=2).unchanged
+
+
+def test_interrupted_gcs_run_resumes(tiny_demo_root, bucket):
+    destination = storage.join(bucket, "ds")
+    options = shards.ShardOptions(stored_size_px=32, min_shards=4, strict=True)
+    broken_image = storage.join(bucket, "raw", "test", "NORMAL", "IM-0999-0001.jpeg")
+    storage.copy_many(
+        (info.uri, storage.join(bucket, "raw", info.uri[len(tiny_demo_root) + 1 :]))
+        for info in storage.list_files(tiny_demo_root)
+    )
+    storage.write_bytes(broken_image, b"")
+    with pytest.raises(shards.ShardError, match="IM-0999-0001.jpeg: empty file"):
+        shards.make_shards(storage.join(bucket, "raw"), destination, options, workers=1)
+    assert not storage.exists(storage.join(destination, schema.MANIFEST_NAME))
+    sidecars = storage.list_files(storage.join(destination, shards.WORK_FOLDER))
+    assert len(sidecars) > 1  # the plan and the shards finished before the bad file
+    lenient = shards.ShardOptions(stored_size_px=32, min_shards=4)  # same fingerprint: strict is not in it
+    result = shards.make_shards(storage.join(bucket, "raw"), destination, lenient, workers=1)
+    assert result.shards_reused == len(sidecars) - 1
+    assert [s["source"] for s in result.manifest["skipped"]] == ["test/NORMAL/IM-0999-0001.jpeg"]
+
+
+def test_npz_source_on_gcs_keeps_native_size(bucket, tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 10), ("test", 10)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    storage.upload(str(tmp_path / "mnist.npz"), storage.join(bucket, "mnist.npz"))
+    options = shards.ShardOptions(image_format="png", keep_val=True, min_shards=2)
+    result = shards.make_shards(
+        storage.join(bucket, "mnist.npz"), storage.join(bucket, "ds"), options, workers=1
+    )
+    assert result.manifest["image"]["stored_size_px"] == 28
+    assert result.manifest["counts"]["val"] == {"NORMAL": 5, "PNEUMONIA": 5}
+    local = shards.make_shards(str(tmp_path / "mnist.npz"), str(tmp_path / "ds"), options, workers=1)
+    records = read_records(local_shards(local, "val"))
+    for record in records:  # PNG is lossless: the stored pixels are the array's
+        index = int(record[schema.SOURCE_KEY].decode().rsplit("/", 1)[1])
+        assert np.array_equal(record["pixels"][..., 0], arrays["val_images"][index])
+
+
+def test_csv_source(tiny_demo_root, tmp_path):
+    listing = sources.list_kaggle(tiny_demo_root).images
+    lines = ["path,label,split"] + [
+        f"{tiny_demo_root}/{i.source},{i.label},{'test' if i.split == 'test' else 'train'}" for i in listing
+    ]
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    result = shards.make_shards(str(tmp_path / "list.csv"), str(tmp_path / "ds"), SMALL, workers=1)
+    assert result.manifest["source"]["format"] == "csv"
+    assert sum(entry["records"] for entry in result.manifest["splits"].values()) == 44
+
+
+def test_bad_options_are_named():
+    with pytest.raises(shards.ShardError, match="option image_format='gif'"):
+        shards.ShardOptions(image_format="gif").validate()
+    with pytest.raises(shards.ShardError, match="option val_fraction=1.5"):
+        shards.ShardOptions(val_fraction=1.5).validate()
+
+
+def test_manifest_json_is_human_readable(tiny_demo_root, tmp_path):
+    shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
+    text = (tmp_path / "ds" / schema.MANIFEST_NAME).read_text()
+    assert json.loads(text)["schema_version"] == schema.MANIFEST_SCHEMA_VERSION
+    assert "\n" in text

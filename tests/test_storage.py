@@ -1,0 +1,97 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pneumo_dist import storage
+
+
+@pytest.fixture(params=["local", "gcs"])
+def base(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("bucket") + "/some/prefix"
+
+
+def test_write_read_exists_list_delete_round_trip(base):
+    uri = storage.join(base, "a", "b.bin")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"hello")
+    storage.write_bytes(storage.join(base, "c.txt"), b"world!")
+    assert storage.exists(uri)
+    assert storage.read_bytes(uri) == b"hello"
+    listed = storage.list_files(base)
+    assert [(storage.basename(f.uri), f.size_bytes) for f in listed] == [("b.bin", 5), ("c.txt", 6)]
+    storage.delete(uri)
+    storage.delete(uri)  # deleting what is gone is not an error
+    assert not storage.exists(uri)
+
+
+def test_missing_file_raises_not_found_naming_it(base):
+    uri = storage.join(base, "nope.bin")
+    with pytest.raises(storage.StorageNotFound, match="nope.bin"):
+        storage.read_bytes(uri)
+
+
+def test_listing_a_missing_folder_is_empty(base):
+    assert storage.list_files(storage.join(base, "nothing-here")) == []
+
+
+def test_delete_tree_removes_only_that_folder(base):
+    storage.write_bytes(storage.join(base, "keep.txt"), b"1")
+    storage.write_bytes(storage.join(base, "work", "x", "a.txt"), b"2")
+    storage.write_bytes(storage.join(base, "work", "b.txt"), b"3")
+    storage.delete_tree(storage.join(base, "work"))
+    assert [storage.basename(f.uri) for f in storage.list_files(base)] == ["keep.txt"]
+
+
+def test_parallel_upload_and_download_round_trip(base, tmp_path):
+    # 9 MB is above google-cloud-storage's multipart limit, so the resumable upload path runs too.
+    payloads = {f"f{i}.bin": os.urandom(1000 + i) for i in range(20)} | {"big.bin": os.urandom(9_000_000)}
+    local_in, local_out = tmp_path / "in", tmp_path / "out"
+    local_in.mkdir()
+    for name, data in payloads.items():
+        (local_in / name).write_bytes(data)
+    storage.copy_many([(str(local_in / name), storage.join(base, name)) for name in payloads])
+    storage.copy_many([(storage.join(base, name), str(local_out / name)) for name in payloads])
+    for name, data in payloads.items():
+        assert (local_out / name).read_bytes() == data
+
+
+def test_failed_download_leaves_no_local_file(base, tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(storage.StorageNotFound):
+        storage.download(storage.join(base, "missing.bin"), str(target))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_local_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "artifact.json"
+    storage.write_bytes(str(target), b"old")
+    with pytest.raises(TypeError):
+        storage.write_bytes(str(target), "not bytes")  # fails while writing the temporary file
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact.json"]
+
+
+def test_missing_bucket_error_names_the_bucket(gcs_emulator):
+    with pytest.raises(storage.StorageError, match=r"bucket gs://no-such-bucket-xyz does not exist"):
+        storage.read_bytes("gs://no-such-bucket-xyz/a/b")
+    with pytest.raises(storage.StorageError, match=r"no-such-bucket-xyz"):
+        storage.list_files("gs://no-such-bucket-xyz/a")
+
+
+def test_uri_without_bucket_is_rejected():
+    with pytest.raises(storage.StorageError, match="names no bucket"):
+        storage.read_bytes("gs:///x")
+
+
+def test_missing_credentials_error_names_the_bucket(tmp_path):
+    # A fresh process without the emulator: the real GCS code path up to credential discovery.
+    env = {k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"}
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "no-such-key.json")
+    code = "from pneumo_dist import storage\nstorage.read_bytes('gs://my-data-bucket/x')"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "StorageError: cannot access gs://my-data-bucket: no Google Cloud credentials" in result.stderr
