@@ -8,9 +8,11 @@ re-run with the same inputs and options reuses every shard whose sidecar exists.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -33,7 +35,7 @@ from pneumo_dist.sources import SourceImage
 DEFAULT_STORED_SIZE_PX = 256
 WORK_FOLDER = "_work"
 PLAN_NAME = "plan.json"
-_SIZE_SAMPLE = 16  # images encoded up front to estimate the bytes per record, hence the shard count
+_SIZE_SAMPLE = 8  # images encoded up front to estimate the bytes per record, hence the shard count
 
 
 class ShardError(Exception):
@@ -102,7 +104,8 @@ def make_shards(
     """Convert `source_uri` into a dataset at `destination`. `on_progress(done, total)` counts images."""
     options.validate()
     destination = destination.rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="pneumo-shards-") as scratch:
+    # The workers start first, so that their start-up overlaps listing and planning.
+    with _worker_pool(workers) as pool, tempfile.TemporaryDirectory(prefix="pneumo-shards-") as scratch:
         local_npz = None
         if source_uri.lower().endswith(".npz") and storage.is_gcs(source_uri):
             local_npz = os.path.join(scratch, storage.basename(source_uri))
@@ -131,14 +134,16 @@ def make_shards(
             _delete_dataset_files(destination)
             storage.write_bytes(plan_uri, json.dumps({"fingerprint": fingerprint}).encode())
 
-        tasks = _plan_shards(assigned, options, destination)
+        tasks = _plan_shards(assigned, options, destination, pool)
         done = {task.name: _read_sidecar(destination, task.name) for task in tasks}
         pending = [task for task in tasks if done[task.name] is None]
         total = sum(len(task.images) for task in tasks)
         progress = total - sum(len(task.images) for task in pending)
         if on_progress:
             on_progress(progress, total)
-        for task, sidecar in _run_tasks(pending, options, workers):
+        futures = {pool.submit(write_shard, task, options): task for task in pending}
+        for future in concurrent.futures.as_completed(futures):
+            task, sidecar = futures[future], future.result()
             done[task.name] = sidecar
             progress += len(task.images)
             if on_progress:
@@ -178,8 +183,10 @@ def _fingerprint(source_uri: str, listing: sources.Listing, assigned: list[Sourc
     return digest.hexdigest()
 
 
-def _plan_shards(assigned: list[SourceImage], options: ShardOptions, destination: str) -> list[ShardTask]:
-    bytes_per_image = _estimate_bytes_per_image(assigned, options)
+def _plan_shards(
+    assigned: list[SourceImage], options: ShardOptions, destination: str, pool
+) -> list[ShardTask]:
+    bytes_per_image = _estimate_bytes_per_image(assigned, options, pool)
     tasks = []
     for split in schema.SPLITS:
         split_images = [image for image in assigned if image.split == split]
@@ -201,37 +208,39 @@ def _plan_shards(assigned: list[SourceImage], options: ShardOptions, destination
     return tasks
 
 
-def _estimate_bytes_per_image(assigned: list[SourceImage], options: ShardOptions) -> float:
-    sizes = []
-    for image in assigned[:: max(1, len(assigned) // _SIZE_SAMPLE)][:_SIZE_SAMPLE]:
-        try:
-            sizes.append(len(_convert(image, options)[0]))
-        except (imaging.BadImage, storage.StorageError):
-            continue
+def _estimate_bytes_per_image(assigned: list[SourceImage], options: ShardOptions, pool) -> float:
+    sample = assigned[:: max(1, len(assigned) // _SIZE_SAMPLE)][:_SIZE_SAMPLE]
+    sizes = [size for size in pool.map(_encoded_size, sample, itertools.repeat(options)) if size]
     return float(np.mean(sizes)) if sizes else options.stored_size_px**2
 
 
 # --- the worker -------------------------------------------------------------------------------------
 
 
-def _run_tasks(tasks: list[ShardTask], options: ShardOptions, workers: int | None):
-    """Yield (task, sidecar) as shards finish; several processes, since decoding is CPU-bound."""
-    workers = min(workers or os.cpu_count() or 1, len(tasks))
+@contextlib.contextmanager
+def _worker_pool(workers: int | None):
+    """Processes for the CPU-bound conversion; one thread in this process when workers <= 1."""
+    workers = workers or os.cpu_count() or 1
     if workers <= 1:
-        for task in tasks:
-            yield task, write_shard(task, options)
-        return
-    # spawn, not fork: the parent may hold GCS connections and threads that must not be copied.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        futures = {pool.submit(write_shard, task, options): task for task in tasks}
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                yield futures[future], future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+    else:
+        # spawn, not fork: the parent may hold GCS connections and threads that must not be copied.
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn")
+        )
+        for _ in range(workers):
+            pool.submit(int)  # start every worker now rather than on demand
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _encoded_size(image: SourceImage, options: ShardOptions) -> int | None:
+    try:
+        return len(_convert(image, options)[0])
+    except (imaging.BadImage, storage.StorageError):
+        return None
 
 
 def write_shard(task: ShardTask, options: ShardOptions) -> dict:
@@ -326,6 +335,8 @@ def _features(image: SourceImage, encoded: bytes, sha256: str, height: int, widt
 
 
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _SMALL_VARINTS[value]  # most tags, lengths and labels: keeps the per-record cost low
     value &= (1 << 64) - 1  # negative int64s are ten-byte two's complement varints
     out = bytearray()
     while True:
@@ -336,6 +347,9 @@ def _varint(value: int) -> bytes:
         else:
             out.append(low)
             return bytes(out)
+
+
+_SMALL_VARINTS = [bytes((value,)) for value in range(0x80)]
 
 
 def _length_delimited(field_number: int, payload: bytes) -> bytes:

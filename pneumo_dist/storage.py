@@ -141,13 +141,7 @@ def delete_tree(prefix: str) -> None:
 def list_files(prefix: str) -> list[FileInfo]:
     """Every file under the folder `prefix`, recursively, sorted by URI; [] when there is none."""
     if not is_gcs(prefix):
-        root = Path(prefix)
-        if not root.is_dir():
-            return []
-        return sorted(
-            (FileInfo(str(p), p.stat().st_size) for p in root.rglob("*") if p.is_file()),
-            key=lambda f: f.uri,
-        )
+        return sorted(_walk_local(prefix), key=lambda f: f.uri)
     bucket, name = split_gcs(prefix)
     folder = name.rstrip("/") + "/" if name.strip("/") else ""
     client = _client(bucket)
@@ -159,6 +153,19 @@ def list_files(prefix: str) -> list[FileInfo]:
         (FileInfo(f"{GCS_SCHEME}{bucket}/{b.name}", b.size or 0) for b in blobs if not b.name.endswith("/")),
         key=lambda f: f.uri,
     )
+
+
+def _walk_local(folder: str):
+    # os.scandir rather than Path.rglob: it knows each entry's type without another system call.
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        if entry.is_dir():
+            yield from _walk_local(entry.path)
+        elif entry.is_file():
+            yield FileInfo(entry.path, entry.stat().st_size)
 
 
 def copy_many(pairs: Iterable[tuple[str, str]], threads: int = DEFAULT_TRANSFER_THREADS) -> None:

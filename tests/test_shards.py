@@ -144,7 +144,8 @@ def test_interrupted_run_leaves_no_manifest_and_a_rerun_reuses_finished_shards(t
         schema.load_manifest(str(destination))
     (destination / "train-00002-of-00004.tfrecord").rmdir()
     resumed = shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
-    assert (resumed.shards_written, resumed.shards_reused) == (10, 2)  # 0 and 1 were done
+    # Shards 0 and 1 were published before 2 failed (and maybe 3 while it did): they are reused.
+    assert resumed.shards_reused >= 2 and resumed.shards_written + resumed.shards_reused == 12
     fresh = shards.make_shards(tiny_demo_root, str(tmp_path / "fresh"), SMALL, workers=1)
     assert resumed.manifest["splits"] == fresh.manifest["splits"]
     assert not (destination / shards.WORK_FOLDER).exists()
