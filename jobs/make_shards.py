@@ -74,12 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels,
         strict=args.strict,
     )
-    bar = tqdm(unit="img", desc="make_shards", disable=None)
+    bars: list[tqdm] = []  # made on the first report: its monitor thread would keep make_shards from forking
 
     def on_progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(total=total, unit="img", desc="make_shards", disable=None))
+        bars[0].n = done
+        bars[0].refresh()
+
+    def close_bar() -> None:
+        if bars:
+            bars[0].close()
 
     try:
         with tempfile.TemporaryDirectory(prefix="pneumo-demo-") as demo_root:
@@ -89,17 +94,17 @@ def main(argv: list[str] | None = None) -> int:
                 source = demo_root
             result = shards.make_shards(source, args.dst, options, args.overwrite, args.workers, on_progress)
     except (shards.ShardError, sources.SourceError, storage.StorageError, schema.ManifestError) as error:
-        bar.close()
+        close_bar()
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        bar.close()
+        close_bar()
         print(
             "make_shards: interrupted; no manifest was written. Re-run the same command to finish.",
             file=sys.stderr,
         )
         return 130
-    bar.close()
+    close_bar()
     print(summarize(result))
     return 0
 
