@@ -120,3 +120,27 @@ def shared_mnist_npz() -> Path:
     if not path.is_file():
         pytest.skip("../shared/data/pneumoniamnist_trainval.npz is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tiny_demo_root, tmp_path_factory) -> str:
+    """Tiny demo shards: 32 px, 4 shards per split (train 28-ish, val 5-ish, test 12 records)."""
+    from pneumo_dist import shards
+
+    destination = str(tmp_path_factory.mktemp("shards") / "demo")
+    shards.make_shards(
+        tiny_demo_root, destination, shards.ShardOptions(stored_size_px=32, min_shards=4), workers=1
+    )
+    return destination
+
+
+@pytest.fixture(scope="session")
+def demo_shards_single(tiny_demo_root, tmp_path_factory) -> str:
+    """The same images with one shard per split: fewer shards than workers."""
+    from pneumo_dist import shards
+
+    destination = str(tmp_path_factory.mktemp("shards") / "single")
+    shards.make_shards(
+        tiny_demo_root, destination, shards.ShardOptions(stored_size_px=32, min_shards=1), workers=1
+    )
+    return destination

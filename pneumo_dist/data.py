@@ -1,0 +1,253 @@
+"""Reading a dataset's shards into tf.data, one pipeline per worker, and staging shards onto a node.
+
+Decoding (TFRecord -> uint8 image) is separate from batching; augmentation and normalisation happen
+later, on the accelerator (augment.py). Every element is a dict: "image" uint8 (H, W, 1), "label"
+float32, and for evaluation "source" (the record's source path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from pneumo_dist import schema, storage
+from pneumo_dist.config import ConfigError, DataConfig
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class StagingError(Exception):
+    """Shards could not be copied to local disk intact."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset ready to read: its manifest and where its shards are read from (local when staged)."""
+
+    manifest: dict
+    manifest_uri: str
+
+    def shards(self, split: str) -> list[str]:
+        return schema.shard_uris(self.manifest, self.manifest_uri, split)
+
+    def records(self, split: str) -> int:
+        return self.manifest["splits"][split]["records"]
+
+
+def open_dataset(data: DataConfig) -> Dataset:
+    """Load the manifest; in stage mode copy a gs:// dataset to local disk first (once per node)."""
+    data.validate()
+    if data.read_mode == "stage" and storage.is_gcs(data.manifest_uri):
+        staged = stage(data.manifest_uri, data.stage_dir or default_stage_dir())
+        return Dataset(staged.manifest, staged.manifest_uri)
+    manifest_uri = schema.manifest_uri_of(data.manifest_uri)
+    return Dataset(schema.load_manifest(manifest_uri), manifest_uri)
+
+
+def default_stage_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "pneumo-dist-stage")
+
+
+def steps_per_epoch(dataset: Dataset, global_batch_size: int) -> int:
+    """Training steps that make one pass over the train split; the same on every worker."""
+    return max(1, dataset.records("train") // global_batch_size)
+
+
+def loss_class_weights(dataset: Dataset, class_balance: str) -> tuple[float, float]:
+    """(NORMAL, PNEUMONIA) loss weights: the manifest's balanced weights in "weights" mode, else 1."""
+    if class_balance != "weights":
+        return 1.0, 1.0
+    weights = dataset.manifest["class_weights"]
+    return tuple(float(weights[name]) for name in schema.CLASS_NAMES)
+
+
+def per_replica_batch(data: DataConfig, context: tf.distribute.InputContext | None) -> int:
+    if context is None:
+        return data.global_batch_size
+    replicas = context.num_replicas_in_sync
+    if data.global_batch_size % replicas:
+        raise ConfigError(
+            f"data.global_batch_size={data.global_batch_size}: must be a multiple of the {replicas} replicas"
+        )
+    return context.get_per_replica_batch_size(data.global_batch_size)
+
+
+def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.InputContext | None = None):
+    """Endless, shuffled, per-replica batches of this worker's part of the train split.
+
+    Endless because every worker must run the same number of steps (`steps_per_epoch`) under
+    MultiWorkerMirroredStrategy, whatever its share of the records.
+    """
+    batch = per_replica_batch(data, context)
+    records = _worker_records(dataset.shards("train"), context, shuffle_files=True, data=data)
+    parsed = records.map(_parse, num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
+    stored_px = dataset.manifest["image"]["stored_size_px"]
+
+    def stream(part: tf.data.Dataset, name: str) -> tf.data.Dataset:
+        images = part.map(
+            lambda r: _decode(r, stored_px, data.image_size_px, keep_source=False),
+            num_parallel_calls=AUTOTUNE,
+            deterministic=data.deterministic,
+        )
+        images = _cache(images, data, dataset, f"train-{name}", context)
+        return images.shuffle(data.shuffle_buffer, seed=data.seed, reshuffle_each_iteration=True).repeat()
+
+    if data.class_balance == "sample":
+        # Each class from its own endless stream, drawn 50:50: balanced batches, no records dropped.
+        per_class = [stream(parsed.filter(lambda r, c=c: r["label"] == c), f"class{c}") for c in (0, 1)]
+        images = tf.data.Dataset.sample_from_datasets(per_class, weights=[0.5, 0.5], seed=data.seed)
+    else:
+        images = stream(parsed, "all")
+    return images.batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def eval_dataset(
+    data: DataConfig, dataset: Dataset, split: str, context: tf.distribute.InputContext | None = None
+):
+    """This worker's part of `split`, in order, unaugmented, with the last partial batch: across all
+    workers every record is scored exactly once."""
+    records = _worker_records(dataset.shards(split), context, shuffle_files=False, data=data)
+    parsed = records.map(_parse, num_parallel_calls=AUTOTUNE, deterministic=True)
+    stored_px = dataset.manifest["image"]["stored_size_px"]
+    images = parsed.map(
+        lambda r: _decode(r, stored_px, data.image_size_px, keep_source=True),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=True,
+    )
+    images = _cache(images, data, dataset, split, context)
+    return images.batch(per_replica_batch(data, context)).prefetch(AUTOTUNE)
+
+
+def _worker_records(files: list[str], context, shuffle_files: bool, data: DataConfig) -> tf.data.Dataset:
+    """Serialized records of this worker's part: whole shards when there are at least as many shards as
+    input pipelines, else every n-th record. Either way the parts are disjoint and cover everything."""
+    pipelines, pipeline_id = (context.num_input_pipelines, context.input_pipeline_id) if context else (1, 0)
+    by_file = len(files) >= pipelines
+    if by_file:
+        files = files[pipeline_id::pipelines]
+    names = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_files:
+        names = names.shuffle(len(files), seed=data.seed, reshuffle_each_iteration=True)
+    records = names.interleave(
+        tf.data.TFRecordDataset,
+        num_parallel_calls=AUTOTUNE,
+        deterministic=data.deterministic or not shuffle_files,
+    )
+    return records if by_file else records.shard(pipelines, pipeline_id)
+
+
+_FEATURES = {
+    schema.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
+    schema.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+    schema.SOURCE_KEY: tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def _parse(serialized: tf.Tensor) -> dict:
+    example = tf.io.parse_single_example(serialized, _FEATURES)
+    return {
+        "encoded": example[schema.IMAGE_KEY],
+        "label": example[schema.LABEL_KEY],
+        "source": example[schema.SOURCE_KEY],
+    }
+
+
+def decode_image(encoded: tf.Tensor, stored_px: int, image_size_px: int) -> tf.Tensor:
+    """Encoded stored image -> uint8 (image_size_px, image_size_px, 1)."""
+    image = tf.io.decode_image(encoded, channels=1, expand_animations=False)
+    image = tf.ensure_shape(image, [stored_px, stored_px, 1])
+    if stored_px != image_size_px:
+        resized = tf.image.resize(image, [image_size_px, image_size_px], antialias=True)
+        image = tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
+    return image
+
+
+def _decode(record: dict, stored_px: int, image_size_px: int, keep_source: bool) -> dict:
+    element = {
+        "image": decode_image(record["encoded"], stored_px, image_size_px),
+        "label": tf.cast(record["label"], tf.float32),
+    }
+    if keep_source:
+        element["source"] = record["source"]
+    return element
+
+
+def _cache(
+    images: tf.data.Dataset, data: DataConfig, dataset: Dataset, name: str, context
+) -> tf.data.Dataset:
+    if data.cache == "none":
+        return images
+    if data.cache == "memory":
+        return images.cache()
+    # One file per process: tf.data refuses a disk cache that another live iterator is writing.
+    worker = f"{context.input_pipeline_id}of{context.num_input_pipelines}" if context else "0of1"
+    folder = data.cache_dir or os.path.join(data.stage_dir or default_stage_dir(), "cache")
+    os.makedirs(folder, exist_ok=True)
+    key = f"{dataset.manifest['fingerprint'][:16]}-{data.image_size_px}px-{name}-{worker}-pid{os.getpid()}"
+    return images.cache(os.path.join(folder, key))
+
+
+# --- staging -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Staged:
+    manifest: dict
+    manifest_uri: str  # the local copy's manifest
+    downloaded: int  # shards copied this time
+    reused: int  # shards already there and intact
+
+
+def stage(manifest_uri: str, stage_dir: str) -> Staged:
+    """Copy a dataset's shards to `stage_dir` once per node, verified against the manifest checksums.
+
+    Concurrent callers on one node (several trials) wait for each other; a damaged local copy is
+    downloaded again.
+    """
+    manifest_uri = schema.manifest_uri_of(manifest_uri)
+    manifest = schema.load_manifest(manifest_uri)
+    remote_folder = manifest_uri.rsplit("/", 1)[0]
+    local_folder = os.path.join(stage_dir, manifest["fingerprint"][:16])
+    local_manifest = os.path.join(local_folder, schema.MANIFEST_NAME)
+    os.makedirs(local_folder, exist_ok=True)
+    with _exclusive_lock(local_folder + ".lock"):
+        shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+        missing = [s for s in shards if not _intact(os.path.join(local_folder, s["path"]), s["sha256"])]
+        storage.copy_many(
+            (storage.join(remote_folder, s["path"]), os.path.join(local_folder, s["path"])) for s in missing
+        )
+        for shard in missing:
+            if not _intact(os.path.join(local_folder, shard["path"]), shard["sha256"]):
+                remote = storage.join(remote_folder, shard["path"])
+                raise StagingError(
+                    f"{remote} does not match the sha256 in {manifest_uri}: the dataset was changed after "
+                    "make_shards wrote it; re-run make_shards --overwrite"
+                )
+        storage.write_bytes(local_manifest, storage.read_bytes(manifest_uri))
+    return Staged(manifest, local_manifest, len(missing), len(shards) - len(missing))
+
+
+def _intact(path: str, sha256: str) -> bool:
+    if not os.path.exists(path):
+        return False
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() == sha256
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str):
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

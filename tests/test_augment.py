@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from pneumo_dist import augment
+from pneumo_dist.config import AugmentConfig, ConfigError
+
+NONE = AugmentConfig(rotation_deg=0, zoom=0, shift=0, shear_deg=0, brightness=0, contrast=0, gamma=0)
+
+
+def demo_batch(batch=8, size=32, seed=0) -> tf.Tensor:
+    """float32 (B, H, W, 1) in [0, 1] with structure (a bright off-centre square) to move around."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.1, 0.3, (batch, size, size, 1)).astype(np.float32)
+    images[:, 4:14, 6:12] = 0.9
+    return tf.constant(images)
+
+
+SEED = tf.constant([1, 2], tf.int64)
+
+
+def test_normalisation_equals_keras_resnet50_preprocess_input():
+    gray = tf.random.stateless_uniform([2, 16, 16, 1], [0, 1], 0, 256, dtype=tf.int32)
+    ours = augment.model_inputs(tf.cast(gray, tf.uint8), augment=None, seed=None)
+    rgb = tf.cast(tf.repeat(gray, 3, axis=-1), tf.float32)
+    keras = tf_keras.applications.resnet50.preprocess_input(rgb)
+    np.testing.assert_allclose(ours.numpy(), keras.numpy(), atol=1e-4)
+
+
+def test_zero_ranges_are_the_identity():
+    images = demo_batch()
+    np.testing.assert_allclose(augment.augment_batch(images, NONE, SEED).numpy(), images.numpy(), atol=1e-5)
+
+
+def test_disabled_augmentation_is_the_identity():
+    images = tf.cast(demo_batch() * 255, tf.uint8)
+    disabled = augment.model_inputs(images, AugmentConfig(enabled=False), SEED)
+    np.testing.assert_array_equal(disabled.numpy(), augment.model_inputs(images, None, None).numpy())
+
+
+def test_output_stays_in_range_and_differs_per_image():
+    same_image = tf.repeat(demo_batch(batch=1), 16, axis=0)
+    strong = AugmentConfig(
+        rotation_deg=30, zoom=0.3, shift=0.2, shear_deg=15, brightness=0.3, contrast=0.5, gamma=0.5
+    )
+    out = augment.augment_batch(same_image, strong, SEED).numpy()
+    assert out.min() >= 0.0 and out.max() <= 1.0 and not np.isnan(out).any()
+    flat = out.reshape(16, -1)
+    assert min(np.abs(flat[i] - flat[j]).mean() for i in range(16) for j in range(i)) > 1e-3
+
+
+def test_same_seed_same_output_other_step_or_replica_other_output():
+    images = demo_batch()
+    config = AugmentConfig()
+    first = augment.augment_batch(images, config, augment.step_seed(7, tf.constant(3), 0)).numpy()
+    again = augment.augment_batch(images, config, augment.step_seed(7, tf.constant(3), 0)).numpy()
+    next_step = augment.augment_batch(images, config, augment.step_seed(7, tf.constant(4), 0)).numpy()
+    other_replica = augment.augment_batch(images, config, augment.step_seed(7, tf.constant(3), 1)).numpy()
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, next_step) and not np.allclose(first, other_replica)
+
+
+def test_flip_only_gives_the_image_or_its_mirror_and_is_off_by_default():
+    images = demo_batch(batch=32)
+    flipped = augment.augment_batch(
+        images, NONE.__class__(**{**NONE.__dict__, "horizontal_flip": True}), SEED
+    )
+    mirror = tf.reverse(images, axis=[2])
+    is_mirror = [np.allclose(f, m, atol=1e-5) for f, m in zip(flipped.numpy(), mirror.numpy(), strict=True)]
+    is_same = [np.allclose(f, i, atol=1e-5) for f, i in zip(flipped.numpy(), images.numpy(), strict=True)]
+    assert all(a or b for a, b in zip(is_mirror, is_same, strict=True))
+    assert 4 < sum(is_mirror) < 28
+    assert AugmentConfig().horizontal_flip is False
+
+
+def test_shift_moves_content_the_expected_way():
+    # With shift alone, the bright square moves by at most shift * side pixels and keeps its size.
+    images = demo_batch(batch=16)
+    shifted = augment.augment_batch(images, NONE.__class__(**{**NONE.__dict__, "shift": 0.1}), SEED).numpy()
+    for image in shifted:
+        rows, cols = np.nonzero(image[..., 0] > 0.6)
+        assert abs(rows.mean() - 8.5) <= 3.2 + 0.5 and abs(cols.mean() - 8.5) <= 3.2 + 0.5
+        assert 40 <= len(rows) <= 80  # 60 bright pixels, give or take bilinear edges
+
+
+def test_works_inside_a_compiled_function_under_a_strategy():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    images = tf.cast(demo_batch() * 255, tf.uint8)
+
+    @tf.function
+    def step(batch):
+        def replica_fn(x):
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return augment.model_inputs(x, AugmentConfig(), augment.step_seed(0, tf.constant(1), replica))
+
+        return strategy.run(replica_fn, args=(batch,))
+
+    out = step(images)
+    assert out.shape == (8, 32, 32, 3) and out.dtype == tf.float32
+
+
+@pytest.mark.parametrize(
+    "field, value", [("rotation_deg", 200), ("zoom", 1.5), ("shift", -0.1), ("gamma", 3.0)]
+)
+def test_bad_ranges_are_named(field, value):
+    with pytest.raises(ConfigError, match=f"augment.{field}="):
+        AugmentConfig(**{field: value}).validate()
