@@ -1,12 +1,19 @@
-"""The typed config of a run (frozen dataclasses), validated before any data is read.
+"""The typed config of a run (frozen dataclasses), loaded from YAML, overridden by `--set key=value`,
+validated before any data is read.
 
 Sections are passed explicitly to the code that needs them: `DataConfig` to data.py, `AugmentConfig`
-to augment.py.
+to augment.py, `ModelConfig` to model.py, `TrainConfig` to train.py; train.py, tune.py and the Ray
+workers all read the same `RunConfig`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -83,3 +90,210 @@ class DataConfig:
         ):
             value = getattr(self, name)
             _check(value in allowed, "data", name, value, f"must be one of {', '.join(allowed)}")
+
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+SWITCHES = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "imagenet" (Keras' own download), a local or gs:// .h5 file of ResNet50 notop weights, or "none".
+    weights: str = "imagenet"
+    # Backbone layers to fine-tune, counted from the top of ResNet50's 175 layers: an int, or "all".
+    unfreeze: int | str = 20
+    # Train BatchNorm layers too (in training mode): only for training from scratch (weights "none").
+    # Fine-tuning keeps them frozen and in inference mode, so small batches cannot wreck their statistics.
+    train_batchnorm: bool = False
+    dropout: float = 0.3
+    dense_units: int = 256
+    l2: float = 1e-4
+
+    def validate(self) -> None:
+        _check(bool(self.weights), "model", "weights", self.weights, "must be imagenet, none or a .h5 path")
+        if self.weights not in ("imagenet", "none"):
+            _check(
+                self.weights.endswith(".h5"), "model", "weights", self.weights, "a weights file must be .h5"
+            )
+        unfreeze_ok = self.unfreeze == "all" or (isinstance(self.unfreeze, int) and self.unfreeze >= 0)
+        _check(unfreeze_ok, "model", "unfreeze", self.unfreeze, "must be a layer count >= 0 or 'all'")
+        _check(0 <= self.dropout < 1, "model", "dropout", self.dropout, "must be in [0, 1)")
+        _check(self.dense_units >= 1, "model", "dense_units", self.dense_units, "must be >= 1")
+        _check(self.l2 >= 0, "model", "l2", self.l2, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    optimizer: str = "adam"  # adam, adamw, sgd (with momentum, Nesterov by default)
+    learning_rate: float = 1e-4  # peak, reached after the warm-up
+    schedule: str = "cosine"  # cosine decay to 0 after the warm-up, or constant
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-4  # adamw only
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True
+    grad_clip_norm: float = 0.0  # global norm; 0 = off
+    label_smoothing: float = 0.0
+    head_warmup_epochs: int = 0  # epochs with the whole backbone frozen before unfreezing
+    early_stopping_patience: int = 5  # epochs without a better validation AUC; 0 = off
+    target_sensitivity: float = 0.95  # the exported threshold reaches this on validation
+    precision: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    xla: str = "auto"  # auto: on for GPU, off on CPU
+    output_uri: str = "outputs/demo"  # local folder or gs://: checkpoints, TensorBoard, export
+    max_steps_per_epoch: int = 0  # debug limit; 0 = the whole train split
+    checkpoints_to_keep: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("precision", PRECISIONS),
+            ("xla", SWITCHES),
+        ):
+            value = getattr(self, name)
+            _check(value in allowed, "train", name, value, f"must be one of {', '.join(allowed)}")
+        _check(self.epochs >= 1, "train", "epochs", self.epochs, "must be >= 1")
+        _check(0 < self.learning_rate < 1, "train", "learning_rate", self.learning_rate, "must be in (0, 1)")
+        _check(self.warmup_epochs >= 0, "train", "warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _check(self.weight_decay >= 0, "train", "weight_decay", self.weight_decay, "must be >= 0")
+        _check(0 <= self.momentum < 1, "train", "momentum", self.momentum, "must be in [0, 1)")
+        _check(self.grad_clip_norm >= 0, "train", "grad_clip_norm", self.grad_clip_norm, "must be >= 0")
+        _check(
+            0 <= self.label_smoothing < 0.5,
+            "train",
+            "label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 0.5)",
+        )
+        _check(
+            0 <= self.head_warmup_epochs < self.epochs,
+            "train",
+            "head_warmup_epochs",
+            self.head_warmup_epochs,
+            f"must be in [0, epochs={self.epochs})",
+        )
+        _check(
+            self.early_stopping_patience >= 0,
+            "train",
+            "early_stopping_patience",
+            self.early_stopping_patience,
+            "must be >= 0",
+        )
+        _check(
+            0 < self.target_sensitivity <= 1,
+            "train",
+            "target_sensitivity",
+            self.target_sensitivity,
+            "must be in (0, 1]",
+        )
+        _check(bool(self.output_uri), "train", "output_uri", self.output_uri, "must not be empty")
+        _check(
+            self.max_steps_per_epoch >= 0,
+            "train",
+            "max_steps_per_epoch",
+            self.max_steps_per_epoch,
+            "must be >= 0",
+        )
+        _check(
+            self.checkpoints_to_keep >= 1,
+            "train",
+            "checkpoints_to_keep",
+            self.checkpoints_to_keep,
+            "must be >= 1",
+        )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        for section in (self.data, self.augment, self.model, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or start from the defaults), apply `section.key=value` overrides, validate."""
+    raw: dict = {}
+    if path:
+        from pneumo_dist import storage
+
+        try:
+            raw = yaml.safe_load(storage.read_bytes(path)) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, augment, model, train)")
+    raw = {name: dict(values or {}) for name, values in raw.items()}
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (equals and dot and name):
+            raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.epochs=5")
+        raw.setdefault(section, {})[name] = _parse_override(value)
+    return config_from_dict(raw, source=path or "the defaults")
+
+
+def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    built = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section {name!r} (known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys to values")
+        built[name] = _build_section(typing.get_type_hints(RunConfig)[name], name, values, source)
+    return RunConfig(**built).validate()
+
+
+def _build_section(cls, section: str, values: dict, source: str):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(known)})")
+        kwargs[key] = _coerce(hints[key], value, f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(kind, value, where: str):
+    """Accept a value of the field's type, an int for a float, and for a float a string such as "3e-4"
+    (YAML 1.1 reads numbers without a dot as strings); nothing else."""
+    allowed = typing.get_args(kind) or (kind,)
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, int | float) and float in allowed:
+        return float(value)
+    elif isinstance(value, str) and str in allowed:
+        return value
+    elif isinstance(value, str) and float in allowed:
+        with contextlib.suppress(ValueError):
+            return float(value)
+    names = " or ".join(t.__name__ for t in allowed)
+    raise ConfigError(f"{where}={value!r}: must be {names}")
+
+
+def _parse_override(text: str):
+    """The value as YAML reads it: numbers, true/false, strings."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

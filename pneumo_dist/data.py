@@ -109,15 +109,19 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
 
 
 def eval_dataset(
-    data: DataConfig, dataset: Dataset, split: str, context: tf.distribute.InputContext | None = None
+    data: DataConfig,
+    dataset: Dataset,
+    split: str,
+    context: tf.distribute.InputContext | None = None,
+    with_source: bool = False,
 ):
     """This worker's part of `split`, in order, unaugmented, with the last partial batch: across all
-    workers every record is scored exactly once."""
+    workers every record is scored exactly once. `with_source` adds each record's source path."""
     records = _worker_records(dataset.shards(split), context, shuffle_files=False, data=data)
     parsed = records.map(_parse, num_parallel_calls=AUTOTUNE, deterministic=True)
     stored_px = dataset.manifest["image"]["stored_size_px"]
     images = parsed.map(
-        lambda r: _decode(r, stored_px, keep_source=True),
+        lambda r: _decode(r, stored_px, keep_source=with_source),
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )

@@ -83,9 +83,9 @@ def render_xray(
     if pneumonia:
         side = rng.choice([-1, 1])
         if subtype == "bacteria":
-            opacity = 80.0 * blob(cx + side * 0.17, lung_y + rng.uniform(-0.1, 0.2), rng.uniform(0.05, 0.08))
+            opacity = 100.0 * blob(cx + side * 0.17, lung_y + rng.uniform(-0.1, 0.2), rng.uniform(0.06, 0.1))
         else:
-            opacity = 35.0 * (blob(cx - 0.17, lung_y, 0.12) + blob(cx + 0.17, lung_y, 0.12))
+            opacity = 55.0 * (blob(cx - 0.17, lung_y, 0.13) + blob(cx + 0.17, lung_y, 0.13))
         image += np.where(lungs, opacity, 0)
     image *= rng.uniform(0.85, 1.15)  # exposure
     image += rng.normal(0, 6.0, image.shape)

@@ -24,7 +24,7 @@ def contexts(workers: int) -> list[tf.distribute.InputContext]:
 def eval_sources(cfg: DataConfig, dataset, split: str, context=None) -> list[str]:
     return [
         s.decode()
-        for batch in data.eval_dataset(cfg, dataset, split, context)
+        for batch in data.eval_dataset(cfg, dataset, split, context, with_source=True)
         for s in batch["source"].numpy()
     ]
 

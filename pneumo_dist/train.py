@@ -1,0 +1,448 @@
+"""The training loop, the same under any tf.distribute strategy (none, MirroredStrategy,
+MultiWorkerMirroredStrategy): data -> model -> epochs of custom steps -> validation -> checkpoint ->
+export. It knows nothing of Ray: tune.py calls `train` on each Ray worker with an `on_epoch` callback.
+
+Output folder (local or gs://), written by the chief worker:
+    config.yaml                      the exact config of the run
+    checkpoints/ckpt-<epoch>.*       model, optimizer (with its step, which seeds the augmentation), epoch
+    checkpoints/best.weights.h5      weights of the best validation AUC so far
+    checkpoints/state.json           written last: which checkpoint is complete, best epoch, history
+    tensorboard/                     TensorBoard logs
+    export/                          model.keras, metrics.json, config.yaml, threshold.json; export.json last
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from pneumo_dist import augment, data, evaluate, storage
+from pneumo_dist import model as model_lib
+from pneumo_dist.config import RunConfig, TrainConfig, to_yaml
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "state.json"
+BEST_WEIGHTS = "best.weights.h5"
+EXPORT = "export"
+EXPORT_MANIFEST = "export.json"
+MODEL_FILE = "model.keras"
+
+
+class TrainingError(Exception):
+    """The run cannot start or go on; the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    best_epoch: int  # 0-based
+    best_val_auc: float
+    epochs_run: int  # epochs completed in total, including those before a resume
+    stopped_early: bool
+    history: list[dict]
+    export_uri: str
+    threshold: float
+    val_metrics: dict  # at the exported threshold
+
+
+def choose_strategy(local: bool = False) -> tf.distribute.Strategy:
+    """`local`: one process, one device (the debug mode). Otherwise MultiWorkerMirroredStrategy when
+    TF_CONFIG describes a cluster (Ray Train sets it), MirroredStrategy over several local GPUs, else
+    the default strategy (CPU or one GPU)."""
+    if local:
+        return tf.distribute.get_strategy()
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def train(
+    config: RunConfig,
+    strategy: tf.distribute.Strategy | None = None,
+    resume: bool = False,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+    on_epoch: Callable[[dict, str | None], None] | None = None,
+) -> TrainResult:
+    """Train, validate every epoch, checkpoint, stop early, export the best model; returns the result.
+
+    `on_step(epoch, step, steps, loss)` and `on_epoch(record, checkpoint_dir)` are for progress displays
+    and Ray's reporting; `checkpoint_dir` is a local folder holding this epoch's checkpoint (chief only).
+    """
+    config.validate()
+    strategy = strategy or choose_strategy()
+    run = _Run(config, strategy)
+    return run.fit(resume, on_step, on_epoch)
+
+
+class _Run:
+    """One training run's state; a class only because the step functions share the model and optimizer."""
+
+    def __init__(self, config: RunConfig, strategy: tf.distribute.Strategy):
+        self.config, self.strategy = config, strategy
+        self.train_cfg: TrainConfig = config.train
+        self.chief = is_chief(strategy)
+        self.output = config.train.output_uri.rstrip("/")
+        # The chief writes a local output in place; a gs:// output and other workers' copies (which must
+        # still be written: saving reads distributed variables collectively) go through a local folder.
+        local_output = self.chief and not storage.is_gcs(self.output)
+        self.work = self.output if local_output else tempfile.mkdtemp(prefix="pneumo-train-")
+        tf_keras.utils.set_random_seed(config.train.seed)
+
+        self.dataset = data.open_dataset(config.data)
+        if "val" not in self.dataset.manifest["splits"]:
+            raise TrainingError(
+                f"{self.dataset.manifest_uri} has no val split: training needs one for early stopping and "
+                "the threshold (re-run make_shards with --val-fraction > 0)"
+            )
+        steps = data.steps_per_epoch(self.dataset, config.data.global_batch_size)
+        if config.train.max_steps_per_epoch:
+            steps = min(steps, config.train.max_steps_per_epoch)
+        self.steps_per_epoch = steps
+        self.policy = model_lib.resolve_precision(config.train)
+        self.xla = model_lib.resolve_xla(config.train)
+        self.class_weights = data.loss_class_weights(self.dataset, config.data.class_balance)
+
+        with strategy.scope():
+            self.classifier = model_lib.build_classifier(config.model, config.data.image_size_px, self.policy)
+            model_lib.set_trainable(self.classifier, config.model.unfreeze, config.model.train_batchnorm)
+            self.optimizer = _make_optimizer(config.train, steps, self.policy, self.xla)
+            # Built for every variable that will ever train, so the head warm-up can change the set.
+            self.optimizer.build(self.classifier.trainable_variables)
+            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            self.checkpoint = tf.train.Checkpoint(
+                model=self.classifier, optimizer=self.optimizer, epoch=self.epoch
+            )
+        self.train_batches = strategy.distribute_datasets_from_function(
+            lambda context: data.train_dataset(config.data, self.dataset, context)
+        )
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def fit(self, resume: bool, on_step, on_epoch) -> TrainResult:
+        cfg = self.train_cfg
+        state = self._restore() if resume else _fresh_state()
+        if self.chief and not resume:
+            storage.write_bytes(storage.join(self.output, "config.yaml"), to_yaml(self.config).encode())
+        writer = tf.summary.create_file_writer(os.path.join(self.work, "tensorboard")) if self.chief else None
+        iterator = iter(self.train_batches)
+        phase = None
+        while not state["finished"]:
+            epoch = state["next_epoch"]
+            head_only = epoch < cfg.head_warmup_epochs
+            if phase != head_only:
+                unfreeze = 0 if head_only else self.config.model.unfreeze
+                model_lib.set_trainable(self.classifier, unfreeze, self.config.model.train_batchnorm)
+                step_fn = self._make_train_step()
+                phase = head_only
+            start, loss_sum = time.perf_counter(), 0.0
+            for step in range(self.steps_per_epoch):
+                loss = float(step_fn(iterator))
+                loss_sum += loss
+                if on_step:
+                    on_step(epoch, step + 1, self.steps_per_epoch, loss)
+            seconds = time.perf_counter() - start
+            labels, probabilities = self.predict("val")
+            metrics = evaluate.binary_metrics(labels, probabilities)
+            record = {
+                "epoch": epoch,
+                "train_loss": loss_sum / self.steps_per_epoch,
+                "learning_rate": float(self.optimizer.learning_rate),
+                "seconds": seconds,
+                "images_per_s": self.steps_per_epoch * self.config.data.global_batch_size / seconds,
+                "head_only": head_only,
+                **{f"val_{k}": v for k, v in metrics.items()},
+            }
+            improved = not math.isnan(metrics["auc"]) and metrics["auc"] > state["best_auc"]
+            if improved:
+                state.update(best_auc=metrics["auc"], best_epoch=epoch, epochs_since_best=0)
+            else:
+                state["epochs_since_best"] += 1
+            state["history"].append(record)
+            state["next_epoch"] = epoch + 1
+            patience = cfg.early_stopping_patience
+            state["stopped_early"] = bool(patience) and state["epochs_since_best"] >= patience
+            state["finished"] = state["next_epoch"] >= cfg.epochs or state["stopped_early"]
+            checkpoint_dir = self._save_checkpoint(epoch, state, improved)
+            if writer:
+                with writer.as_default(step=epoch):
+                    for key, value in record.items():
+                        if isinstance(value, float) and not math.isnan(value):
+                            tf.summary.scalar(key, value)
+                writer.flush()
+                self._publish_folder("tensorboard")
+            if on_epoch:
+                on_epoch(record, checkpoint_dir if self.chief else None)
+        return self._export(state)
+
+    def _make_train_step(self):
+        strategy, classifier, optimizer = self.strategy, self.classifier, self.optimizer
+        cfg, augment_cfg = self.train_cfg, self.config.augment
+        global_batch = self.config.data.global_batch_size
+        weight_normal, weight_pneumonia = self.class_weights
+        loss_scaling = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+        variables = classifier.trainable_variables
+
+        def forward_backward(images, labels):
+            with tf.GradientTape() as tape:
+                probabilities = classifier(images, training=True)[:, 0]
+                targets = labels * (1.0 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
+                per_example = tf_keras.backend.binary_crossentropy(targets, probabilities)
+                weights = tf.where(labels > 0.5, weight_pneumonia, weight_normal)
+                # Divided by the global batch: the replicas' gradients are summed.
+                loss = tf.reduce_sum(per_example * weights) / global_batch
+                if classifier.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(classifier.losses))
+                scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
+            gradients = tape.gradient(scaled, variables)
+            if loss_scaling:
+                gradients = optimizer.get_unscaled_gradients(gradients)
+            return loss, gradients
+
+        if self.xla:
+            # XLA compiles the model's forward and backward pass; the warp op of the augmentation and
+            # the cross-replica gradient sum stay outside it.
+            forward_backward = tf.function(forward_backward, jit_compile=True)
+
+        def replica_step(batch):
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            seed = augment.step_seed(cfg.seed, optimizer.iterations, replica)
+            images = augment.model_inputs(batch["image"], augment_cfg, seed)
+            loss, gradients = forward_backward(images, batch["label"])
+            optimizer.apply_gradients(zip(gradients, variables, strict=True))
+            return loss
+
+        @tf.function
+        def train_step(iterator):
+            losses = strategy.run(replica_step, args=(next(iterator),))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+        return train_step
+
+    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and probabilities of every record of `split`, the same arrays on every worker."""
+        strategy, classifier = self.strategy, self.classifier
+        batches = strategy.distribute_datasets_from_function(
+            lambda context: data.eval_dataset(self.config.data, self.dataset, split, context)
+        )
+
+        @tf.function(reduce_retracing=True)
+        def predict_step(batch):
+            def replica_fn(element):
+                images = augment.model_inputs(element["image"], None, None)
+                return element["label"], classifier(images, training=False)[:, 0]
+
+            labels, probabilities = strategy.run(replica_fn, args=(batch,))
+            return strategy.gather(labels, axis=0), strategy.gather(probabilities, axis=0)
+
+        labels, probabilities = [], []
+        for batch in batches:
+            batch_labels, batch_probabilities = predict_step(batch)
+            labels.append(batch_labels.numpy())
+            probabilities.append(batch_probabilities.numpy())
+        return np.concatenate(labels), np.concatenate(probabilities)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, epoch: int, state: dict, improved: bool) -> str:
+        folder = os.path.join(self.work, CHECKPOINTS)
+        os.makedirs(folder, exist_ok=True)
+        if improved:
+            self.classifier.save_weights(os.path.join(folder, BEST_WEIGHTS))
+        self.epoch.assign(epoch)
+        prefix = self.checkpoint.write(os.path.join(folder, f"ckpt-{epoch}"))
+        state["checkpoint"] = os.path.basename(prefix)
+        if not self.chief:
+            return folder
+        files = [name for name in os.listdir(folder) if name.startswith(f"ckpt-{epoch}.")]
+        if improved:
+            files.append(BEST_WEIGHTS)
+        remote = storage.join(self.output, CHECKPOINTS)
+        if storage.is_gcs(self.output):
+            storage.copy_many((os.path.join(folder, name), storage.join(remote, name)) for name in files)
+        # The state file is the commit point: a checkpoint it does not name may be incomplete.
+        state_bytes = json.dumps(state, indent=1).encode()
+        storage.write_bytes(os.path.join(folder, STATE_NAME), state_bytes)
+        if storage.is_gcs(self.output):
+            storage.write_bytes(storage.join(remote, STATE_NAME), state_bytes)
+        self._drop_old_checkpoints(folder, remote, epoch)
+        return folder
+
+    def _drop_old_checkpoints(self, folder: str, remote: str, epoch: int) -> None:
+        keep = {f"ckpt-{e}." for e in range(epoch - self.train_cfg.checkpoints_to_keep + 1, epoch + 1)}
+        for name in os.listdir(folder):
+            if name.startswith("ckpt-") and not any(name.startswith(k) for k in keep):
+                os.remove(os.path.join(folder, name))
+                if storage.is_gcs(self.output):
+                    storage.delete(storage.join(remote, name))
+
+    def _restore(self) -> dict:
+        remote = storage.join(self.output, CHECKPOINTS)
+        try:
+            state = json.loads(storage.read_bytes(storage.join(remote, STATE_NAME)))
+        except storage.StorageNotFound:
+            raise TrainingError(
+                f"--resume: no checkpoint in {remote} (no {STATE_NAME}); start without --resume"
+            ) from None
+        folder = os.path.join(self.work, CHECKPOINTS)
+        if storage.is_gcs(self.output) or not self.chief:
+            names = [f.uri.rsplit("/", 1)[-1] for f in storage.list_files(remote)]
+            wanted = [n for n in names if n.startswith(state["checkpoint"] + ".") or n == BEST_WEIGHTS]
+            storage.copy_many((storage.join(remote, n), os.path.join(folder, n)) for n in wanted)
+        self.checkpoint.read(os.path.join(folder, state["checkpoint"])).assert_existing_objects_matched()
+        return state
+
+    def _publish_folder(self, name: str) -> None:
+        if not storage.is_gcs(self.output):
+            return
+        local = os.path.join(self.work, name)
+        storage.copy_many(
+            (
+                os.path.join(root, file),
+                storage.join(self.output, name, os.path.relpath(os.path.join(root, file), local)),
+            )
+            for root, _, files in os.walk(local)
+            for file in files
+        )
+
+    # --- export -------------------------------------------------------------------------------------
+
+    def _export(self, state: dict) -> TrainResult:
+        folder = os.path.join(self.work, CHECKPOINTS)
+        self.classifier.load_weights(os.path.join(folder, BEST_WEIGHTS))
+        labels, probabilities = self.predict("val")
+        target = self.train_cfg.target_sensitivity
+        threshold = evaluate.threshold_for_sensitivity(labels, probabilities, target)
+        at_threshold = evaluate.binary_metrics(labels, probabilities, threshold)
+        export_dir = os.path.join(self.work, EXPORT)
+        if os.path.isdir(export_dir):
+            shutil.rmtree(export_dir)  # a previous, possibly partial export
+        os.makedirs(export_dir)
+        with self.strategy.scope():
+            detector = model_lib.inference_model(self.classifier)
+        detector.save(os.path.join(export_dir, MODEL_FILE))
+        export_uri = storage.join(self.output, EXPORT)
+        if self.chief:
+            files = {
+                "metrics.json": {
+                    "split": "val",
+                    "note": "validation figures, not test figures: run evaluate.py on the test split",
+                    "best_epoch": state["best_epoch"],
+                    "at_0.5": evaluate.binary_metrics(labels, probabilities, 0.5),
+                    "at_threshold": at_threshold,
+                    "history": state["history"],
+                },
+                "threshold.json": {
+                    "threshold": threshold,
+                    "target_sensitivity": target,
+                    "chosen_on": "val",
+                    "val_sensitivity": at_threshold["sensitivity"],
+                    "val_specificity": at_threshold["specificity"],
+                },
+            }
+            for name, content in files.items():
+                with open(os.path.join(export_dir, name), "w") as file:
+                    json.dump(content, file, indent=1)
+            with open(os.path.join(export_dir, "config.yaml"), "w") as file:
+                file.write(to_yaml(self.config))
+            names = sorted(os.listdir(export_dir))
+            if storage.is_gcs(self.output):
+                storage.copy_many((os.path.join(export_dir, n), storage.join(export_uri, n)) for n in names)
+            manifest = {
+                "files": names,
+                "model": MODEL_FILE,
+                "image_size_px": self.config.data.image_size_px,
+                "threshold": threshold,
+                "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            # Written last: an export without it is incomplete.
+            storage.write_bytes(
+                storage.join(export_uri, EXPORT_MANIFEST), json.dumps(manifest, indent=1).encode()
+            )
+        return TrainResult(
+            best_epoch=state["best_epoch"],
+            best_val_auc=state["best_auc"],
+            epochs_run=state["next_epoch"],
+            stopped_early=state["stopped_early"],
+            history=state["history"],
+            export_uri=export_uri,
+            threshold=threshold,
+            val_metrics=at_threshold,
+        )
+
+
+def _fresh_state() -> dict:
+    return {
+        "next_epoch": 0,
+        "best_auc": -1.0,
+        "best_epoch": -1,
+        "epochs_since_best": 0,
+        "stopped_early": False,
+        "finished": False,
+        "history": [],
+        "checkpoint": None,
+    }
+
+
+class WarmupCosine(tf_keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to `peak`, then cosine decay to 0 at `total_steps` (or constant)."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int, cosine: bool = True):
+        self.peak, self.warmup_steps, self.total_steps, self.cosine = peak, warmup_steps, total_steps, cosine
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = tf.cast(self.warmup_steps, tf.float32)
+        rising = self.peak * (step + 1.0) / tf.maximum(warmup, 1.0)
+        if self.cosine:
+            progress = (step - warmup) / tf.maximum(float(self.total_steps) - warmup, 1.0)
+            after = 0.5 * self.peak * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
+        else:
+            after = tf.constant(self.peak, tf.float32)
+        return tf.where(step < warmup, rising, after)
+
+    def get_config(self) -> dict:
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "cosine": self.cosine,
+        }
+
+
+def _make_optimizer(cfg: TrainConfig, steps_per_epoch: int, policy: str, xla: bool):
+    schedule = WarmupCosine(
+        cfg.learning_rate,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        total_steps=cfg.epochs * steps_per_epoch,
+        cosine=cfg.schedule == "cosine",
+    )
+    common = {"jit_compile": xla}
+    if cfg.grad_clip_norm:
+        common["global_clipnorm"] = cfg.grad_clip_norm
+    if cfg.optimizer == "adam":
+        optimizer = tf_keras.optimizers.Adam(schedule, **common)
+    elif cfg.optimizer == "adamw":
+        optimizer = tf_keras.optimizers.AdamW(schedule, weight_decay=cfg.weight_decay, **common)
+    else:
+        optimizer = tf_keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
+    if policy == "mixed_float16":
+        optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
+    return optimizer
