@@ -139,6 +139,8 @@ class _Run:
     def fit(self, resume: bool, on_step, on_epoch) -> TrainResult:
         cfg = self.train_cfg
         state = self._restore() if resume else _fresh_state()
+        # A resumed run may have been given more epochs than the one that wrote the checkpoint.
+        state["finished"] = state["next_epoch"] >= cfg.epochs or state["stopped_early"]
         if self.chief and not resume:
             storage.write_bytes(storage.join(self.output, "config.yaml"), to_yaml(self.config).encode())
         writer = tf.summary.create_file_writer(os.path.join(self.work, "tensorboard")) if self.chief else None
@@ -165,6 +167,7 @@ class _Run:
                 "epoch": epoch,
                 "train_loss": loss_sum / self.steps_per_epoch,
                 "learning_rate": float(self.optimizer.learning_rate),
+                "step": int(self.optimizer.iterations.numpy()),
                 "seconds": seconds,
                 "images_per_s": self.steps_per_epoch * self.config.data.global_batch_size / seconds,
                 "head_only": head_only,

@@ -144,3 +144,16 @@ def demo_shards_single(tiny_demo_root, tmp_path_factory) -> str:
         tiny_demo_root, destination, shards.ShardOptions(stored_size_px=32, min_shards=1), workers=1
     )
     return destination
+
+
+@pytest.fixture(scope="session")
+def learnable_shards(tmp_path_factory) -> str:
+    """Enough demo images (100 per class, 32 px) for ResNet50 from scratch to learn in a few epochs."""
+    from pneumo_dist import shards
+
+    root = tmp_path_factory.mktemp("learnable")
+    spec = DemoSpec(images_per_class=(("train", 100), ("test", 20)), min_side_px=48, max_side_px=64)
+    write_demo_dataset(str(root / "source"), spec)
+    options = shards.ShardOptions(stored_size_px=32, min_shards=4, val_fraction=0.2)
+    shards.make_shards(str(root / "source"), str(root / "shards"), options, workers=1)
+    return str(root / "shards")

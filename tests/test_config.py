@@ -1,0 +1,60 @@
+import pytest
+
+from pneumo_dist import config as config_lib
+from pneumo_dist.config import ConfigError, RunConfig
+
+REPO_CONFIGS = ["configs/demo.yaml", "configs/kaggle.yaml", "configs/mnist.yaml"]
+
+
+@pytest.mark.parametrize("path", REPO_CONFIGS)
+def test_shipped_configs_load_and_validate(path):
+    assert isinstance(config_lib.load_config(path), RunConfig)
+
+
+def test_overrides_are_typed(tmp_path):
+    config = config_lib.load_config(
+        "configs/demo.yaml",
+        ["train.learning_rate=3e-4", "train.epochs=2", "model.unfreeze=all", "data.deterministic=true"],
+    )
+    assert config.train.learning_rate == 3e-4 and config.train.epochs == 2
+    assert config.model.unfreeze == "all" and config.data.deterministic is True
+    assert config_lib.load_config(None, ["model.unfreeze=40"]).model.unfreeze == 40
+
+
+def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  learning_rate: 1e-4\n")
+    assert config_lib.load_config(str(tmp_path / "c.yaml")).train.learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lr=0.1"], "unknown key train.lr"),
+        (["trainer.epochs=3"], "unknown section 'trainer'"),
+        (["train.epochs=many"], "train.epochs='many': must be int"),
+        (["train.epochs=2.5"], "train.epochs=2.5: must be int"),
+        (["train.optimizer=rmsprop"], "train.optimizer='rmsprop': must be one of adam, adamw, sgd"),
+        (["model.unfreeze=-3"], "model.unfreeze=-3"),
+        (["model.weights=resnet.pt"], "model.weights='resnet.pt': a weights file must be .h5"),
+        (["data.cache=ram"], "data.cache='ram'"),
+        (["augment.horizontal_flip=maybe"], "augment.horizontal_flip='maybe': must be bool"),
+        (["train.head_warmup_epochs=10", "train.epochs=3"], "head_warmup_epochs=10"),
+        (["epochs=3"], "expected section.key=value"),
+    ],
+)
+def test_bad_configs_fail_fast_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_lib.load_config("configs/demo.yaml", overrides)
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    config = config_lib.load_config("configs/kaggle.yaml", ["train.epochs=3"])
+    (tmp_path / "again.yaml").write_text(config_lib.to_yaml(config))
+    assert config_lib.load_config(str(tmp_path / "again.yaml")) == config
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    from pneumo_dist import storage
+
+    with pytest.raises(storage.StorageNotFound, match="nope.yaml"):
+        config_lib.load_config(str(tmp_path / "nope.yaml"))

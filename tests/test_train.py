@@ -1,0 +1,182 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tf_keras
+
+from pneumo_dist import config as config_lib
+from pneumo_dist import data, storage, train
+
+REPO = Path(__file__).resolve().parents[1]
+# ResNet50 from scratch at 32 px: mild augmentation, BatchNorm trained (see configs/demo.yaml).
+FROM_SCRATCH = [
+    "data.image_size_px=32",
+    "data.global_batch_size=16",
+    "data.read_mode=stream",
+    "model.weights=none",
+    "model.unfreeze=all",
+    "model.train_batchnorm=true",
+    "model.dense_units=64",
+    "augment.rotation_deg=5",
+    "augment.shift=0.0",
+    "augment.zoom=0.05",
+    "augment.shear_deg=2",
+    "augment.brightness=0.0",
+    "augment.contrast=0.0",
+    "augment.gamma=0.0",
+    "train.learning_rate=0.001",
+    "train.warmup_epochs=0.5",
+]
+
+
+def make_config(shards: str, output: str, *overrides: str):
+    return config_lib.load_config(
+        None, [*FROM_SCRATCH, f"data.manifest_uri={shards}", f"train.output_uri={output}", *overrides]
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(learnable_shards, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp("run") / "out")
+    config = make_config(learnable_shards, output, "train.epochs=8", "train.early_stopping_patience=0")
+    epochs_seen = []
+    result = train.train(
+        config, train.choose_strategy(local=True), on_epoch=lambda r, d: epochs_seen.append(r)
+    )
+    return config, result, output, epochs_seen
+
+
+def test_training_learns_the_demo_signal(trained):
+    _, result, _, epochs_seen = trained
+    assert len(epochs_seen) == result.epochs_run == 8
+    assert result.best_val_auc > 0.85, [round(r["val_auc"], 3) for r in epochs_seen]
+    assert epochs_seen[-1]["train_loss"] < epochs_seen[0]["train_loss"]
+
+
+def test_export_holds_model_metrics_config_and_threshold(trained):
+    config, result, output, _ = trained
+    export = Path(output) / "export"
+    manifest = json.loads((export / "export.json").read_text())
+    assert set(manifest["files"]) == {"model.keras", "metrics.json", "config.yaml", "threshold.json"}
+    threshold = json.loads((export / "threshold.json").read_text())
+    assert threshold["threshold"] == result.threshold and threshold["val_sensitivity"] >= 0.95
+    assert config_lib.load_config(str(export / "config.yaml")) == config
+    metrics = json.loads((export / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["at_0.5"]["auc"] == pytest.approx(result.best_val_auc)
+
+
+def test_exported_model_reloads_and_gives_the_validation_predictions(trained):
+    config, result, output, _ = trained
+    detector = tf_keras.models.load_model(Path(output) / "export" / "model.keras")
+    dataset = data.open_dataset(config.data)
+    labels, probabilities = [], []
+    for batch in data.eval_dataset(config.data, dataset, "val"):
+        probabilities.append(detector(np.asarray(batch["image"], np.float32))[:, 0].numpy())
+        labels.append(batch["label"].numpy())
+    from pneumo_dist import evaluate
+
+    auc = evaluate.binary_metrics(np.concatenate(labels), np.concatenate(probabilities))["auc"]
+    assert auc == pytest.approx(result.best_val_auc, abs=1e-6)
+
+
+def test_checkpoints_keep_the_last_two_and_the_best(trained):
+    _, result, output, _ = trained
+    names = sorted(os.listdir(Path(output) / "checkpoints"))
+    assert names == sorted(
+        [
+            "best.weights.h5",
+            "state.json",
+            "ckpt-6.index",
+            "ckpt-6.data-00000-of-00001",
+            "ckpt-7.index",
+            "ckpt-7.data-00000-of-00001",
+        ]
+    )
+    state = json.loads((Path(output) / "checkpoints" / "state.json").read_text())
+    assert state["checkpoint"] == "ckpt-7" and state["finished"] and state["best_epoch"] == result.best_epoch
+
+
+def test_resume_on_gcs_continues_at_the_saved_epoch_and_optimizer_step(learnable_shards, bucket):
+    output = storage.join(bucket, "runs", "resumed")
+    quick = "train.max_steps_per_epoch=3"
+    first = train.train(
+        make_config(learnable_shards, output, "train.epochs=2", quick), train.choose_strategy(local=True)
+    )
+    assert [r["step"] for r in first.history] == [3, 6]
+    assert storage.exists(storage.join(output, "checkpoints", "state.json"))
+    seen = []
+    resumed = train.train(
+        make_config(learnable_shards, output, "train.epochs=3", quick),
+        train.choose_strategy(local=True),
+        resume=True,
+        on_epoch=lambda record, _: seen.append(record),
+    )
+    assert [r["epoch"] for r in seen] == [2]  # only the new epoch ran
+    assert seen[0]["step"] == 9  # the optimizer's step was restored
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2]
+    assert storage.exists(storage.join(output, "export", "export.json"))
+    assert storage.list_files(storage.join(output, "tensorboard"))  # event files uploaded
+
+
+def test_resume_without_a_checkpoint_says_so(learnable_shards, tmp_path):
+    config = make_config(learnable_shards, str(tmp_path / "empty"), "train.epochs=1")
+    with pytest.raises(train.TrainingError, match="--resume: no checkpoint in .*empty/checkpoints"):
+        train.train(config, train.choose_strategy(local=True), resume=True)
+
+
+def test_a_dataset_without_validation_is_refused(tiny_demo_root, tmp_path):
+    from pneumo_dist import shards
+
+    shards.make_shards(
+        tiny_demo_root,
+        str(tmp_path / "noval"),
+        shards.ShardOptions(stored_size_px=32, val_fraction=0),
+        workers=1,
+    )
+    config = make_config(str(tmp_path / "noval"), str(tmp_path / "out"), "train.epochs=1")
+    with pytest.raises(train.TrainingError, match="has no val split"):
+        train.train(config, train.choose_strategy(local=True))
+
+
+def run_job(*args):
+    return subprocess.run(
+        [sys.executable, "jobs/train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_train_job_local_debug_run(learnable_shards, tmp_path):
+    result = run_job(
+        "--config",
+        "configs/demo.yaml",
+        "--local",
+        "--max-steps",
+        "2",
+        "--epochs",
+        "1",
+        "--set",
+        f"data.manifest_uri={learnable_shards}",
+        "--set",
+        f"train.output_uri={tmp_path / 'o'}",
+        "--set",
+        "data.image_size_px=32",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch   1" in result.stdout and "exported to" in result.stdout
+    assert (tmp_path / "o" / "export" / "export.json").exists()
+
+
+def test_train_job_rejects_a_bad_config_before_loading_tensorflow():
+    code = (
+        "import sys; sys.argv = ['train.py', '--config', 'configs/demo.yaml', '--set', 'train.lr=1'];"
+        "sys.path.insert(0, 'jobs'); import train as job; rc = job.main();"
+        "print(rc, 'tensorflow' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert "train: error: the defaults" not in result.stderr and "unknown key train.lr" in result.stderr
