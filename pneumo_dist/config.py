@@ -145,6 +145,8 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # debug limit; 0 = the whole train split
     checkpoints_to_keep: int = 2
     seed: int = 0
+    # Bit-identical reruns (tf.config.experimental.enable_op_determinism): slower, mostly on GPU.
+    deterministic_ops: bool = False
 
     def validate(self) -> None:
         for name, allowed in (
@@ -206,20 +208,107 @@ class TrainConfig:
         )
 
 
+# The fine-tuning search pneumonia studies report; keys are `section.key` of this config.
+DEFAULT_SEARCH_SPACE = {
+    "model.unfreeze": {"choice": [0, 10, 20, 40, "all"]},
+    "train.learning_rate": {"loguniform": [1e-5, 1e-3]},
+    "train.optimizer": {"choice": ["adam", "sgd"]},
+    "model.dropout": {"uniform": [0.2, 0.6]},
+    "model.l2": {"choice": [0.0, 1e-4, 1e-3, 1e-2]},
+    "model.dense_units": {"choice": [128, 256, 512]},
+    "data.global_batch_size": {"choice": [32, 64]},
+}
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The Ray Tune search: trials sample `search_space`, ASHA stops the weak ones early."""
+
+    num_samples: int = 8
+    grace_period: int = 1  # epochs each trial runs before ASHA may stop it
+    reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
+    workers_per_trial: int = 1  # Ray Train workers (MultiWorkerMirroredStrategy when > 1)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs / GPUs hold
+    max_failures: int = 1  # restarts of a trial whose worker died, from its last checkpoint
+    storage_uri: str = "outputs/tune"  # local folder or gs://: Ray's experiment state, trials, best model
+    name: str = "search"
+    search_space: dict = field(default_factory=lambda: dict(DEFAULT_SEARCH_SPACE))
+    evaluate_test: bool = True  # score the best trial's model on the test split at the end
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("num_samples", "grace_period", "workers_per_trial"):
+            value = getattr(self, name)
+            _check(value >= 1, "tune", name, value, "must be >= 1")
+        _check(self.reduction_factor >= 2, "tune", "reduction_factor", self.reduction_factor, "must be >= 2")
+        _check(self.cpus_per_worker > 0, "tune", "cpus_per_worker", self.cpus_per_worker, "must be > 0")
+        _check(self.gpus_per_worker >= 0, "tune", "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
+        for name in ("max_concurrent_trials", "max_failures"):
+            _check(getattr(self, name) >= 0, "tune", name, getattr(self, name), "must be >= 0")
+        _check(bool(self.storage_uri), "tune", "storage_uri", self.storage_uri, "must not be empty")
+        _check(bool(self.name) and "/" not in self.name, "tune", "name", self.name, "must be a plain name")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def validate(self) -> RunConfig:
-        for section in (self.data, self.augment, self.model, self.train):
+        for section in (self.data, self.augment, self.model, self.train, self.tune):
             section.validate()
+        self._validate_search_space()
         return self
+
+    def _validate_search_space(self) -> None:
+        """Every key names a config value and every value a distribution can draw is valid for it,
+        so that no trial fails on its config after cluster time was spent."""
+        for key, spec in self.tune.search_space.items():
+            where = f"tune.search_space[{key!r}]"
+            section, _, name = key.partition(".")
+            if (
+                section in ("tune",)
+                or section not in _SECTIONS
+                or name not in _field_names(_SECTIONS[section])
+            ):
+                raise ConfigError(f"{where}: not a data, augment, model or train key")
+            if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+                raise ConfigError(
+                    f"{where}: expected one of {', '.join(DISTRIBUTIONS)}, e.g. {{choice: [1, 2]}}"
+                )
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
+                raise ConfigError(
+                    f"{where}: {kind} needs {'a list of options' if kind == 'choice' else '[low, high]'}"
+                )
+            if kind != "choice" and not values[0] < values[1]:
+                raise ConfigError(f"{where}: {kind} needs low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got {values}")
+            for value in values:
+                try:
+                    trial = self.to_dict()
+                    trial[section][name] = value
+                    trial["tune"]["search_space"] = {}  # a trial's config is not searched again
+                    config_from_dict(trial, source=where)
+                except ConfigError as error:
+                    raise ConfigError(f"{where} can draw {value!r}, which is invalid: {error}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "augment": AugmentConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -283,6 +372,8 @@ def _coerce(kind, value, where: str):
     elif isinstance(value, str) and float in allowed:
         with contextlib.suppress(ValueError):
             return float(value)
+    elif isinstance(value, dict) and dict in allowed:
+        return value
     names = " or ".join(t.__name__ for t in allowed)
     raise ConfigError(f"{where}={value!r}: must be {names}")
 

@@ -185,6 +185,18 @@ def copy_many(pairs: Iterable[tuple[str, str]], threads: int = DEFAULT_TRANSFER_
         list(pool.map(copy_one, list(pairs)))
 
 
+def pyarrow_filesystem(uri: str):
+    """A pyarrow filesystem for Ray's experiment storage at `uri`: None (Ray's own choice) except for
+    gs:// under STORAGE_EMULATOR_HOST, where it points at the emulator like google-cloud-storage does."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not is_gcs(uri) or not emulator:
+        return None
+    from pyarrow import fs
+
+    scheme, _, host = emulator.rpartition("://")
+    return fs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=scheme or "http")
+
+
 class _local_temp_beside:
     """A temporary file next to `path` that replaces `path` on success and vanishes on failure."""
 

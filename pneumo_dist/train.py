@@ -105,6 +105,8 @@ class _Run:
         local_output = self.chief and not storage.is_gcs(self.output)
         self.work = self.output if local_output else tempfile.mkdtemp(prefix="pneumo-train-")
         tf_keras.utils.set_random_seed(config.train.seed)
+        if config.train.deterministic_ops:
+            tf.config.experimental.enable_op_determinism()
 
         self.dataset = data.open_dataset(config.data)
         if "val" not in self.dataset.manifest["splits"]:
@@ -142,10 +144,15 @@ class _Run:
         # A resumed run may have been given more epochs than the one that wrote the checkpoint.
         state["finished"] = state["next_epoch"] >= cfg.epochs or state["stopped_early"]
         if self.chief and not resume:
+            # A fresh run replaces an earlier one's results, so that its checkpoints are never mixed
+            # with ours (and a state.json of theirs cannot name a checkpoint of ours).
+            for folder in (CHECKPOINTS, EXPORT, "tensorboard"):
+                storage.delete_tree(storage.join(self.output, folder))
             storage.write_bytes(storage.join(self.output, "config.yaml"), to_yaml(self.config).encode())
         writer = tf.summary.create_file_writer(os.path.join(self.work, "tensorboard")) if self.chief else None
         iterator = iter(self.train_batches)
         phase = None
+        result = self._export(state) if state["finished"] else None  # resumed after the last epoch
         while not state["finished"]:
             epoch = state["next_epoch"]
             head_only = epoch < cfg.head_warmup_epochs
@@ -166,7 +173,7 @@ class _Run:
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / self.steps_per_epoch,
-                "learning_rate": float(self.optimizer.learning_rate),
+                "learning_rate": float(self.optimizer.learning_rate.numpy()),
                 "step": int(self.optimizer.iterations.numpy()),
                 "seconds": seconds,
                 "images_per_s": self.steps_per_epoch * self.config.data.global_batch_size / seconds,
@@ -191,9 +198,12 @@ class _Run:
                             tf.summary.scalar(key, value)
                 writer.flush()
                 self._publish_folder("tensorboard")
+            if state["finished"]:
+                # Before the last report: a scheduler may end the process as soon as it gets it.
+                result = self._export(state)
             if on_epoch:
                 on_epoch(record, checkpoint_dir if self.chief else None)
-        return self._export(state)
+        return result
 
     def _make_train_step(self):
         strategy, classifier, optimizer = self.strategy, self.classifier, self.optimizer

@@ -21,6 +21,25 @@ from pneumo_dist.demo import DemoSpec, write_demo_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# ResNet50 from scratch at 32 px: mild augmentation, BatchNorm trained (see configs/demo.yaml).
+FROM_SCRATCH_OVERRIDES = [
+    "data.image_size_px=32",
+    "data.global_batch_size=16",
+    "data.read_mode=stream",
+    "model.weights=none",
+    "model.unfreeze=all",
+    "model.train_batchnorm=true",
+    "model.dense_units=64",
+    "augment.rotation_deg=5",
+    "augment.shift=0.0",
+    "augment.zoom=0.05",
+    "augment.shear_deg=2",
+    "augment.brightness=0.0",
+    "augment.contrast=0.0",
+    "augment.gamma=0.0",
+    "train.learning_rate=0.001",
+    "train.warmup_epochs=0.5",
+]
 TINY_DEMO = DemoSpec(
     images_per_class=(("train", 14), ("val", 2), ("test", 6)), min_side_px=40, max_side_px=64
 )

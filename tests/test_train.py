@@ -11,26 +11,10 @@ import tf_keras
 from pneumo_dist import config as config_lib
 from pneumo_dist import data, storage, train
 
+from .conftest import FROM_SCRATCH_OVERRIDES
+
 REPO = Path(__file__).resolve().parents[1]
-# ResNet50 from scratch at 32 px: mild augmentation, BatchNorm trained (see configs/demo.yaml).
-FROM_SCRATCH = [
-    "data.image_size_px=32",
-    "data.global_batch_size=16",
-    "data.read_mode=stream",
-    "model.weights=none",
-    "model.unfreeze=all",
-    "model.train_batchnorm=true",
-    "model.dense_units=64",
-    "augment.rotation_deg=5",
-    "augment.shift=0.0",
-    "augment.zoom=0.05",
-    "augment.shear_deg=2",
-    "augment.brightness=0.0",
-    "augment.contrast=0.0",
-    "augment.gamma=0.0",
-    "train.learning_rate=0.001",
-    "train.warmup_epochs=0.5",
-]
+FROM_SCRATCH = FROM_SCRATCH_OVERRIDES
 
 
 def make_config(shards: str, output: str, *overrides: str):

@@ -1,0 +1,300 @@
+"""Ray at the edge: multi-worker training on Ray Train and the Ray Tune search with ASHA.
+
+Each trial is a `TensorflowTrainer` whose workers run `train.train` (MultiWorkerMirroredStrategy when a
+trial has several workers); every epoch they report validation metrics to Tune, and ASHA stops weak
+trials. Checkpoints live in each trial's own output folder (train.py), so a trial whose worker died
+restarts from its last complete checkpoint.
+
+Ray Train V2 (Ray 2.60's default) can hang a search once ASHA stops a trial: the stopped trial's worker
+group keeps its placement group, and the next trial waits forever for resources
+(https://github.com/ray-project/ray/issues/54305). We pin the V1 Tune + Train integration
+(`Tuner(TensorflowTrainer)`), which finishes such searches; tests/test_tune.py proves it. Remove the pin
+once that issue is fixed in the Ray version we require.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+
+# Must be set before ray.train is imported anywhere in this process (see the module docstring).
+os.environ["RAY_TRAIN_V2_ENABLED"] = "0"
+
+import numpy as np  # noqa: E402
+
+from pneumo_dist import config as config_lib  # noqa: E402
+from pneumo_dist import storage  # noqa: E402
+
+TRIALS_FOLDER = "trials"
+METRIC = "val_auc"
+
+
+class SearchError(Exception):
+    """The search cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    config: dict  # the sampled values, by `section.key`
+    best_val_auc: float
+    epochs_run: int
+    stopped_by_asha: bool
+    status: str  # TERMINATED, ERROR
+    output_uri: str
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    trials: list[TrialSummary]
+    best: TrialSummary | None
+    best_export_uri: str | None
+    test_metrics: dict | None
+    table_uri: str
+
+
+def connect_ray(address: str | None = None) -> str:
+    """Join the cluster this process runs on (a `ray job submit` job, or RAY_ADDRESS), else start Ray
+    in this process: the laptop default. Returns "cluster" or "in-process"."""
+    import ray
+
+    if ray.is_initialized():
+        return "cluster"
+    try:
+        ray.init(address=address or "auto", log_to_driver=True)
+        return "cluster"
+    except ConnectionError:
+        if address not in (None, "auto"):
+            raise
+    ray.init()
+    return "in-process"
+
+
+def experiment_uri(config: config_lib.RunConfig) -> str:
+    uri = config.tune.storage_uri.rstrip("/")
+    return storage.join(uri if storage.is_gcs(uri) else os.path.abspath(uri), config.tune.name)
+
+
+def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResult:
+    """Run (or, with `resume`, continue) the search; then tabulate, export and test the best trial."""
+    import ray
+    from ray import train as ray_train
+    from ray import tune
+    from ray.train.tensorflow import TensorflowTrainer
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    if not TensorflowTrainer.__module__.startswith("ray.train.tensorflow"):
+        raise SearchError(
+            "Ray Train V2 was loaded before pneumo_dist.tune; import pneumo_dist.tune first "
+            "(or set RAY_TRAIN_V2_ENABLED=0): see ray-project/ray#54305"
+        )
+    cfg = config.tune
+    experiment = experiment_uri(config)
+    storage_root = experiment.rsplit("/", 1)[0]
+    trial_root = storage.join(experiment, TRIALS_FOLDER)
+    filesystem = storage.pyarrow_filesystem(storage_root)
+
+    scaling = ray_train.ScalingConfig(
+        num_workers=cfg.workers_per_trial,
+        use_gpu=cfg.gpus_per_worker > 0,
+        resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
+        trainer_resources={"CPU": 0},  # the trainer actor only coordinates
+    )
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"base": _base_dict(config), "trial_root": trial_root},
+        scaling_config=scaling,
+        run_config=ray_train.RunConfig(failure_config=ray_train.FailureConfig(max_failures=cfg.max_failures)),
+    )
+    space = {"train_loop_config": {"sampled": to_tune_space(cfg.search_space)}}
+    if resume:
+        if not tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+            raise SearchError(f"--resume: no search to resume at {experiment}")
+        tuner = tune.Tuner.restore(
+            experiment,
+            trainable=trainer,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainer,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                num_samples=cfg.num_samples,
+                scheduler=ASHAScheduler(
+                    time_attr="epoch",
+                    max_t=config.train.epochs,
+                    grace_period=cfg.grace_period,
+                    reduction_factor=cfg.reduction_factor,
+                ),
+                search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                max_concurrent_trials=cfg.max_concurrent_trials
+                or concurrent_trials(ray.cluster_resources(), cfg),
+            ),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=storage_root, storage_filesystem=filesystem, verbose=1
+            ),
+        )
+    grid = tuner.fit()
+    trials = [_summarize(result, config, trial_root) for result in grid]
+    table_uri = storage.join(experiment, "trials.csv")
+    storage.write_bytes(table_uri, trials_csv(trials).encode())
+    finished = [t for t in trials if storage.exists(storage.join(t.output_uri, "export", "export.json"))]
+    best = max(finished, key=lambda t: t.best_val_auc, default=None)
+    best_export = test_metrics = None
+    if best is not None:
+        best_export = storage.join(experiment, "best")
+        sources = storage.list_files(storage.join(best.output_uri, "export"))
+        prefix = storage.join(best.output_uri, "export") + "/"
+        storage.copy_many((f.uri, storage.join(best_export, f.uri[len(prefix) :])) for f in sources)
+        if cfg.evaluate_test:
+            test_metrics = evaluate_export(best_export, config)
+            if test_metrics is not None:
+                storage.write_bytes(
+                    storage.join(best_export, "test_metrics.json"),
+                    json.dumps(test_metrics, indent=1).encode(),
+                )
+    return SearchResult(trials, best, best_export, test_metrics, table_uri)
+
+
+def concurrent_trials(resources: dict, cfg: config_lib.TuneConfig) -> int:
+    """How many trials the cluster holds at once: by GPUs when trials use them, else by CPUs."""
+    if cfg.gpus_per_worker > 0:
+        fit = resources.get("GPU", 0) // (cfg.gpus_per_worker * cfg.workers_per_trial)
+    else:
+        fit = resources.get("CPU", 1) // (cfg.cpus_per_worker * cfg.workers_per_trial)
+    return max(1, int(fit))
+
+
+def to_tune_space(search_space: dict) -> dict:
+    from ray import tune
+
+    make = {
+        "choice": tune.choice,
+        "uniform": lambda bounds: tune.uniform(*bounds),
+        "loguniform": lambda bounds: tune.loguniform(*bounds),
+        "randint": lambda bounds: tune.randint(*bounds),
+    }
+    return {key: make[kind](values) for key, spec in search_space.items() for kind, values in spec.items()}
+
+
+def trial_config(base: dict, sampled: dict, output_uri: str) -> config_lib.RunConfig:
+    raw = json.loads(json.dumps(base))
+    for key, value in sampled.items():
+        section, _, name = key.partition(".")
+        raw[section][name] = value.item() if isinstance(value, np.generic) else value
+    raw["train"]["output_uri"] = output_uri
+    raw["tune"]["search_space"] = {}
+    return config_lib.config_from_dict(raw, source="trial config")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What every Ray Train worker of a trial runs: our training loop, reporting each epoch to Tune."""
+    from ray import train as ray_train  # (this module's package already selected tf-keras)
+
+    from pneumo_dist import train as train_lib
+
+    context = ray_train.get_context()
+    output = storage.join(loop_config["trial_root"], context.get_trial_id() or "single")
+    config = trial_config(loop_config["base"], loop_config.get("sampled", {}), output)
+    # A restarted trial (a worker died) finds its own last complete checkpoint.
+    resume = storage.exists(storage.join(output, train_lib.CHECKPOINTS, train_lib.STATE_NAME))
+
+    def on_epoch(record: dict, checkpoint_dir: str | None) -> None:
+        metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        ray_train.report({**metrics, "epoch": record["epoch"] + 1})
+
+    result = train_lib.train(config, train_lib.choose_strategy(), resume=resume, on_epoch=on_epoch)
+    # Each worker's own view of the validation metrics: the same numbers on every worker, by design.
+    worker_view = {"rank": context.get_world_rank(), "history": result.history}
+    storage.write_bytes(
+        storage.join(output, "workers", f"rank-{context.get_world_rank()}.json"),
+        json.dumps(worker_view).encode(),
+    )
+
+
+def evaluate_export(export_uri: str, config: config_lib.RunConfig) -> dict | None:
+    """Score an exported model on the test split: at 0.5 and at its validation threshold."""
+    import tempfile
+
+    import tf_keras
+
+    from pneumo_dist import data, evaluate
+
+    dataset = data.open_dataset(config.data)
+    if "test" not in dataset.manifest["splits"]:
+        return None
+    export = json.loads(storage.read_bytes(storage.join(export_uri, "export.json")))
+    with tempfile.TemporaryDirectory() as scratch:
+        local_model = os.path.join(scratch, export["model"])
+        storage.download(storage.join(export_uri, export["model"]), local_model)
+        detector = tf_keras.models.load_model(local_model)
+    labels, probabilities = [], []
+    for batch in data.eval_dataset(config.data, dataset, "test"):
+        probabilities.append(detector(np.asarray(batch["image"], np.float32), training=False).numpy()[:, 0])
+        labels.append(batch["label"].numpy())
+    labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
+    return {
+        "split": "test",
+        "at_0.5": evaluate.binary_metrics(labels, probabilities, 0.5),
+        "at_threshold": evaluate.binary_metrics(labels, probabilities, export["threshold"]),
+    }
+
+
+def trials_csv(trials: list[TrialSummary]) -> str:
+    keys = sorted({key for trial in trials for key in trial.config})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial_id", *keys, "best_val_auc", "epochs_run", "stopped_by_asha", "status"])
+    for t in sorted(trials, key=lambda t: -t.best_val_auc):
+        writer.writerow(
+            [
+                t.trial_id,
+                *(t.config.get(k, "") for k in keys),
+                f"{t.best_val_auc:.4f}",
+                t.epochs_run,
+                t.stopped_by_asha,
+                t.status,
+            ]
+        )
+    return out.getvalue()
+
+
+def _base_dict(config: config_lib.RunConfig) -> dict:
+    return json.loads(json.dumps(config.to_dict()))
+
+
+def _summarize(result, config: config_lib.RunConfig, trial_root: str) -> TrialSummary:
+    frame = result.metrics_dataframe
+    history = frame.to_dict("records") if frame is not None and len(frame) else []
+    aucs = [row[METRIC] for row in history if METRIC in row and not np.isnan(row[METRIC])]
+    epochs_run = int(max((row.get("epoch", 0) for row in history), default=0))
+    trial_id = os.path.basename(result.path.rstrip("/")) if result.path else "unknown"
+    trial_id = (result.metrics or {}).get("trial_id", trial_id)
+    output = storage.join(trial_root, trial_id)
+    stopped_early = _read_state(output).get("stopped_early", False)
+    sampled = result.config.get("train_loop_config", {}).get("sampled", {})
+    return TrialSummary(
+        trial_id=trial_id,
+        config={k: (v.item() if isinstance(v, np.generic) else v) for k, v in sampled.items()},
+        best_val_auc=max(aucs, default=float("nan")),
+        epochs_run=epochs_run,
+        stopped_by_asha=result.error is None and epochs_run < config.train.epochs and not stopped_early,
+        status="ERROR" if result.error else "TERMINATED",
+        output_uri=output,
+    )
+
+
+def _read_state(output: str) -> dict:
+    try:
+        return json.loads(storage.read_bytes(storage.join(output, "checkpoints", "state.json")))
+    except storage.StorageNotFound:
+        return {}

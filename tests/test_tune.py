@@ -1,0 +1,281 @@
+"""The search and multi-worker training on a real local Ray: jobs/tune.py as users run it.
+
+Small on purpose (32 px, a couple of hundred demo images, a few steps per epoch) but real: Ray starts,
+Ray Train workers run TensorFlow under MultiWorkerMirroredStrategy, ASHA stops trials.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pneumo_dist import config as config_lib
+
+from .conftest import FROM_SCRATCH_OVERRIDES, REPO, free_port
+
+# A hang (ray-project/ray#54305) must fail the test, not stall CI.
+SEARCH_TIMEOUT_S = 900
+
+
+def write_config(path: Path, shards: str, storage_uri: str, **tune) -> str:
+    """A run config as a user writes it, from the test overrides plus a tune section."""
+    config = config_lib.load_config(
+        None,
+        [
+            *FROM_SCRATCH_OVERRIDES,
+            f"data.manifest_uri={shards}",
+            "data.deterministic=true",
+            "train.deterministic_ops=true",
+            "train.max_steps_per_epoch=4",
+            "train.early_stopping_patience=0",
+            f"tune.storage_uri={storage_uri}",
+        ],
+    ).to_dict()
+    config["tune"].update(tune)
+    path.write_text(yaml.safe_dump(config))
+    config_lib.load_config(str(path))  # the file is valid
+    return str(path)
+
+
+def run_tune(*args: str, timeout: float = SEARCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "jobs/tune.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def read_table(path: Path) -> list[dict]:
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+SPACE = {"train.learning_rate": {"loguniform": [1e-4, 3e-3]}, "model.dropout": {"uniform": [0.1, 0.5]}}
+
+
+def test_asha_search_stops_trials_early_finishes_and_exports_the_best(learnable_shards, tmp_path):
+    config = write_config(
+        tmp_path / "search.yaml",
+        learnable_shards,
+        str(tmp_path / "tune"),
+        num_samples=4,
+        grace_period=1,
+        reduction_factor=2,
+        max_concurrent_trials=1,  # with deterministic trials, ASHA's decisions are reproducible
+        search_space=SPACE,
+        name="asha",
+    )
+    result = run_tune("--config", config, "--set", "train.epochs=3")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = read_table(tmp_path / "tune" / "asha" / "trials.csv")
+    assert len(table) == 4 and {row["status"] for row in table} == {"TERMINATED"}
+    stopped = [row for row in table if row["stopped_by_asha"] == "True"]
+    assert stopped and all(int(row["epochs_run"]) < 3 for row in stopped)
+    best = tmp_path / "tune" / "asha" / "best"
+    assert json.loads((best / "export.json").read_text())["model"] == "model.keras"
+    assert json.loads((best / "test_metrics.json").read_text())["split"] == "test"
+    assert "best trial" in result.stdout
+
+
+def test_two_workers_train_one_trial_and_see_the_same_validation_metrics(learnable_shards, tmp_path):
+    config = write_config(
+        tmp_path / "mwms.yaml",
+        learnable_shards,
+        str(tmp_path / "tune"),
+        num_samples=1,
+        workers_per_trial=2,
+        search_space={},
+        name="mwms",
+        evaluate_test=False,
+    )
+    result = run_tune("--config", config, "--set", "train.epochs=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (trial,) = (tmp_path / "tune" / "mwms" / "trials").iterdir()
+    views = [json.loads(p.read_text()) for p in sorted((trial / "workers").iterdir())]
+    assert [view["rank"] for view in views] == [0, 1]
+    metrics = [
+        [{k: v for k, v in epoch.items() if k.startswith("val_")} for epoch in v["history"]] for v in views
+    ]
+    assert len(metrics[0]) == 2 and metrics[0] == metrics[1]
+
+
+def train_worker_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        with_name = " ".join(process.info["cmdline"] or [])
+        if "RayTrainWorker" in with_name:
+            pids.append(process.info["pid"])
+    return pids
+
+
+def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(learnable_shards, tmp_path):
+    config = write_config(
+        tmp_path / "fail.yaml",
+        learnable_shards,
+        str(tmp_path / "tune"),
+        num_samples=1,
+        workers_per_trial=2,
+        max_failures=1,
+        search_space={},
+        name="fail",
+        evaluate_test=False,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "jobs/tune.py", "--config", config, "--set", "train.epochs=3"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    trials = tmp_path / "tune" / "fail" / "trials"
+    deadline = time.monotonic() + SEARCH_TIMEOUT_S
+    while not list(trials.glob("*/checkpoints/state.json")):  # the first epoch is checkpointed
+        assert process.poll() is None and time.monotonic() < deadline, (
+            "the run ended before a worker was killed"
+        )
+        time.sleep(0.5)
+    victims = train_worker_pids()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    output, _ = process.communicate(timeout=SEARCH_TIMEOUT_S)
+    assert process.returncode == 0, output[-4000:]
+    (trial,) = trials.iterdir()
+    state = json.loads((trial / "checkpoints" / "state.json").read_text())
+    assert [epoch["epoch"] for epoch in state["history"]] == [0, 1, 2]
+    assert (trial / "export" / "export.json").exists()
+
+
+def test_an_interrupted_search_resumes(learnable_shards, tmp_path):
+    config = write_config(
+        tmp_path / "resume.yaml",
+        learnable_shards,
+        str(tmp_path / "tune"),
+        num_samples=3,
+        max_concurrent_trials=1,
+        grace_period=2,
+        search_space=SPACE,
+        name="resume",
+        evaluate_test=False,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "jobs/tune.py", "--config", config, "--set", "train.epochs=2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    trials = tmp_path / "tune" / "resume" / "trials"
+    deadline = time.monotonic() + SEARCH_TIMEOUT_S
+    while not list(trials.glob("*/export/export.json")):  # one trial finished
+        assert process.poll() is None and time.monotonic() < deadline, (
+            "the search ended before it was interrupted"
+        )
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+    process.communicate(timeout=300)
+    assert not (tmp_path / "tune" / "resume" / "trials.csv").exists() or process.returncode != 0
+    resumed = run_tune("--config", config, "--set", "train.epochs=2", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    table = read_table(tmp_path / "tune" / "resume" / "trials.csv")
+    assert len(table) == 3 and {row["status"] for row in table} == {"TERMINATED"}
+
+
+def test_resume_without_a_search_says_so(tmp_path, learnable_shards):
+    config = write_config(tmp_path / "c.yaml", learnable_shards, str(tmp_path / "none"), name="missing")
+    result = run_tune("--config", config, "--resume", timeout=300)
+    assert result.returncode == 2 and "--resume: no search to resume" in result.stderr
+
+
+def test_a_bad_search_space_fails_before_ray_starts(tmp_path, learnable_shards):
+    config = write_config(tmp_path / "c.yaml", learnable_shards, str(tmp_path / "x"))
+    result = run_tune(
+        "--config", config, "--set", "tune.search_space={model.dropout: {uniform: [0.2, 1.5]}}", timeout=120
+    )
+    assert result.returncode == 2
+    assert "tune.search_space['model.dropout'] can draw 1.5, which is invalid" in result.stderr
+    assert "Ray" not in result.stdout
+
+
+@pytest.fixture
+def local_ray_cluster(tmp_path):
+    """A real Ray head started with `ray start`, on its own ports and temp dir; stopped by those alone."""
+    import psutil
+
+    temp_dir = Path("/tmp") / f"rt{os.getpid()}{free_port()}"  # short: Ray's socket paths have a length limit
+    port, dashboard_port = free_port(), free_port()
+    command = [
+        "ray",
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--dashboard-port={dashboard_port}",
+        "--dashboard-host=127.0.0.1",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--include-dashboard=true",
+        f"--ray-client-server-port={free_port()}",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=180)
+    yield f"http://127.0.0.1:{dashboard_port}"
+    # Stop exactly this cluster: every process whose command line names its temp dir or GCS port.
+    ours = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(
+            str(temp_dir) in part
+            or f"--gcs-address=127.0.0.1:{port}" in part
+            or f":{port}" == part[-len(f":{port}") :]
+            for part in (p.info["cmdline"] or [])
+        )
+    ]
+    for process in ours:
+        process.terminate()
+    psutil.wait_procs(ours, timeout=30)
+    for process in ours:
+        if process.is_running():
+            process.kill()
+
+
+def test_ray_job_submit_runs_the_search_on_a_cluster(learnable_shards, tmp_path, local_ray_cluster):
+    config = write_config(
+        tmp_path / "job.yaml",
+        learnable_shards,
+        str(tmp_path / "tune"),
+        num_samples=2,
+        search_space=SPACE,
+        name="job",
+        evaluate_test=False,
+    )
+    result = subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            local_ray_cluster,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "jobs/tune.py",
+            "--config",
+            config,
+            "--set",
+            "train.epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SEARCH_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    assert "tune: Ray cluster" in result.stdout  # joined the cluster instead of starting its own
+    assert len(read_table(tmp_path / "tune" / "job" / "trials.csv")) == 2
