@@ -226,6 +226,7 @@ class TuneConfig:
     """The Ray Tune search: trials sample `search_space`, ASHA stops the weak ones early."""
 
     num_samples: int = 8
+    scheduler: str = "asha"  # "asha", or "fifo": every trial runs all train.epochs (for comparison)
     grace_period: int = 1  # epochs each trial runs before ASHA may stop it
     reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
     workers_per_trial: int = 1  # Ray Train workers (MultiWorkerMirroredStrategy when > 1)
@@ -239,10 +240,27 @@ class TuneConfig:
     evaluate_test: bool = True  # score the best trial's model on the test split at the end
     seed: int = 0
 
+    def __post_init__(self):
+        # YAML 1.1 reads 1e-4 (no dot) as a string: make range bounds numbers where they are numbers.
+        space = {}
+        for key, spec in self.search_space.items():
+            if isinstance(spec, dict):
+                spec = {
+                    kind: [_number_or_same(v) for v in values]
+                    if kind != "choice" and isinstance(values, list)
+                    else values
+                    for kind, values in spec.items()
+                }
+            space[key] = spec
+        object.__setattr__(self, "search_space", space)
+
     def validate(self) -> None:
         for name in ("num_samples", "grace_period", "workers_per_trial"):
             value = getattr(self, name)
             _check(value >= 1, "tune", name, value, "must be >= 1")
+        _check(
+            self.scheduler in ("asha", "fifo"), "tune", "scheduler", self.scheduler, "must be asha or fifo"
+        )
         _check(self.reduction_factor >= 2, "tune", "reduction_factor", self.reduction_factor, "must be >= 2")
         _check(self.cpus_per_worker > 0, "tune", "cpus_per_worker", self.cpus_per_worker, "must be > 0")
         _check(self.gpus_per_worker >= 0, "tune", "gpus_per_worker", self.gpus_per_worker, "must be >= 0")
@@ -287,6 +305,8 @@ class RunConfig:
                 raise ConfigError(
                     f"{where}: {kind} needs {'a list of options' if kind == 'choice' else '[low, high]'}"
                 )
+            if kind != "choice" and not all(isinstance(v, int | float) for v in values):
+                raise ConfigError(f"{where}: {kind} bounds must be numbers, got {values}")
             if kind != "choice" and not values[0] < values[1]:
                 raise ConfigError(f"{where}: {kind} needs low < high, got {values}")
             if kind == "loguniform" and values[0] <= 0:
@@ -302,6 +322,13 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _number_or_same(value):
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
 
 
 _SECTIONS = {"data": DataConfig, "augment": AugmentConfig, "model": ModelConfig, "train": TrainConfig}

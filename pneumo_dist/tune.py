@@ -84,7 +84,7 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
     from ray import train as ray_train
     from ray import tune
     from ray.train.tensorflow import TensorflowTrainer
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     if not TensorflowTrainer.__module__.startswith("ray.train.tensorflow"):
@@ -108,7 +108,6 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
         train_loop_per_worker,
         train_loop_config={"base": _base_dict(config), "trial_root": trial_root},
         scaling_config=scaling,
-        run_config=ray_train.RunConfig(failure_config=ray_train.FailureConfig(max_failures=cfg.max_failures)),
     )
     space = {"train_loop_config": {"sampled": to_tune_space(cfg.search_space)}}
     if resume:
@@ -134,13 +133,20 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
                     max_t=config.train.epochs,
                     grace_period=cfg.grace_period,
                     reduction_factor=cfg.reduction_factor,
-                ),
+                )
+                if cfg.scheduler == "asha"
+                else FIFOScheduler(),
                 search_alg=BasicVariantGenerator(random_state=cfg.seed),
                 max_concurrent_trials=cfg.max_concurrent_trials
                 or concurrent_trials(ray.cluster_resources(), cfg),
             ),
+            # The Tuner's run config is the one that counts for its trainers (failure_config included).
             run_config=tune.RunConfig(
-                name=cfg.name, storage_path=storage_root, storage_filesystem=filesystem, verbose=1
+                name=cfg.name,
+                storage_path=storage_root,
+                storage_filesystem=filesystem,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                verbose=1,
             ),
         )
     grid = tuner.fit()

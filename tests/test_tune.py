@@ -203,6 +203,10 @@ def test_a_bad_search_space_fails_before_ray_starts(tmp_path, learnable_shards):
     assert "Ray" not in result.stdout
 
 
+# A loopback-only test cluster: no token authentication (a real cluster keeps Ray's default).
+CLUSTER_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
 @pytest.fixture
 def local_ray_cluster(tmp_path):
     """A real Ray head started with `ray start`, on its own ports and temp dir; stopped by those alone."""
@@ -223,25 +227,26 @@ def local_ray_cluster(tmp_path):
         f"--ray-client-server-port={free_port()}",
         "--disable-usage-stats",
     ]
-    subprocess.run(command, check=True, capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{dashboard_port}"
-    # Stop exactly this cluster: every process whose command line names its temp dir or GCS port.
-    ours = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any(
-            str(temp_dir) in part
-            or f"--gcs-address=127.0.0.1:{port}" in part
-            or f":{port}" == part[-len(f":{port}") :]
-            for part in (p.info["cmdline"] or [])
-        )
-    ]
+    subprocess.run(command, check=True, capture_output=True, timeout=180, env=CLUSTER_ENV)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    # The job agent comes up some seconds after `ray start` returns ("No available agent to submit job").
+    deadline = time.monotonic() + 120
+    while subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--", "true"],
+        capture_output=True,
+        timeout=120,
+        env=CLUSTER_ENV,
+    ).returncode:
+        assert time.monotonic() < deadline, "the Ray head never accepted a job"
+        time.sleep(2)
+    yield address
+    # Stop exactly this cluster: the processes whose command line names its temp dir (all of them do).
+    ours = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
     for process in ours:
         process.terminate()
-    psutil.wait_procs(ours, timeout=30)
-    for process in ours:
-        if process.is_running():
-            process.kill()
+    _, alive = psutil.wait_procs(ours, timeout=10)
+    for process in alive:
+        process.kill()
 
 
 def test_ray_job_submit_runs_the_search_on_a_cluster(learnable_shards, tmp_path, local_ray_cluster):
@@ -274,6 +279,7 @@ def test_ray_job_submit_runs_the_search_on_a_cluster(learnable_shards, tmp_path,
         capture_output=True,
         text=True,
         timeout=SEARCH_TIMEOUT_S,
+        env=CLUSTER_ENV,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
