@@ -16,14 +16,7 @@ from pneumo_dist import config as config_lib
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML run config (configs/*.yaml); default: the built-in defaults")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. --set train.epochs=3 (repeatable)",
-    )
+    config_lib.add_config_arguments(parser, example="train.epochs=3")
     parser.add_argument("--local", action="store_true", help="debug mode: one process, one device, no Ray")
     parser.add_argument("--max-steps", type=int, help="at most this many training steps per epoch")
     parser.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")

@@ -19,14 +19,7 @@ from pneumo_dist import config as config_lib
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tune.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML run config with a tune section (configs/*.yaml)")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. --set tune.num_samples=16 (repeatable)",
-    )
+    config_lib.add_config_arguments(parser, example="tune.num_samples=16")
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted search (Tuner.restore)"
     )

@@ -338,6 +338,18 @@ def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def add_config_arguments(parser, example: str) -> None:
+    """--config and --set, the same in every job."""
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); default: the built-in defaults")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override one config value, e.g. --set {example} (repeatable)",
+    )
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (or start from the defaults), apply `section.key=value` overrides, validate."""
     raw: dict = {}

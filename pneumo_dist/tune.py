@@ -214,17 +214,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # A restarted trial (a worker died) finds its own last complete checkpoint.
     resume = storage.exists(storage.join(output, train_lib.CHECKPOINTS, train_lib.STATE_NAME))
 
+    rank = context.get_world_rank()
+    history: list[dict] = []
+
     def on_epoch(record: dict, checkpoint_dir: str | None) -> None:
+        # Each worker's own view of the validation metrics (the same on every worker, by design), written
+        # before the report: Tune may end the workers as soon as it has the last one.
+        history.append(record)
+        view = json.dumps({"rank": rank, "history": history}).encode()
+        storage.write_bytes(storage.join(output, "workers", f"rank-{rank}.json"), view)
         metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         ray_train.report({**metrics, "epoch": record["epoch"] + 1})
 
-    result = train_lib.train(config, train_lib.choose_strategy(), resume=resume, on_epoch=on_epoch)
-    # Each worker's own view of the validation metrics: the same numbers on every worker, by design.
-    worker_view = {"rank": context.get_world_rank(), "history": result.history}
-    storage.write_bytes(
-        storage.join(output, "workers", f"rank-{context.get_world_rank()}.json"),
-        json.dumps(worker_view).encode(),
-    )
+    train_lib.train(config, train_lib.choose_strategy(), resume=resume, on_epoch=on_epoch)
 
 
 def evaluate_export(export_uri: str, config: config_lib.RunConfig) -> dict | None:

@@ -141,28 +141,24 @@ def shared_mnist_npz() -> Path:
     return path
 
 
+def _tiny_shards(source: str, destination: Path, min_shards: int) -> str:
+    from pneumo_dist import shards
+
+    options = shards.ShardOptions(stored_size_px=32, min_shards=min_shards)
+    shards.make_shards(source, str(destination), options, workers=1)
+    return str(destination)
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tiny_demo_root, tmp_path_factory) -> str:
     """Tiny demo shards: 32 px, 4 shards per split (train 28-ish, val 5-ish, test 12 records)."""
-    from pneumo_dist import shards
-
-    destination = str(tmp_path_factory.mktemp("shards") / "demo")
-    shards.make_shards(
-        tiny_demo_root, destination, shards.ShardOptions(stored_size_px=32, min_shards=4), workers=1
-    )
-    return destination
+    return _tiny_shards(tiny_demo_root, tmp_path_factory.mktemp("shards") / "demo", min_shards=4)
 
 
 @pytest.fixture(scope="session")
 def demo_shards_single(tiny_demo_root, tmp_path_factory) -> str:
     """The same images with one shard per split: fewer shards than workers."""
-    from pneumo_dist import shards
-
-    destination = str(tmp_path_factory.mktemp("shards") / "single")
-    shards.make_shards(
-        tiny_demo_root, destination, shards.ShardOptions(stored_size_px=32, min_shards=1), workers=1
-    )
-    return destination
+    return _tiny_shards(tiny_demo_root, tmp_path_factory.mktemp("shards") / "single", min_shards=1)
 
 
 @pytest.fixture(scope="session")

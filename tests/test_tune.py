@@ -50,6 +50,28 @@ def run_tune(*args: str, timeout: float = SEARCH_TIMEOUT_S) -> subprocess.Comple
     )
 
 
+def start_tune(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "jobs/tune.py", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_file(process: subprocess.Popen, folder: Path, pattern: str) -> Path:
+    """The first file under `folder` matching `pattern`, once `process` has written it."""
+    deadline = time.monotonic() + SEARCH_TIMEOUT_S
+    while not (found := list(folder.glob(pattern))):
+        assert process.poll() is None, (
+            f"the run ended before {pattern} appeared: {process.stdout.read()[-3000:]}"
+        )
+        assert time.monotonic() < deadline, f"no {pattern} after {SEARCH_TIMEOUT_S} s"
+        time.sleep(0.5)
+    return found[0]
+
+
 def read_table(path: Path) -> list[dict]:
     with open(path) as file:
         return list(csv.DictReader(file))
@@ -127,20 +149,9 @@ def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(learnable_shards
         name="fail",
         evaluate_test=False,
     )
-    process = subprocess.Popen(
-        [sys.executable, "jobs/tune.py", "--config", config, "--set", "train.epochs=3"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_tune("--config", config, "--set", "train.epochs=3")
     trials = tmp_path / "tune" / "fail" / "trials"
-    deadline = time.monotonic() + SEARCH_TIMEOUT_S
-    while not list(trials.glob("*/checkpoints/state.json")):  # the first epoch is checkpointed
-        assert process.poll() is None and time.monotonic() < deadline, (
-            "the run ended before a worker was killed"
-        )
-        time.sleep(0.5)
+    wait_for_file(process, trials, "*/checkpoints/state.json")  # the first epoch is checkpointed
     victims = train_worker_pids()
     assert victims, "no Ray Train worker process found"
     os.kill(victims[-1], signal.SIGKILL)
@@ -164,27 +175,17 @@ def test_an_interrupted_search_resumes(learnable_shards, tmp_path):
         name="resume",
         evaluate_test=False,
     )
-    process = subprocess.Popen(
-        [sys.executable, "jobs/tune.py", "--config", config, "--set", "train.epochs=2"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_tune("--config", config, "--set", "train.epochs=2")
     trials = tmp_path / "tune" / "resume" / "trials"
-    deadline = time.monotonic() + SEARCH_TIMEOUT_S
-    while not list(trials.glob("*/export/export.json")):  # one trial finished
-        assert process.poll() is None and time.monotonic() < deadline, (
-            "the search ended before it was interrupted"
-        )
-        time.sleep(0.5)
+    finished = wait_for_file(process, trials, "*/export/export.json")  # one trial finished
+    finished_at = finished.stat().st_mtime
     process.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
     process.communicate(timeout=300)
-    assert not (tmp_path / "tune" / "resume" / "trials.csv").exists() or process.returncode != 0
     resumed = run_tune("--config", config, "--set", "train.epochs=2", "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     table = read_table(tmp_path / "tune" / "resume" / "trials.csv")
     assert len(table) == 3 and {row["status"] for row in table} == {"TERMINATED"}
+    assert finished.stat().st_mtime == finished_at  # the finished trial was not run again
 
 
 def test_resume_without_a_search_says_so(tmp_path, learnable_shards):
