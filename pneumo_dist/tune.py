@@ -29,6 +29,13 @@ from pneumo_dist import config as config_lib  # noqa: E402
 from pneumo_dist import storage  # noqa: E402
 
 TRIALS_FOLDER = "trials"
+# Config values that may be local paths, relative to where the job was started.
+LOCAL_PATH_KEYS = (
+    ("data", "manifest_uri"),
+    ("data", "stage_dir"),
+    ("data", "cache_dir"),
+    ("model", "weights"),
+)
 METRIC = "val_auc"
 
 
@@ -277,7 +284,13 @@ def trials_csv(trials: list[TrialSummary]) -> str:
 
 
 def _base_dict(config: config_lib.RunConfig) -> dict:
-    return json.loads(json.dumps(config.to_dict()))
+    """The config as the workers get it, local paths made absolute: a Ray worker runs in another folder."""
+    raw = json.loads(json.dumps(config.to_dict()))
+    for section, key in LOCAL_PATH_KEYS:
+        value = raw[section][key]
+        if value and not storage.is_gcs(value) and not (section == "model" and value in ("imagenet", "none")):
+            raw[section][key] = os.path.abspath(value)
+    return raw
 
 
 def _summarize(result, config: config_lib.RunConfig, trial_root: str) -> TrialSummary:

@@ -286,3 +286,20 @@ def test_ray_job_submit_runs_the_search_on_a_cluster(learnable_shards, tmp_path,
     assert "succeeded" in (result.stdout + result.stderr).lower()
     assert "tune: Ray cluster" in result.stdout  # joined the cluster instead of starting its own
     assert len(read_table(tmp_path / "tune" / "job" / "trials.csv")) == 2
+
+
+def test_workers_get_absolute_local_paths(monkeypatch, tmp_path):
+    from pneumo_dist import tune
+
+    monkeypatch.chdir(tmp_path)
+    config = config_lib.load_config(
+        None, ["data.manifest_uri=data/shards", "model.weights=w/notop.h5", "data.stage_dir=gs://b/stage"]
+    )
+    base = tune._base_dict(config)
+    assert base["data"]["manifest_uri"] == str(tmp_path / "data" / "shards")
+    assert base["model"]["weights"] == str(tmp_path / "w" / "notop.h5")
+    assert base["data"]["stage_dir"] == "gs://b/stage" and base["data"]["cache_dir"] == ""
+    assert (
+        tune._base_dict(config_lib.load_config(None, ["model.weights=imagenet"]))["model"]["weights"]
+        == "imagenet"
+    )
