@@ -23,7 +23,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--resume", action="store_true", help="continue an interrupted search (Tuner.restore)"
     )
-    parser.add_argument("--address", help="Ray address; default: the cluster this runs on, else in-process")
+    parser.add_argument(
+        "--address",
+        help="Ray address; default: the cluster this runs on, else in-process; 'local': a private Ray",
+    )
     return parser.parse_args(argv)
 
 

@@ -64,19 +64,23 @@ class SearchResult:
 
 
 def connect_ray(address: str | None = None) -> str:
-    """Join the cluster this process runs on (a `ray job submit` job, or RAY_ADDRESS), else start Ray
-    in this process: the laptop default. Returns "cluster" or "in-process"."""
+    """Join the cluster this process runs on (a `ray job submit` job, RAY_ADDRESS, or a Ray already
+    running on this machine), else start Ray in this process: the laptop default. `address="local"`
+    always starts a private in-process Ray. Returns "cluster" or "in-process"."""
     import ray
 
     if ray.is_initialized():
         return "cluster"
+    if address == "local":
+        ray.init(address="local")
+        return "in-process"
     try:
         ray.init(address=address or "auto", log_to_driver=True)
         return "cluster"
     except ConnectionError:
         if address not in (None, "auto"):
             raise
-    ray.init()
+    ray.init(address="local")
     return "in-process"
 
 

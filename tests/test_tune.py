@@ -4,6 +4,7 @@ Small on purpose (32 px, a couple of hundred demo images, a few steps per epoch)
 Ray Train workers run TensorFlow under MultiWorkerMirroredStrategy, ASHA stops trials.
 """
 
+import contextlib
 import csv
 import json
 import os
@@ -44,15 +45,23 @@ def write_config(path: Path, shards: str, storage_uri: str, **tune) -> str:
     return str(path)
 
 
+# "local": a private in-process Ray, never another Ray that happens to run on this machine.
+PRIVATE_RAY = ("--address", "local")
+
+
 def run_tune(*args: str, timeout: float = SEARCH_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "jobs/tune.py", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "jobs/tune.py", *PRIVATE_RAY, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def start_tune(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "jobs/tune.py", *args],
+        [sys.executable, "jobs/tune.py", *PRIVATE_RAY, *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -126,14 +135,15 @@ def test_two_workers_train_one_trial_and_see_the_same_validation_metrics(learnab
     assert len(metrics[0]) == 2 and metrics[0] == metrics[1]
 
 
-def train_worker_pids() -> list[int]:
+def train_worker_pids(driver_pid: int) -> list[int]:
+    """Ray Train workers of the in-process Ray that `driver_pid` started (its descendants only)."""
     import psutil
 
     pids = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        with_name = " ".join(process.info["cmdline"] or [])
-        if "RayTrainWorker" in with_name:
-            pids.append(process.info["pid"])
+    for child in psutil.Process(driver_pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # it may have exited meanwhile
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                pids.append(child.pid)
     return pids
 
 
@@ -152,7 +162,7 @@ def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(learnable_shards
     process = start_tune("--config", config, "--set", "train.epochs=3")
     trials = tmp_path / "tune" / "fail" / "trials"
     wait_for_file(process, trials, "*/checkpoints/state.json")  # the first epoch is checkpointed
-    victims = train_worker_pids()
+    victims = train_worker_pids(process.pid)
     assert victims, "no Ray Train worker process found"
     os.kill(victims[-1], signal.SIGKILL)
     output, _ = process.communicate(timeout=SEARCH_TIMEOUT_S)
