@@ -155,6 +155,12 @@ def list_files(prefix: str) -> list[FileInfo]:
     )
 
 
+def copy_tree(source: str, destination: str, threads: int = DEFAULT_TRANSFER_THREADS) -> None:
+    """Copy every file under the folder `source` to the same relative path under `destination`."""
+    prefix = source.rstrip("/") + "/"
+    copy_many(((f.uri, join(destination, f.uri[len(prefix) :])) for f in list_files(source)), threads)
+
+
 def _walk_local(folder: str):
     # os.scandir rather than Path.rglob: it knows each entry's type without another system call.
     try:

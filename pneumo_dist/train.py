@@ -325,15 +325,7 @@ class _Run:
     def _publish_folder(self, name: str) -> None:
         if not storage.is_gcs(self.output):
             return
-        local = os.path.join(self.work, name)
-        storage.copy_many(
-            (
-                os.path.join(root, file),
-                storage.join(self.output, name, os.path.relpath(os.path.join(root, file), local)),
-            )
-            for root, _, files in os.walk(local)
-            for file in files
-        )
+        storage.copy_tree(os.path.join(self.work, name), storage.join(self.output, name))
 
     # --- export -------------------------------------------------------------------------------------
 

@@ -169,9 +169,7 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
     best_export = test_metrics = None
     if best is not None:
         best_export = storage.join(experiment, "best")
-        sources = storage.list_files(storage.join(best.output_uri, "export"))
-        prefix = storage.join(best.output_uri, "export") + "/"
-        storage.copy_many((f.uri, storage.join(best_export, f.uri[len(prefix) :])) for f in sources)
+        storage.copy_tree(storage.join(best.output_uri, "export"), best_export)
         if cfg.evaluate_test:
             test_metrics = evaluate_export(best_export, config)
             if test_metrics is not None:

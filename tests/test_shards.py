@@ -229,10 +229,7 @@ def test_a_class_left_empty_by_bad_files_is_an_error(demo_copy, tmp_path):
 
 
 def test_gcs_source_to_gcs_destination(tiny_demo_root, bucket, tmp_path):
-    storage.copy_many(
-        (info.uri, storage.join(bucket, "raw", info.uri[len(tiny_demo_root) + 1 :]))
-        for info in storage.list_files(tiny_demo_root)
-    )
+    storage.copy_tree(tiny_demo_root, storage.join(bucket, "raw"))
     destination = storage.join(bucket, "datasets", "demo")
     result = shards.make_shards(storage.join(bucket, "raw"), destination, SMALL, workers=2)
     local = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
@@ -246,10 +243,7 @@ def test_interrupted_gcs_run_resumes(tiny_demo_root, bucket):
     destination = storage.join(bucket, "ds")
     options = shards.ShardOptions(stored_size_px=32, min_shards=4, strict=True)
     broken_image = storage.join(bucket, "raw", "test", "NORMAL", "IM-0999-0001.jpeg")
-    storage.copy_many(
-        (info.uri, storage.join(bucket, "raw", info.uri[len(tiny_demo_root) + 1 :]))
-        for info in storage.list_files(tiny_demo_root)
-    )
+    storage.copy_tree(tiny_demo_root, storage.join(bucket, "raw"))
     storage.write_bytes(broken_image, b"")
     with pytest.raises(shards.ShardError, match="IM-0999-0001.jpeg: empty file"):
         shards.make_shards(storage.join(bucket, "raw"), destination, options, workers=1)

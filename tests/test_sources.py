@@ -127,10 +127,7 @@ def test_system_and_stray_files_are_skipped_with_reasons(demo_copy):
 
 
 def test_kaggle_listing_on_gcs_matches_local(tiny_demo_root, bucket):
-    storage.copy_many(
-        (info.uri, storage.join(bucket, "xr", info.uri[len(tiny_demo_root) + 1 :]))
-        for info in storage.list_files(tiny_demo_root)
-    )
+    storage.copy_tree(tiny_demo_root, storage.join(bucket, "xr"))
     local = sources.list_kaggle(tiny_demo_root).images
     remote = sources.list_kaggle(storage.join(bucket, "xr")).images
     assert [(i.source, i.label, i.patient_id, i.size_bytes) for i in local] == [

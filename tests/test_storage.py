@@ -59,6 +59,18 @@ def test_parallel_upload_and_download_round_trip(base, tmp_path):
         assert (local_out / name).read_bytes() == data
 
 
+def test_copy_tree_keeps_relative_paths_both_ways(base, tmp_path):
+    source = tmp_path / "tree"
+    (source / "a" / "b").mkdir(parents=True)
+    (source / "top.txt").write_bytes(b"1")
+    (source / "a" / "b" / "deep.txt").write_bytes(b"2")
+    storage.copy_tree(str(source), storage.join(base, "copy"))
+    storage.copy_tree(storage.join(base, "copy"), str(tmp_path / "back"))
+    assert (tmp_path / "back" / "top.txt").read_bytes() == b"1"
+    assert (tmp_path / "back" / "a" / "b" / "deep.txt").read_bytes() == b"2"
+    assert len(storage.list_files(storage.join(base, "copy"))) == 2
+
+
 def test_failed_download_leaves_no_local_file(base, tmp_path):
     target = tmp_path / "out.bin"
     with pytest.raises(storage.StorageNotFound):
