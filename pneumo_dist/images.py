@@ -110,13 +110,34 @@ def to_stored_image(
     return encode(resize_square(gray, stored_size_px), image_format, jpeg_quality), original_size
 
 
+def pil_to_stored_image(
+    image: Image.Image,
+    stored_size_px: int,
+    image_format: str = "jpeg",
+    jpeg_quality: int = 95,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> bytes:
+    """An already decoded PIL image (any mode) -> encoded stored image. Raises BadImage."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImage(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise BadImage(f"{width}x{height} px is more than max_pixels={max_pixels:,}")
+    gray = _to_grayscale(ImageOps.exif_transpose(image))
+    return encode(resize_square(gray, stored_size_px), image_format, jpeg_quality)
+
+
 def array_to_stored_image(
     pixels: np.ndarray, stored_size_px: int, image_format: str = "jpeg", jpeg_quality: int = 95
 ) -> bytes:
     """A uint8 (H, W) or (H, W, 3) array (MedMNIST) -> encoded stored image."""
-    if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
-        raise BadImage(f"expected a uint8 (H, W) or (H, W, 3) array, got {pixels.dtype} {pixels.shape}")
+    channels_ok = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] in (1, 3, 4))
+    if pixels.dtype != np.uint8 or not channels_ok or 0 in pixels.shape:
+        raise BadImage(
+            f"expected a uint8 (H, W), (H, W, 1) or (H, W, 3) array of 0..255 pixels, "
+            f"got {pixels.dtype} {pixels.shape}"
+        )
     if pixels.ndim == 3:
-        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3]
+        pixels = pixels[..., 0] if pixels.shape[-1] == 1 else np.ascontiguousarray(pixels[..., :3])
     image = Image.fromarray(pixels)
     return encode(resize_square(_to_grayscale(image), stored_size_px), image_format, jpeg_quality)

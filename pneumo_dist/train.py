@@ -368,6 +368,7 @@ class _Run:
             with open(os.path.join(export_dir, "config.yaml"), "w") as file:
                 file.write(to_yaml(self.config))
             names = sorted(os.listdir(export_dir))
+            stored = self.dataset.manifest["image"]
             if storage.is_gcs(self.output):
                 storage.copy_many((os.path.join(export_dir, n), storage.join(export_uri, n)) for n in names)
             manifest = {
@@ -375,6 +376,14 @@ class _Run:
                 "model": MODEL_FILE,
                 "image_size_px": self.config.data.image_size_px,
                 "threshold": threshold,
+                "target_sensitivity": target,
+                # How a new image must be prepared to look like a training record (predict.py).
+                "preprocessing": {
+                    "image_size_px": self.config.data.image_size_px,
+                    "stored_size_px": stored["stored_size_px"],
+                    "image_format": stored["format"],
+                    "jpeg_quality": stored.get("jpeg_quality"),
+                },
                 "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             # Written last: an export without it is incomplete.

@@ -18,7 +18,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Must be set before ray.train is imported anywhere in this process (see the module docstring).
 os.environ["RAY_TRAIN_V2_ENABLED"] = "0"
@@ -240,29 +240,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def evaluate_export(export_uri: str, config: config_lib.RunConfig) -> dict | None:
     """Score an exported model on the test split: at 0.5 and at its validation threshold."""
-    import tempfile
+    from pneumo_dist import data, evaluate, predict, report
 
-    import tf_keras
-
-    from pneumo_dist import data, evaluate
-
-    dataset = data.open_dataset(config.data)
+    data_config = replace(config.data, cache="none")
+    dataset = data.open_dataset(data_config)
     if "test" not in dataset.manifest["splits"]:
         return None
-    export = json.loads(storage.read_bytes(storage.join(export_uri, "export.json")))
-    with tempfile.TemporaryDirectory() as scratch:
-        local_model = os.path.join(scratch, export["model"])
-        storage.download(storage.join(export_uri, export["model"]), local_model)
-        detector = tf_keras.models.load_model(local_model)
-    labels, probabilities = [], []
-    for batch in data.eval_dataset(config.data, dataset, "test"):
-        probabilities.append(detector(np.asarray(batch["image"], np.float32), training=False).numpy()[:, 0])
-        labels.append(batch["label"].numpy())
-    labels, probabilities = np.concatenate(labels), np.concatenate(probabilities)
+    detector = predict.PneumoniaDetector.load(export_uri)
+    scores = report.score_split(detector, data_config, dataset, "test")
     return {
         "split": "test",
-        "at_0.5": evaluate.binary_metrics(labels, probabilities, 0.5),
-        "at_threshold": evaluate.binary_metrics(labels, probabilities, export["threshold"]),
+        "at_0.5": evaluate.binary_metrics(scores.labels, scores.probabilities, 0.5),
+        "at_threshold": evaluate.binary_metrics(scores.labels, scores.probabilities, detector.threshold),
     }
 
 

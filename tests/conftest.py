@@ -172,3 +172,28 @@ def learnable_shards(tmp_path_factory) -> str:
     options = shards.ShardOptions(stored_size_px=32, min_shards=4, val_fraction=0.2)
     shards.make_shards(str(root / "source"), str(root / "shards"), options, workers=1)
     return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
+def trained(learnable_shards, tmp_path_factory):
+    """ResNet50 trained from scratch for 8 epochs at 32 px on learnable_shards, exported:
+    (config, TrainResult, output folder, per-epoch records)."""
+    from pneumo_dist import config as config_lib
+    from pneumo_dist import train
+
+    output = str(tmp_path_factory.mktemp("run") / "out")
+    config = config_lib.load_config(
+        None,
+        [
+            *FROM_SCRATCH_OVERRIDES,
+            f"data.manifest_uri={learnable_shards}",
+            f"train.output_uri={output}",
+            "train.epochs=8",
+            "train.early_stopping_patience=0",
+        ],
+    )
+    epochs_seen = []
+    result = train.train(
+        config, train.choose_strategy(local=True), on_epoch=lambda r, d: epochs_seen.append(r)
+    )
+    return config, result, output, epochs_seen

@@ -23,17 +23,6 @@ def make_config(shards: str, output: str, *overrides: str):
     )
 
 
-@pytest.fixture(scope="module")
-def trained(learnable_shards, tmp_path_factory):
-    output = str(tmp_path_factory.mktemp("run") / "out")
-    config = make_config(learnable_shards, output, "train.epochs=8", "train.early_stopping_patience=0")
-    epochs_seen = []
-    result = train.train(
-        config, train.choose_strategy(local=True), on_epoch=lambda r, d: epochs_seen.append(r)
-    )
-    return config, result, output, epochs_seen
-
-
 def test_training_learns_the_demo_signal(trained):
     _, result, _, epochs_seen = trained
     assert len(epochs_seen) == result.epochs_run == 8

@@ -1,0 +1,87 @@
+"""Evaluate an exported model on one split of a pneumo-dist dataset and write the report.
+
+    python jobs/evaluate.py MODEL_URI --data MANIFEST_URI [--split test] [--out DIR] [--tta N]
+
+MODEL_URI: a run's export/ folder or a tune run's best/ folder, local or gs://. The report (report.html,
+metrics.json, predictions.csv, PNG plots) goes to --out, default MODEL_URI/../eval-SPLIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL_URI", help="export folder (local or gs://)")
+    parser.add_argument("--data", required=True, help="dataset folder or its manifest.json (local or gs://)")
+    parser.add_argument("--split", default="test", help="split to score: test, val or train")
+    parser.add_argument("--out", help="report folder (local or gs://); default: next to the export")
+    parser.add_argument("--threshold", type=float, help="operating threshold instead of the exported one")
+    parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--gradcam", type=int, default=3, help="Grad-CAM examples per case (0: none)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    for name, low in (("tta", 1), ("bootstrap", 100), ("gradcam", 0), ("batch_size", 1)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error("--threshold must be in 0..1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from tqdm import tqdm
+
+    from pneumo_dist import data, images, predict, report, schema, storage
+
+    try:
+        detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
+        parent = detector.uri.rsplit("/", 1)[0] if "/" in detector.uri else "."
+        out = args.out or storage.join(parent, f"eval-{args.split}")
+        with tqdm(desc=f"scoring {args.split}", unit="img", disable=None) as bar:
+
+            def on_batch(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            summary = report.run_evaluation(
+                detector,
+                args.data,
+                args.split,
+                out,
+                tta_views=args.tta,
+                resamples=args.bootstrap,
+                gradcam_per_case=args.gradcam,
+                batch_size=args.batch_size,
+                on_batch=on_batch,
+            )
+    except (predict.DetectorError, schema.ManifestError, storage.StorageError, data.StagingError) as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    except images.BadImage as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.split} split, {summary['data']['count']} images ({summary['data']['positives']} PNEUMONIA)")
+    for name in ("at_0.5", "at_threshold"):
+        metrics = summary[name]["metrics"]
+        figures = "  ".join(
+            f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci95'][0]:.3f}, {metrics[m]['ci95'][1]:.3f}]"
+            for m in ("auc", "accuracy", "sensitivity", "specificity")
+        )
+        print(f"threshold {summary[name]['threshold']:.4f}: {figures}")
+    print(f"ECE {summary['calibration']['ece']:.4f}\nreport: {storage.join(out, 'report.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

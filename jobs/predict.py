@@ -1,0 +1,114 @@
+"""Classify chest X-rays with an exported model and write one CSV row per image.
+
+    python jobs/predict.py IMAGES_OR_DIR... --model URI [--out predictions.csv] [--threshold T]
+
+Folders are searched recursively for .jpeg/.jpg/.png. A bad image gets its error in the CSV's `error`
+column (and on stderr) instead of stopping the run; the exit code is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files or folders (local)")
+    parser.add_argument("--model", required=True, help="export folder (local or gs://)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write (local or gs://)")
+    parser.add_argument("--threshold", type=float, help="instead of the threshold chosen at export")
+    parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
+    parser.add_argument("--batch-size", type=int, default=32)
+    return parser.parse_args(argv)
+
+
+def image_paths(inputs: list[str]) -> list[str]:
+    """Files as given (in order), folders expanded to their images (sorted)."""
+    from pneumo_dist.images import has_image_extension
+
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = [
+                os.path.join(folder, name)
+                for folder, _, names in os.walk(item)
+                for name in names
+                if has_image_extension(name)
+            ]
+            paths += sorted(found)
+        else:
+            paths.append(item)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    paths = image_paths(args.inputs)
+    if not paths:
+        print("predict: error: no .jpeg/.jpg/.png images in " + ", ".join(args.inputs), file=sys.stderr)
+        return 2
+    import io
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from pneumo_dist import images, predict, storage
+
+    try:
+        detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
+    except (predict.DetectorError, storage.StorageError) as error:
+        print(f"predict: error: {error}", file=sys.stderr)
+        return 2
+    rows, failures = [], 0
+    for start in tqdm(range(0, len(paths), args.batch_size), unit="batch", disable=None):
+        batch = paths[start : start + args.batch_size]
+        prepared, errors = {}, {}
+        for path in batch:
+            try:
+                prepared[path] = detector.prepare(path)
+            except images.BadImage as error:
+                errors[path] = str(error)
+                print(f"predict: {error}", file=sys.stderr)
+        scores = {}
+        if prepared:
+            probabilities = detector.probabilities(np.stack(list(prepared.values())), args.tta)
+            scores = dict(zip(prepared, probabilities, strict=True))
+        for path in batch:
+            if path in errors:
+                failures += 1
+                rows.append([path, "", "", detector.threshold, detector.version, errors[path]])
+            else:
+                result = detector.prediction(float(scores[path]), path)
+                rows.append(
+                    [
+                        path,
+                        result.label,
+                        f"{result.probability:.6f}",
+                        result.threshold,
+                        result.model_version,
+                        "",
+                    ]
+                )
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["path", "label", "probability", "threshold", "model_version", "error"])
+    writer.writerows(rows)
+    storage.write_bytes(args.out, out.getvalue().encode())
+    counts = {}
+    for row in rows:
+        counts[row[1] or "error"] = counts.get(row[1] or "error", 0) + 1
+    print(
+        f"{len(paths)} images: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        + f" -> {args.out}"
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

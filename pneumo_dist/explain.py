@@ -1,0 +1,77 @@
+"""Grad-CAM (Selvaraju et al., 2017) on an exported model: where in the image the evidence for a class is.
+
+The class score is the pre-sigmoid logit (the sigmoid's flat ends would leave confident images with no
+gradient). The map comes from the deepest ResNet50 stage that still has at least 7 x 7 cells: the last
+block at 224 px, as in the paper; at the small sizes of debug runs the last block is 1 x 1 (32 px) or
+2 x 2 (64 px), which would locate nothing, so an earlier stage is used there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+from pneumo_dist.model import BACKBONE_NAME
+
+# Layer names of model.inference_model's wrapper around the classifier.
+_FRONT_LAYERS = ("gray_to_rgb", "imagenet_caffe")
+_OUTPUT_LAYER = "pneumonia"
+# ResNet50's stage outputs, deepest first (strides 32, 16, 8, 4).
+_STAGE_OUTPUTS = ("conv5_block3_out", "conv4_block6_out", "conv3_block4_out", "conv2_block3_out")
+MIN_MAP_CELLS = 7
+
+
+class NotExplainable(Exception):
+    """The model is not laid out as pneumo-dist exports it, so Grad-CAM cannot find its layers."""
+
+
+def grad_cam(model: tf_keras.Model, pixels: np.ndarray, class_index: int) -> np.ndarray:
+    """uint8 (N, S, S, 1) prepared pixels -> float32 (N, S, S) maps in [0, 1], 1 at each image's
+    strongest evidence for `class_index` (0 NORMAL, 1 PNEUMONIA); all zero where there is none."""
+    classifier, backbone, head, output = _layers(model)
+    gray = tf.cast(tf.convert_to_tensor(pixels), tf.float32)
+    rgb = model.get_layer(_FRONT_LAYERS[0])([gray, gray, gray])
+    normalized = model.get_layer(_FRONT_LAYERS[1])(rgb)
+    stage = map_layer(backbone)
+    probe = tf_keras.Model(backbone.inputs, [stage.output, backbone.output])
+    with tf.GradientTape() as tape:
+        features, x = probe(normalized, training=False)
+        for layer in head:
+            x = layer(x, training=False)
+        logit = tf.matmul(tf.cast(x, tf.float32), output.kernel)[:, 0] + output.bias[0]
+        score = logit if class_index == 1 else -logit
+    gradients = tf.cast(tape.gradient(score, features), tf.float32)
+    features = tf.cast(features, tf.float32)
+    weights = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)  # one weight per channel
+    maps = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
+    maps = tf.image.resize(maps, tf.shape(gray)[1:3], method="bilinear")[..., 0]
+    peak = tf.reduce_max(maps, axis=[1, 2], keepdims=True)
+    return tf.math.divide_no_nan(maps, peak).numpy().astype(np.float32)
+
+
+def map_layer(backbone: tf_keras.Model) -> tf_keras.layers.Layer:
+    """The deepest stage output with at least MIN_MAP_CELLS x MIN_MAP_CELLS cells (else the shallowest)."""
+    for name in _STAGE_OUTPUTS:
+        layer = backbone.get_layer(name)
+        if layer.output.shape[1] >= MIN_MAP_CELLS:
+            return layer
+    return layer
+
+
+def _layers(model: tf_keras.Model):
+    """-> (classifier, backbone, head layers between backbone and output, output Dense layer)."""
+    try:
+        for name in _FRONT_LAYERS:
+            model.get_layer(name)
+        classifier = next(layer for layer in model.layers if isinstance(layer, tf_keras.Model))
+        backbone = classifier.get_layer(BACKBONE_NAME)
+        output = classifier.get_layer(_OUTPUT_LAYER)
+    except (ValueError, StopIteration):
+        raise NotExplainable(
+            f"model {model.name!r} is not a pneumo-dist export (expected layers {_FRONT_LAYERS}, a "
+            f"classifier with {BACKBONE_NAME!r} and {_OUTPUT_LAYER!r})"
+        ) from None
+    layers = classifier.layers
+    head = layers[layers.index(backbone) + 1 : layers.index(output)]
+    return classifier, backbone, head, output

@@ -1,0 +1,210 @@
+"""PneumoniaDetector: an exported model plus exactly the preprocessing it was trained with.
+
+    detector = PneumoniaDetector.load("gs://bucket/runs/kaggle/export")
+    detector.predict("patient1.jpeg")  # -> Prediction(label="PNEUMONIA", probability=0.97, ...)
+
+An image goes the way a training record went: images.to_stored_image (as make_shards stored it), then
+data.decode_image and data.resize_images (as the input pipeline read it); the exported model holds the
+normalisation. The evaluator scores shards through the same `probabilities`, so both give one number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+from PIL import Image
+
+from pneumo_dist import data, images, schema, storage
+from pneumo_dist.augment import augment_batch
+from pneumo_dist.config import AugmentConfig
+
+EXPORT_MANIFEST = "export.json"
+# Test-time augmentation: small geometric changes a radiograph plausibly has (positioning), no
+# photometric ones and no flip (laterality matters, see AugmentConfig.horizontal_flip).
+TTA_AUGMENT = AugmentConfig(
+    rotation_deg=5.0, zoom=0.05, shift=0.03, shear_deg=0.0, brightness=0.0, contrast=0.0, gamma=0.0
+)
+
+
+class DetectorError(Exception):
+    """The model URI does not hold a usable pneumo-dist export; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str  # one of schema.CLASS_NAMES
+    probability: float  # P(PNEUMONIA)
+    threshold: float  # PNEUMONIA when probability >= threshold
+    model_version: str
+    source: str  # the path, or a description of an in-memory input
+
+
+# What a caller may hand to predict: a path or gs:// URI, encoded bytes, a PIL image or a uint8 array.
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
+
+
+class PneumoniaDetector:
+    def __init__(self, model: tf_keras.Model, export: dict, uri: str, version: str, threshold: float):
+        self.model = model
+        self.export = export
+        self.uri = uri
+        self.version = version
+        self.threshold = threshold
+        self.threshold_source = "validation" if threshold == export["threshold"] else "given"
+        preprocessing = export["preprocessing"]
+        self.image_size_px = int(preprocessing["image_size_px"])
+        self.stored_size_px = int(preprocessing["stored_size_px"])
+        self.image_format = preprocessing["image_format"]
+        self.jpeg_quality = preprocessing.get("jpeg_quality") or 95
+        self._forward = tf.function(lambda x: self.model(x, training=False)[:, 0], reduce_retracing=True)
+
+    @classmethod
+    def load(cls, uri: str, threshold: float | None = None) -> PneumoniaDetector:
+        """Load an export folder (local or gs://; also its export.json or model.keras path). The
+        threshold is the one chosen on the validation split at export time unless given here."""
+        folder = _export_folder(uri)
+        export = _read_export_manifest(folder)
+        model_uri = storage.join(folder, export["model"])
+        with tempfile.TemporaryDirectory(prefix="pneumo-model-") as scratch:
+            local = model_uri
+            if storage.is_gcs(model_uri):
+                local = os.path.join(scratch, export["model"])
+                try:
+                    storage.download(model_uri, local)
+                except storage.StorageNotFound:
+                    raise DetectorError(f"{model_uri} is missing: the export is incomplete") from None
+            elif not os.path.isfile(local):
+                raise DetectorError(f"{model_uri} is missing: the export is incomplete")
+            version = _file_sha256(local)[:12]
+            try:
+                model = tf_keras.models.load_model(local, compile=False)
+            except Exception as error:  # Keras raises many types for a damaged archive
+                raise DetectorError(f"{model_uri} could not be loaded as a Keras model: {error}") from None
+        chosen = export["threshold"] if threshold is None else threshold
+        if not 0.0 <= float(chosen) <= 1.0:
+            raise DetectorError(f"threshold must be in 0..1, got {chosen}")
+        return cls(model, export, folder, version, float(chosen))
+
+    # --- preprocessing -----------------------------------------------------------------------------
+
+    def prepare(self, image: ImageInput) -> np.ndarray:
+        """One input -> uint8 (image_size_px, image_size_px, 1), the pixels a training record of it
+        would have had. Raises images.BadImage naming the input."""
+        name = describe(image)
+        try:
+            stored = self._stored_bytes(image)
+        except images.BadImage as error:
+            raise images.BadImage(f"{name}: {error}") from None
+        pixels = data.decode_image(tf.constant(stored), self.stored_size_px)
+        return data.resize_images(pixels, self.stored_size_px, self.image_size_px).numpy()
+
+    def _stored_bytes(self, image: ImageInput) -> bytes:
+        stored = (self.stored_size_px, self.image_format, self.jpeg_quality)
+        if isinstance(image, (str, os.PathLike)):
+            try:
+                content = storage.read_bytes(os.fspath(image))
+            except storage.StorageNotFound:
+                raise images.BadImage("no such file") from None
+            except OSError as error:  # a folder, no permission, ...
+                raise images.BadImage(f"cannot be read: {error.strerror or error}") from None
+            return images.to_stored_image(content, *stored)[0]
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return images.to_stored_image(bytes(image), *stored)[0]
+        if isinstance(image, Image.Image):
+            return images.pil_to_stored_image(image, *stored)
+        if isinstance(image, np.ndarray):
+            return images.array_to_stored_image(image, *stored)
+        raise images.BadImage(
+            f"cannot read a {type(image).__name__}: give a path, bytes, a PIL image or a uint8 array"
+        )
+
+    # --- scoring ------------------------------------------------------------------------------------
+
+    def probabilities(self, pixels: np.ndarray | tf.Tensor, tta_views: int = 1) -> np.ndarray:
+        """uint8 (N, S, S, 1) prepared pixels -> P(PNEUMONIA) per image. With tta_views > 1, the mean
+        over the image and tta_views - 1 fixed random TTA_AUGMENT variants of it."""
+        pixels = tf.convert_to_tensor(pixels, tf.uint8)
+        total = self._forward(tf.cast(pixels, tf.float32))
+        for view in range(1, tta_views):
+            seed = tf.constant([view, 0], tf.int64)  # the same variants on every call: reproducible
+            total += self._forward(augment_batch(pixels, TTA_AUGMENT, seed) * 255.0)
+        return (total / tta_views).numpy().astype(np.float64)
+
+    def predict(self, image: ImageInput, tta_views: int = 1) -> Prediction:
+        return self.predict_batch([image], tta_views=tta_views)[0]
+
+    def predict_batch(
+        self, inputs: Iterable[ImageInput], batch_size: int = 32, tta_views: int = 1
+    ) -> list[Prediction]:
+        """Many inputs, scored batch_size at a time; the first bad input raises images.BadImage."""
+        predictions: list[Prediction] = []
+        for chunk in _chunks(list(inputs), batch_size):
+            prepared = np.stack([self.prepare(image) for image in chunk])
+            scores = self.probabilities(prepared, tta_views)
+            predictions += [
+                self.prediction(float(p), describe(image)) for p, image in zip(scores, chunk, strict=True)
+            ]
+        return predictions
+
+    def prediction(self, probability: float, source: str) -> Prediction:
+        label = schema.CLASS_NAMES[1] if probability >= self.threshold else schema.CLASS_NAMES[0]
+        return Prediction(label, probability, self.threshold, self.version, source)
+
+
+def describe(image: ImageInput) -> str:
+    """How a Prediction and an error name an input."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image)
+    if isinstance(image, np.ndarray):
+        return f"<array {image.dtype} {image.shape}>"
+    if isinstance(image, Image.Image):
+        return f"<PIL image {image.mode} {image.size[0]}x{image.size[1]}>"
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"<{len(image)} bytes>"
+    return f"<{type(image).__name__}>"
+
+
+def _export_folder(uri: str) -> str:
+    uri = os.fspath(uri).rstrip("/")
+    name = storage.basename(uri)
+    return uri.rsplit("/", 1)[0] if name == EXPORT_MANIFEST or name.endswith(".keras") else uri
+
+
+def _read_export_manifest(folder: str) -> dict:
+    manifest_uri = storage.join(folder, EXPORT_MANIFEST)
+    try:
+        export = json.loads(storage.read_bytes(manifest_uri))
+    except storage.StorageNotFound:
+        raise DetectorError(
+            f"no {EXPORT_MANIFEST} in {folder}: not a pneumo-dist export, or its export did not finish "
+            "(give the run's export/ folder, or a tune run's best/ folder)"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DetectorError(f"{manifest_uri} is not valid JSON: {error}") from None
+    missing = [key for key in ("model", "threshold", "preprocessing") if key not in export]
+    if missing:
+        raise DetectorError(
+            f"{manifest_uri} lacks {', '.join(missing)}: exported by an older pneumo-dist; export it again"
+        )
+    return export
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,409 @@
+"""The evaluation report of an exported model on one split: scores, metrics with bootstrap intervals,
+calibration, plots, Grad-CAM examples, as JSON + CSV + PNG + one self-contained HTML page.
+
+jobs/evaluate.py is the command line; each step here is a function of arrays, the I/O is at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster node
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+
+from pneumo_dist import data, evaluate, explain, schema, storage  # noqa: E402
+from pneumo_dist.config import DataConfig  # noqa: E402
+from pneumo_dist.predict import PneumoniaDetector  # noqa: E402
+
+CASES = ("true_positive", "false_positive", "false_negative", "true_negative")
+PLOTS = ("roc.png", "pr.png", "confusion.png", "reliability.png", "gradcam.png")
+
+
+@dataclass(frozen=True)
+class Scores:
+    labels: np.ndarray  # 0 NORMAL, 1 PNEUMONIA
+    probabilities: np.ndarray  # P(PNEUMONIA)
+    sources: list[str]  # each record's source path, in the split's order
+
+
+def split_data_config(detector: PneumoniaDetector, manifest_uri: str, batch_size: int) -> DataConfig:
+    # A gs:// dataset is staged (downloaded once, verified); TensorFlow's own gs:// reader is not ours.
+    read_mode = "stage" if storage.is_gcs(manifest_uri) else "stream"
+    return DataConfig(
+        manifest_uri=manifest_uri,
+        image_size_px=detector.image_size_px,
+        global_batch_size=batch_size,
+        cache="none",
+        read_mode=read_mode,
+    )
+
+
+def score_split(
+    detector: PneumoniaDetector,
+    data_config: DataConfig,
+    dataset: data.Dataset,
+    split: str,
+    tta_views: int = 1,
+    on_batch=None,
+) -> Scores:
+    """Every record of `split`, once, in order. `on_batch(done, total)` reports progress."""
+    total = len(dataset.shards(split)) and dataset.records(split)  # names the split if it is missing
+    labels, probabilities, sources = [], [], []
+    for batch in data.eval_dataset(data_config, dataset, split, with_source=True):
+        probabilities.append(detector.probabilities(batch["image"], tta_views))
+        labels.append(batch["label"].numpy())
+        sources += [s.decode() for s in batch["source"].numpy()]
+        if on_batch:
+            on_batch(len(sources), total)
+    return Scores(np.concatenate(labels).astype(np.int64), np.concatenate(probabilities), sources)
+
+
+def split_images(
+    data_config: DataConfig, dataset: data.Dataset, split: str, indices: list[int]
+) -> dict[int, np.ndarray]:
+    """The prepared pixels of the records at `indices` (positions in the split's order)."""
+    wanted, found = set(indices), {}
+    position = 0
+    for batch in data.eval_dataset(data_config, dataset, split):
+        for image in batch["image"].numpy():
+            if position in wanted:
+                found[position] = image
+            position += 1
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def metrics_report(scores: Scores, threshold: float, resamples: int = 2000, seed: int = 0) -> dict:
+    """Point estimates with 95% intervals at 0.5 and at the validation threshold, plus calibration."""
+    operating_points = {"at_0.5": 0.5, "at_threshold": threshold}
+    intervals = evaluate.bootstrap_intervals(
+        scores.labels, scores.probabilities, list(operating_points.values()), resamples, seed=seed
+    )
+    report = {}
+    for (name, value), interval in zip(operating_points.items(), intervals, strict=True):
+        point = evaluate.binary_metrics(scores.labels, scores.probabilities, value)
+        report[name] = {
+            "threshold": value,
+            "metrics": {m: {"value": point[m], "ci95": list(interval[m])} for m in evaluate.INTERVAL_METRICS},
+            "confusion": {
+                k: point[k]
+                for k in ("true_positives", "false_positives", "true_negatives", "false_negatives")
+            },
+        }
+    report["calibration"] = {
+        "ece": evaluate.expected_calibration_error(scores.labels, scores.probabilities),
+        "bins": evaluate.reliability_bins(scores.labels, scores.probabilities),
+    }
+    report["bootstrap"] = {"resamples": resamples, "seed": seed, "method": "class-stratified percentile"}
+    return report
+
+
+def confident_cases(scores: Scores, threshold: float, per_case: int) -> dict[str, list[int]]:
+    """The record indices of the `per_case` most confident true/false positives/negatives."""
+    positive = scores.labels == 1
+    predicted = scores.probabilities >= threshold
+    order = np.argsort(-scores.probabilities, kind="stable")  # most PNEUMONIA first
+    members = {
+        "true_positive": positive & predicted,
+        "false_positive": ~positive & predicted,
+        "false_negative": positive & ~predicted,
+        "true_negative": ~positive & ~predicted,
+    }
+    cases = {}
+    for case, mask in members.items():
+        ranked = [int(i) for i in order if mask[i]]
+        cases[case] = ranked[:per_case] if case.endswith("positive") else ranked[::-1][:per_case]
+    return cases
+
+
+# --- plots ----------------------------------------------------------------------------------------------
+
+
+def plot_roc(scores: Scores, report: dict) -> bytes:
+    fpr, tpr, _ = roc_curve(scores.labels, scores.probabilities)
+    auc = report["at_0.5"]["metrics"]["auc"]
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.plot(fpr, tpr, label=f"ROC, AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]")
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
+        metrics = report[name]["metrics"]
+        axes.plot(
+            1 - metrics["specificity"]["value"],
+            metrics["sensitivity"]["value"],
+            marker,
+            label=f"threshold {report[name]['threshold']:.3f}",
+        )
+    _finish(axes, "1 - specificity (false positive rate)", "sensitivity", "ROC")
+    return _png(figure)
+
+
+def plot_precision_recall(scores: Scores, report: dict) -> bytes:
+    precision, recall, _ = precision_recall_curve(scores.labels, scores.probabilities)
+    pr_auc = report["at_0.5"]["metrics"]["pr_auc"]
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.plot(recall, precision, label=f"PR, AP {pr_auc['value']:.3f}")
+    axes.axhline(scores.labels.mean(), color="grey", linestyle=":", linewidth=1, label="prevalence")
+    for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
+        metrics = report[name]["metrics"]
+        axes.plot(
+            metrics["sensitivity"]["value"],
+            metrics["precision"]["value"],
+            marker,
+            label=f"threshold {report[name]['threshold']:.3f}",
+        )
+    _finish(axes, "recall (sensitivity)", "precision", "Precision-recall")
+    return _png(figure)
+
+
+def plot_confusion(report: dict) -> bytes:
+    figure, panels = plt.subplots(1, 2, figsize=(9, 4))
+    for axes, name in zip(panels, ("at_0.5", "at_threshold"), strict=True):
+        counts = report[name]["confusion"]
+        matrix = np.array(
+            [
+                [counts["true_negatives"], counts["false_positives"]],
+                [counts["false_negatives"], counts["true_positives"]],
+            ]
+        )
+        axes.imshow(matrix, cmap="Blues")
+        for (row, column), count in np.ndenumerate(matrix):
+            color = "white" if count > matrix.max() / 2 else "black"
+            axes.text(column, row, str(count), ha="center", va="center", color=color, fontsize=14)
+        axes.set_xticks([0, 1], [f"pred {c}" for c in schema.CLASS_NAMES])
+        axes.set_yticks([0, 1], [f"true {c}" for c in schema.CLASS_NAMES])
+        axes.set_title(f"threshold {report[name]['threshold']:.3f}")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def plot_reliability(report: dict) -> bytes:
+    bins = [b for b in report["calibration"]["bins"] if b["count"]]
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
+    axes.plot(
+        [b["mean_probability"] for b in bins],
+        [b["positive_fraction"] for b in bins],
+        "o-",
+        label=f"model, ECE {report['calibration']['ece']:.3f}",
+    )
+    for b in bins:
+        axes.annotate(str(b["count"]), (b["mean_probability"], b["positive_fraction"]), fontsize=7)
+    _finish(axes, "mean predicted P(PNEUMONIA)", "fraction PNEUMONIA", "Reliability (count per bin)")
+    return _png(figure)
+
+
+def plot_grad_cam(examples: dict[str, list[tuple[np.ndarray, np.ndarray, float, str]]]) -> bytes:
+    """examples: case -> [(pixels (S, S, 1), map (S, S), probability, source)]."""
+    columns = max([len(rows) for rows in examples.values()] + [1])
+    figure, grid = plt.subplots(len(CASES), columns, figsize=(2.6 * columns, 2.9 * len(CASES)), squeeze=False)
+    for row, case in enumerate(CASES):
+        for column in range(columns):
+            axes = grid[row][column]
+            axes.axis("off")
+            if column >= len(examples.get(case, [])):
+                continue
+            pixels, heat, probability, source = examples[case][column]
+            axes.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255)
+            axes.imshow(heat, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+            axes.set_title(
+                f"{case.replace('_', ' ')}\np={probability:.3f} {os.path.basename(source)[-24:]}", fontsize=7
+            )
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _finish(axes, xlabel: str, ylabel: str, title: str) -> None:
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(alpha=0.3)
+
+
+def _png(figure) -> bytes:
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=110)
+    plt.close(figure)
+    return out.getvalue()
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+
+def predictions_csv(scores: Scores, threshold: float) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["source", "label", "probability", "predicted"])
+    for source, label, probability in zip(scores.sources, scores.labels, scores.probabilities, strict=True):
+        predicted = schema.CLASS_NAMES[int(probability >= threshold)]
+        writer.writerow([source, schema.CLASS_NAMES[label], f"{probability:.6f}", predicted])
+    return out.getvalue().encode()
+
+
+def html_page(summary: dict, plots: dict[str, bytes]) -> bytes:
+    """One file with everything in it: the PNGs are inlined, so it can be mailed or attached."""
+    model, dataset = summary["model"], summary["data"]
+    rows = []
+    for metric in evaluate.INTERVAL_METRICS:
+        cells = []
+        for name in ("at_0.5", "at_threshold"):
+            figure = summary[name]["metrics"][metric]
+            cells.append(
+                f"<td>{figure['value']:.3f}</td><td>[{figure['ci95'][0]:.3f}, {figure['ci95'][1]:.3f}]</td>"
+            )
+        rows.append(f"<tr><th>{metric}</th>{''.join(cells)}</tr>")
+    warning = ""
+    if dataset["split"] != "test":
+        warning = (
+            f"<p class=warn>These are <b>{dataset['split']}</b> figures. Validation figures flatter on chest "
+            "X-rays (the test images differ from the training pool): judge a model on the test split.</p>"
+        )
+    images = "".join(
+        f"<figure><img src='data:image/png;base64,{base64.b64encode(content).decode()}' alt='{name}'>"
+        f"<figcaption>{name}</figcaption></figure>"
+        for name, content in plots.items()
+    )
+    if not dataset["preprocessing_matches_training"]:
+        warning += (
+            "<p class=warn>These shards were stored at another size or encoding than the training "
+            "shards: the model sees slightly different pixels than in training.</p>"
+        )
+    fields = {**model, **dataset, "created_utc": summary["created_utc"]}
+    escaped = {key: html.escape(str(value)) for key, value in fields.items()}
+    bootstrap, calibration = summary["bootstrap"], summary["calibration"]
+    source = "chosen on the validation split for sensitivity &ge; " + escaped["target_sensitivity"]
+    if model["threshold_source"] != "validation":
+        source = "given by the user"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>pneumo-dist evaluation: {escaped["split"]}</title>
+<style>{_CSS}</style></head><body>
+<h1>Evaluation on the {escaped["split"]} split</h1>
+{warning}
+<p>Model <code>{escaped["uri"]}</code> (version {escaped["version"]}), {escaped["image_size_px"]} px.
+Data <code>{escaped["manifest_uri"]}</code>: {dataset["count"]} images, {dataset["positives"]} PNEUMONIA,
+{dataset["negatives"]} NORMAL. Test-time augmentation: {summary["tta_views"]} view(s).</p>
+<p>Operating threshold {model["threshold"]:.4f}, {source}. Intervals: 95%, {bootstrap["method"]}
+bootstrap, {bootstrap["resamples"]} resamples.</p>
+<table><tr><th></th><th colspan=2>threshold 0.5</th>
+<th colspan=2>threshold {model["threshold"]:.4f}</th></tr>
+{"".join(rows)}</table>
+<p>Expected calibration error ({len(calibration["bins"])} bins): {calibration["ece"]:.4f}.
+Grad-CAM maps show the evidence for the predicted class at the operating threshold.</p>
+{images}
+<p>Generated {escaped["created_utc"]} by pneumo-dist; numbers in metrics.json, per-image scores in
+predictions.csv.</p></body></html>
+""".encode()
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto} td,th{padding:2px 10px;text-align:right}"
+    " .warn{background:#fff3cd;padding:8px} figure{display:inline-block;margin:6px} img{max-width:100%}"
+)
+
+
+def write_report(out_uri: str, summary: dict, plots: dict[str, bytes], predictions: bytes) -> None:
+    """Write every file to a local folder or gs:// prefix; report.html last, so that its presence
+    means the report is complete."""
+    files = {
+        **plots,
+        "predictions.csv": predictions,
+        "metrics.json": json.dumps(_json_safe(summary), indent=1).encode(),
+    }
+    for name, content in files.items():
+        storage.write_bytes(storage.join(out_uri, name), content)
+    storage.write_bytes(storage.join(out_uri, "report.html"), html_page(summary, plots))
+
+
+def _json_safe(value):
+    """NaN (e.g. precision when nothing is predicted positive) -> null: strict JSON has no NaN."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+# --- the whole evaluation -------------------------------------------------------------------------------
+
+
+def run_evaluation(
+    detector: PneumoniaDetector,
+    manifest_uri: str,
+    split: str,
+    out_uri: str | None,
+    tta_views: int = 1,
+    resamples: int = 2000,
+    gradcam_per_case: int = 3,
+    batch_size: int = 64,
+    on_batch=None,
+) -> dict:
+    """Score `split`, compute the figures and, when out_uri is given, write the report there."""
+    data_config = split_data_config(detector, manifest_uri, batch_size)
+    dataset = data.open_dataset(data_config)
+    scores = score_split(detector, data_config, dataset, split, tta_views, on_batch)
+    stored = dataset.manifest["image"]
+    summary = {
+        "model": {
+            "uri": detector.uri,
+            "version": detector.version,
+            "image_size_px": detector.image_size_px,
+            "threshold": detector.threshold,
+            "threshold_source": detector.threshold_source,
+            "target_sensitivity": detector.export.get("target_sensitivity", "unknown"),
+        },
+        "data": {
+            "manifest_uri": manifest_uri,
+            "split": split,
+            "count": len(scores.labels),
+            "positives": int(scores.labels.sum()),
+            "negatives": int(len(scores.labels) - scores.labels.sum()),
+            # False: these shards were stored differently from the training ones (size or encoding), so
+            # the model sees slightly different pixels than a PneumoniaDetector.predict of the sources.
+            "preprocessing_matches_training": (stored["stored_size_px"], stored["format"])
+            == (detector.stored_size_px, detector.image_format),
+        },
+        "tta_views": tta_views,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    } | metrics_report(scores, detector.threshold, resamples)
+    if out_uri is None:
+        return summary
+    plots = {
+        "roc.png": plot_roc(scores, summary),
+        "pr.png": plot_precision_recall(scores, summary),
+        "confusion.png": plot_confusion(summary),
+        "reliability.png": plot_reliability(summary),
+    }
+    if gradcam_per_case > 0:
+        cases = confident_cases(scores, detector.threshold, gradcam_per_case)
+        pixels = split_images(data_config, dataset, split, [i for chosen in cases.values() for i in chosen])
+        examples = {}
+        for case, chosen in cases.items():
+            if not chosen:
+                continue
+            batch = np.stack([pixels[i] for i in chosen])
+            # The evidence for what the model decided: PNEUMONIA for predicted positives, else NORMAL.
+            maps = explain.grad_cam(detector.model, batch, class_index=int(case.endswith("positive")))
+            examples[case] = [
+                (pixels[i], heat, float(scores.probabilities[i]), scores.sources[i])
+                for i, heat in zip(chosen, maps, strict=True)
+            ]
+        summary["gradcam"] = {case: [scores.sources[i] for i in chosen] for case, chosen in cases.items()}
+        plots["gradcam.png"] = plot_grad_cam(examples)
+    write_report(out_uri, summary, plots, predictions_csv(scores, detector.threshold))
+    return summary

@@ -1,0 +1,185 @@
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pneumo_dist import images, report, schema, storage
+from pneumo_dist.predict import DetectorError, PneumoniaDetector
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def export(trained) -> str:
+    return str(Path(trained[2]) / "export")
+
+
+@pytest.fixture(scope="module")
+def detector(export) -> PneumoniaDetector:
+    return PneumoniaDetector.load(export)
+
+
+@pytest.fixture(scope="module")
+def source_root(learnable_shards) -> Path:
+    return Path(learnable_shards).parent / "source"
+
+
+def test_detector_probabilities_equal_the_evaluators(detector, learnable_shards, source_root):
+    config = report.split_data_config(detector, learnable_shards, batch_size=16)
+    from pneumo_dist import data
+
+    scores = report.score_split(detector, config, data.open_dataset(config), "test")
+    predictions = detector.predict_batch([source_root / s for s in scores.sources], batch_size=7)
+    ours = np.array([p.probability for p in predictions])
+    np.testing.assert_allclose(ours, scores.probabilities, rtol=0, atol=1e-6)
+    assert len(set(np.round(ours, 4))) > 10  # a model that says the same for everything proves nothing
+
+
+def test_every_input_kind_gives_the_same_answer(detector, source_root):
+    path = next((source_root / "test" / "PNEUMONIA").iterdir())
+    content = path.read_bytes()
+    pil = Image.open(io.BytesIO(content))
+    pil.load()
+    answers = [
+        detector.predict(path),
+        detector.predict(str(path)),
+        detector.predict(content),
+        detector.predict(pil),
+        detector.predict(np.asarray(pil.convert("L"))),
+        detector.predict(np.asarray(pil.convert("RGB"))),
+    ]
+    assert len({round(a.probability, 6) for a in answers}) == 1, [a.probability for a in answers]
+
+
+def test_a_prediction_names_label_threshold_and_model_version(detector, export, source_root):
+    path = next((source_root / "test" / "NORMAL").iterdir())
+    prediction = detector.predict(path)
+    assert prediction.threshold == json.loads(Path(export, "export.json").read_text())["threshold"]
+    assert prediction.label == schema.CLASS_NAMES[int(prediction.probability >= prediction.threshold)]
+    assert re.fullmatch(r"[0-9a-f]{12}", prediction.model_version)
+    assert prediction.source == str(path)
+    assert PneumoniaDetector.load(export, threshold=1.0).predict(path).label == "NORMAL"
+
+
+def test_loads_from_gcs_and_from_the_model_file_path(detector, export, bucket, source_root):
+    storage.copy_tree(export, f"{bucket}/run/export")
+    path = next((source_root / "test" / "PNEUMONIA").iterdir())
+    for uri in (f"{bucket}/run/export", str(Path(export) / "model.keras"), str(Path(export) / "export.json")):
+        loaded = PneumoniaDetector.load(uri)
+        assert loaded.version == detector.version
+        assert loaded.predict(path).probability == pytest.approx(detector.predict(path).probability, abs=1e-6)
+
+
+def test_test_time_augmentation_is_reproducible_and_changes_the_scores(detector, source_root):
+    paths = sorted((source_root / "test" / "PNEUMONIA").iterdir())[:4]
+    plain = [p.probability for p in detector.predict_batch(paths)]
+    once = [p.probability for p in detector.predict_batch(paths, tta_views=4)]
+    again = [p.probability for p in detector.predict_batch(paths, tta_views=4)]
+    assert once == again
+    assert not np.allclose(plain, once)
+
+
+def gradient_png() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(64, dtype=np.uint8), (64, 1))).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        (b"this is a text file", "not a readable image"),
+        (gradient_png()[:-40], "truncated or corrupt"),
+        (b"", "empty file"),
+        (np.zeros((64, 64), np.float32), "expected a uint8"),
+        (12345, "cannot read a int"),
+    ],
+    ids=["text", "truncated", "empty", "float-array", "number"],
+)
+def test_bad_input_raises_a_clear_error(detector, bad, reason):
+    with pytest.raises(images.BadImage, match=reason):
+        detector.predict(bad)
+
+
+def test_a_decompression_bomb_and_a_missing_file_are_refused(detector, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (8000, 7000)).save(bomb)  # 56 MP in about 60 kB
+    with pytest.raises(images.BadImage, match=f"{bomb}: decompression bomb refused"):
+        detector.predict(bomb)
+    with pytest.raises(images.BadImage, match="no such file"):
+        detector.predict(tmp_path / "missing.jpeg")
+
+
+def test_a_wrong_model_uri_says_what_is_wrong(export, tmp_path, bucket):
+    with pytest.raises(DetectorError, match="no export.json in .*not a pneumo-dist export"):
+        PneumoniaDetector.load(str(tmp_path / "nowhere"))
+    with pytest.raises(DetectorError, match="no export.json"):
+        PneumoniaDetector.load(f"{bucket}/nothing-here")
+    broken = tmp_path / "broken"
+    shutil.copytree(export, broken)
+    (broken / "model.keras").write_bytes(b"not a keras archive")
+    with pytest.raises(DetectorError, match="could not be loaded as a Keras model"):
+        PneumoniaDetector.load(str(broken))
+    (broken / "model.keras").unlink()
+    with pytest.raises(DetectorError, match="model.keras is missing"):
+        PneumoniaDetector.load(str(broken))
+    manifest = json.loads((broken / "export.json").read_text())
+    del manifest["preprocessing"]
+    (broken / "export.json").write_text(json.dumps(manifest))
+    with pytest.raises(DetectorError, match="lacks preprocessing"):
+        PneumoniaDetector.load(str(broken))
+
+
+def test_predict_job_writes_a_row_per_image_and_reports_bad_ones(export, source_root, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(source_root / "test" / "NORMAL", folder)
+    (folder / "broken.jpeg").write_bytes(b"not an image")
+    out = tmp_path / "predictions.csv"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "predict.py"),
+            str(folder),
+            "--model",
+            export,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "broken.jpeg: not a readable image" in run.stderr
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == len(list(folder.iterdir()))
+    broken = [r for r in rows if r["path"].endswith("broken.jpeg")]
+    assert broken[0]["error"] and not broken[0]["label"]
+    good = [r for r in rows if not r["error"]]
+    assert all(r["label"] in schema.CLASS_NAMES and 0 <= float(r["probability"]) <= 1 for r in good)
+
+
+def test_predict_job_with_a_wrong_model_exits_2_with_one_line(tmp_path, source_root):
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "predict.py"),
+            str(source_root / "test"),
+            "--model",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("predict: error: no export.json")

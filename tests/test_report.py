@@ -1,0 +1,121 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumo_dist import report, storage
+from pneumo_dist.predict import PneumoniaDetector
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def export(trained) -> str:
+    return str(Path(trained[2]) / "export")
+
+
+@pytest.fixture(scope="module")
+def local_report(export, learnable_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "eval-test"
+    detector = PneumoniaDetector.load(export)
+    summary = report.run_evaluation(detector, learnable_shards, "test", str(out), resamples=200)
+    return summary, out
+
+
+def strict_json(text: str) -> dict:
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_files_are_written_and_not_empty(local_report):
+    _, out = local_report
+    for name in report.PLOTS:
+        assert (out / name).read_bytes().startswith(PNG_SIGNATURE), name
+        assert (out / name).stat().st_size > 5_000, name
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(report.PLOTS)  # self-contained
+    assert "Evaluation on the test split" in page and "class=warn" not in page
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "source,label,probability,predicted" and len(rows) == 1 + 40
+
+
+def test_metrics_json_has_every_figure_with_its_interval(local_report, export):
+    summary, out = local_report
+    written = strict_json((out / "metrics.json").read_text())
+    assert written["data"]["count"] == 40 and written["data"]["positives"] == 20
+    assert written["model"]["threshold"] == json.loads(Path(export, "export.json").read_text())["threshold"]
+    assert written["data"]["preprocessing_matches_training"] is True
+    for name in ("at_0.5", "at_threshold"):
+        for metric, figure in written[name]["metrics"].items():
+            if figure["value"] is not None:
+                low, high = figure["ci95"]
+                assert low <= figure["value"] <= high, (name, metric)
+        confusion = written[name]["confusion"]
+        assert sum(confusion.values()) == 40
+    assert written["at_0.5"]["metrics"]["auc"]["value"] > 0.8  # the trained model separates the classes
+    assert 0 <= written["calibration"]["ece"] <= 1
+    assert set(written["gradcam"]) == set(report.CASES)
+
+
+def test_report_reads_and_writes_gcs(export, learnable_shards, bucket):
+    storage.copy_tree(export, f"{bucket}/run/export")
+    storage.copy_tree(learnable_shards, f"{bucket}/shards")
+    detector = PneumoniaDetector.load(f"{bucket}/run/export")
+    summary = report.run_evaluation(
+        detector, f"{bucket}/shards", "val", f"{bucket}/run/eval-val", resamples=100, gradcam_per_case=1
+    )
+    names = {storage.basename(f.uri) for f in storage.list_files(f"{bucket}/run/eval-val")}
+    assert {"report.html", "metrics.json", "predictions.csv", *report.PLOTS} <= names
+    page = storage.read_bytes(f"{bucket}/run/eval-val/report.html").decode()
+    assert "These are <b>val</b> figures" in page  # validation figures are labelled as such
+    assert summary["data"]["split"] == "val"
+
+
+def test_confident_cases_are_the_most_confident_of_each_kind():
+    scores = report.Scores(
+        labels=np.array([1, 1, 1, 0, 0, 0, 1, 0]),
+        probabilities=np.array([0.99, 0.7, 0.2, 0.9, 0.6, 0.01, 0.05, 0.3]),
+        sources=[str(i) for i in range(8)],
+    )
+    cases = report.confident_cases(scores, threshold=0.5, per_case=2)
+    assert cases == {
+        "true_positive": [0, 1],
+        "false_positive": [3, 4],
+        "false_negative": [6, 2],
+        "true_negative": [5, 7],
+    }
+
+
+def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable_shards, tmp_path):
+    out = tmp_path / "report"
+    command = [sys.executable, str(REPO / "jobs" / "evaluate.py"), export, "--data", learnable_shards]
+    run = subprocess.run(
+        [*command, "--out", str(out), "--bootstrap", "100", "--tta", "2", "--gradcam", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "test split, 40 images (20 PNEUMONIA)" in run.stdout and "auc" in run.stdout
+    assert strict_json((out / "metrics.json").read_text())["tta_views"] == 2
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--split", "holdout"], "has no 'holdout' split"),
+        (["--data", "/nonexistent/shards"], "no manifest at /nonexistent/shards/manifest.json"),
+    ],
+    ids=["missing-split", "missing-data"],
+)
+def test_evaluate_job_bad_arguments_exit_2_with_one_line(export, learnable_shards, arguments, message):
+    command = [sys.executable, str(REPO / "jobs" / "evaluate.py"), export, "--data", learnable_shards]
+    run = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert message in run.stderr.strip().splitlines()[-1]
