@@ -203,6 +203,15 @@ def pyarrow_filesystem(uri: str):
     return fs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=scheme or "http")
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 class _local_temp_beside:
     """A temporary file next to `path` that replaces `path` on success and vanishes on failure."""
 
@@ -219,6 +228,9 @@ class _local_temp_beside:
         except OSError as error:
             raise StorageError(f"cannot write {self.path}: {error.strerror or error}") from None
         os.close(fd)
+        # mkstemp makes the file private (0600); a published file gets the permissions an ordinary
+        # open() would give it, so that other users (a cluster's workers, a reviewer) can read it.
+        os.chmod(self.tmp, 0o666 & ~_UMASK)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,4 +1,5 @@
 import os
+import stat
 import subprocess
 import sys
 
@@ -85,6 +86,16 @@ def test_failed_local_write_keeps_the_old_file(tmp_path):
         storage.write_bytes(str(target), "not bytes")  # fails while writing the temporary file
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["artifact.json"]
+
+
+def test_written_files_are_readable_by_others_as_the_umask_allows(tmp_path):
+    # mkstemp alone would leave every dataset, checkpoint and report readable by its writer only.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    storage.write_bytes(str(tmp_path / "a.json"), b"{}")
+    storage.download(str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    for name in ("a.json", "b.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask
 
 
 def test_missing_bucket_error_names_the_bucket(gcs_emulator):
