@@ -18,7 +18,9 @@ import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files or folders (local)")
+    parser.add_argument(
+        "inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files (local or gs://) or local folders"
+    )
     parser.add_argument("--model", required=True, help="export folder (local or gs://)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (local or gs://)")
     parser.add_argument("--threshold", type=float, help="instead of the threshold chosen at export")

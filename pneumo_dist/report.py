@@ -58,7 +58,8 @@ def score_split(
     on_batch=None,
 ) -> Scores:
     """Every record of `split`, once, in order. `on_batch(done, total)` reports progress."""
-    total = len(dataset.shards(split)) and dataset.records(split)  # names the split if it is missing
+    dataset.shards(split)  # a missing split raises here, naming the splits there are
+    total = dataset.records(split)
     labels, probabilities, sources = [], [], []
     for batch in data.eval_dataset(data_config, dataset, split, with_source=True):
         probabilities.append(detector.probabilities(batch["image"], tta_views))
@@ -86,7 +87,7 @@ def split_images(
 
 
 def metrics_report(scores: Scores, threshold: float, resamples: int = 2000, seed: int = 0) -> dict:
-    """Point estimates with 95% intervals at 0.5 and at the validation threshold, plus calibration."""
+    """Point estimates with 95% intervals at 0.5 and at the operating threshold, plus calibration."""
     operating_points = {"at_0.5": 0.5, "at_threshold": threshold}
     intervals = evaluate.bootstrap_intervals(
         scores.labels, scores.probabilities, list(operating_points.values()), resamples, seed=seed
