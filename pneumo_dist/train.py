@@ -97,6 +97,7 @@ class _Run:
 
     def __init__(self, config: RunConfig, strategy: tf.distribute.Strategy):
         self.config, self.strategy = config, strategy
+        self._predict_step = None
         self.train_cfg: TrainConfig = config.train
         self.chief = is_chief(strategy)
         self.output = config.train.output_uri.rstrip("/")
@@ -251,10 +252,20 @@ class _Run:
 
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Labels and probabilities of every record of `split`, the same arrays on every worker."""
-        strategy, classifier = self.strategy, self.classifier
-        batches = strategy.distribute_datasets_from_function(
+        batches = self.strategy.distribute_datasets_from_function(
             lambda context: data.eval_dataset(self.config.data, self.dataset, split, context)
         )
+        if self._predict_step is None:  # traced once per run, not once per epoch
+            self._predict_step = self._make_predict_step()
+        labels, probabilities = [], []
+        for batch in batches:
+            batch_labels, batch_probabilities = self._predict_step(batch)
+            labels.append(batch_labels.numpy())
+            probabilities.append(batch_probabilities.numpy())
+        return np.concatenate(labels), np.concatenate(probabilities)
+
+    def _make_predict_step(self):
+        strategy, classifier = self.strategy, self.classifier
 
         @tf.function(reduce_retracing=True)
         def predict_step(batch):
@@ -265,12 +276,7 @@ class _Run:
             labels, probabilities = strategy.run(replica_fn, args=(batch,))
             return strategy.gather(labels, axis=0), strategy.gather(probabilities, axis=0)
 
-        labels, probabilities = [], []
-        for batch in batches:
-            batch_labels, batch_probabilities = predict_step(batch)
-            labels.append(batch_labels.numpy())
-            probabilities.append(batch_probabilities.numpy())
-        return np.concatenate(labels), np.concatenate(probabilities)
+        return predict_step
 
     # --- checkpoints --------------------------------------------------------------------------------
 
