@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -254,13 +253,7 @@ def stage(manifest_uri: str, stage_dir: str) -> Staged:
 
 
 def _intact(path: str, sha256: str) -> bool:
-    if not os.path.exists(path):
-        return False
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest() == sha256
+    return os.path.exists(path) and storage.local_sha256(path) == sha256
 
 
 @contextlib.contextmanager

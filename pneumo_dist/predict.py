@@ -10,7 +10,6 @@ normalisation. The evaluator scores shards through the same `probabilities`, so 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -83,7 +82,7 @@ class PneumoniaDetector:
                     raise DetectorError(f"{model_uri} is missing: the export is incomplete") from None
             elif not os.path.isfile(local):
                 raise DetectorError(f"{model_uri} is missing: the export is incomplete")
-            version = _file_sha256(local)[:12]
+            version = storage.local_sha256(local)[:12]
             try:
                 model = tf_keras.models.load_model(local, compile=False)
             except Exception as error:  # Keras raises many types for a damaged archive
@@ -195,14 +194,6 @@ def _read_export_manifest(folder: str) -> dict:
             f"{manifest_uri} lacks {', '.join(missing)}: exported by an older pneumo-dist; export it again"
         )
     return export
-
-
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -113,6 +114,15 @@ def move_local_into_place(local_path: str, uri: str) -> None:
             os.replace(local_path, uri)
         except OSError as error:
             raise StorageError(f"cannot write {uri}: {error.strerror or error}") from None
+
+
+def local_sha256(path: str) -> str:
+    """Hex SHA-256 of a local file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def exists(uri: str) -> bool:
