@@ -65,10 +65,13 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 on_batch=on_batch,
             )
-    except (predict.DetectorError, schema.ManifestError, storage.StorageError, data.StagingError) as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
-        return 2
-    except images.BadImage as error:
+    except (
+        predict.DetectorError,
+        schema.ManifestError,
+        storage.StorageError,
+        data.StagingError,
+        images.BadImage,
+    ) as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 2
     print(f"{args.split} split, {summary['data']['count']} images ({summary['data']['positives']} PNEUMONIA)")

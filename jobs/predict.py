@@ -9,6 +9,7 @@ column (and on stderr) instead of stopping the run; the exit code is then 1.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import os
 import sys
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (predict.DetectorError, storage.StorageError) as error:
         print(f"predict: error: {error}", file=sys.stderr)
         return 2
-    rows, failures = [], 0
+    rows = []
     for start in tqdm(range(0, len(paths), args.batch_size), unit="batch", disable=None):
         batch = paths[start : start + args.batch_size]
         prepared, errors = {}, {}
@@ -82,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
             scores = dict(zip(prepared, probabilities, strict=True))
         for path in batch:
             if path in errors:
-                failures += 1
                 rows.append([path, "", "", detector.threshold, detector.version, errors[path]])
             else:
                 result = detector.prediction(float(scores[path]), path)
@@ -101,15 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     writer.writerow(["path", "label", "probability", "threshold", "model_version", "error"])
     writer.writerows(rows)
     storage.write_bytes(args.out, out.getvalue().encode())
-    counts = {}
-    for row in rows:
-        counts[row[1] or "error"] = counts.get(row[1] or "error", 0) + 1
+    counts = collections.Counter(row[1] or "error" for row in rows)
     print(
         f"{len(paths)} images: "
         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         + f" -> {args.out}"
     )
-    return 1 if failures else 0
+    return 1 if counts["error"] else 0
 
 
 if __name__ == "__main__":
