@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 
 import tensorflow as tf
 import tf_keras
@@ -36,11 +38,10 @@ def build_classifier(model: ModelConfig, image_size_px: int, policy: str = "floa
     """
     tf_keras.mixed_precision.set_global_policy(policy)
     try:
-        backbone = tf_keras.applications.ResNet50(
-            include_top=False,
-            weights=_local_weights(model.weights),
-            input_shape=(image_size_px, image_size_px, 3),
-        )
+        with _local_weights(model.weights) as weights:
+            backbone = tf_keras.applications.ResNet50(
+                include_top=False, weights=weights, input_shape=(image_size_px, image_size_px, 3)
+            )
         backbone._name = BACKBONE_NAME
         inputs = tf_keras.Input((image_size_px, image_size_px, 3), name="normalized_image")
         # Frozen BatchNorm runs in inference mode even while the layers above it train (see ModelConfig).
@@ -92,14 +93,18 @@ def inference_model(classifier: tf_keras.Model) -> tf_keras.Model:
     return tf_keras.Model(gray, classifier(normalized, training=False), name="pneumonia_detector")
 
 
-def _local_weights(weights: str) -> str | None:
-    """Keras' `weights` argument: "imagenet", None, or a local file (a gs:// file is fetched first)."""
+@contextlib.contextmanager
+def _local_weights(weights: str) -> Iterator[str | None]:
+    """Keras' `weights` argument: "imagenet", None, or a local file (a gs:// file is fetched into a
+    temporary folder that lasts as long as the context)."""
     if weights == "none":
-        return None
-    if weights == "imagenet" or not storage.is_gcs(weights):
+        yield None
+    elif weights == "imagenet" or not storage.is_gcs(weights):
         if weights != "imagenet" and not os.path.exists(weights):
             raise storage.StorageNotFound(f"model.weights: no such file: {weights}")
-        return weights
-    local = os.path.join(tempfile.mkdtemp(prefix="pneumo-weights-"), storage.basename(weights))
-    storage.download(weights, local)
-    return local
+        yield weights
+    else:
+        with tempfile.TemporaryDirectory(prefix="pneumo-weights-") as scratch:
+            local = os.path.join(scratch, storage.basename(weights))
+            storage.download(weights, local)
+            yield local

@@ -13,10 +13,12 @@ Output folder (local or gs://), written by the chief worker:
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +38,7 @@ BEST_WEIGHTS = "best.weights.h5"
 EXPORT = "export"
 EXPORT_MANIFEST = "export.json"
 MODEL_FILE = "model.keras"
+SCRATCH_PREFIX = "pneumo-train-"
 
 
 class TrainingError(Exception):
@@ -88,14 +91,38 @@ def train(
     """
     config.validate()
     strategy = strategy or choose_strategy()
-    run = _Run(config, strategy)
-    return run.fit(resume, on_step, on_epoch)
+    # A gs:// output (and every non-chief worker) works in a local folder that must not outlive the run:
+    # it holds a full checkpoint, ~1 GB for ResNet50 with its optimizer state.
+    with scratch_folder() as scratch:
+        return _Run(config, strategy, scratch).fit(resume, on_step, on_epoch)
+
+
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    """This process's local working folder, named after the host and process id. Removes first the
+    folders of processes of this host that have died without removing theirs: a Ray worker killed by the
+    OOM killer or a node failure would otherwise leave a checkpoint behind on every restart."""
+    host_prefix = f"{SCRATCH_PREFIX}{socket.gethostname()}-"
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), host_prefix + "*")):
+        pid = os.path.basename(path)[len(host_prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{host_prefix}{os.getpid()}-")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class _Run:
     """One training run's state; a class only because the step functions share the model and optimizer."""
 
-    def __init__(self, config: RunConfig, strategy: tf.distribute.Strategy):
+    def __init__(self, config: RunConfig, strategy: tf.distribute.Strategy, scratch: str):
         self.config, self.strategy = config, strategy
         self._predict_step = None
         self.train_cfg: TrainConfig = config.train
@@ -104,7 +131,7 @@ class _Run:
         # The chief writes a local output in place; a gs:// output and other workers' copies (which must
         # still be written: saving reads distributed variables collectively) go through a local folder.
         local_output = self.chief and not storage.is_gcs(self.output)
-        self.work = self.output if local_output else tempfile.mkdtemp(prefix="pneumo-train-")
+        self.work = self.output if local_output else scratch
         tf_keras.utils.set_random_seed(config.train.seed)
         if config.train.deterministic_ops:
             tf.config.experimental.enable_op_determinism()
@@ -204,6 +231,8 @@ class _Run:
                 result = self._export(state)
             if on_epoch:
                 on_epoch(record, checkpoint_dir if self.chief else None)
+        if writer:
+            writer.close()  # before the caller deletes a temporary working folder
         return result
 
     def _make_train_step(self):

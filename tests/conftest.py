@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -43,6 +45,21 @@ FROM_SCRATCH_OVERRIDES = [
 TINY_DEMO = DemoSpec(
     images_per_class=(("train", 14), ("val", 2), ("test", 6)), min_side_px=40, max_side_px=64
 )
+
+
+def pytest_report_header(config) -> str:
+    temp = tempfile.gettempdir()
+    free_gib = shutil.disk_usage(temp).free / 2**30
+    return f"free disk in {temp}: {free_gib:.1f} GiB (the Ray tests need about 3 GiB at a time)"
+
+
+@pytest.fixture
+def system_temp(monkeypatch, tmp_path) -> Path:
+    """A private stand-in for the system temp folder, to check what code leaves behind in it."""
+    folder = tmp_path / "system-temp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
 
 
 def free_port() -> int:

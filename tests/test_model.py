@@ -72,7 +72,7 @@ def test_inference_model_matches_classifier_on_model_inputs_and_reloads_without_
     np.testing.assert_allclose(reloaded(tf.cast(gray, tf.float32)).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_weights_from_a_file_and_from_gcs(classifier, tmp_path, bucket):
+def test_weights_from_a_file_and_from_gcs(classifier, tmp_path, bucket, system_temp):
     from pneumo_dist import storage
 
     backbone = classifier.get_layer(model_lib.BACKBONE_NAME)
@@ -84,5 +84,6 @@ def test_weights_from_a_file_and_from_gcs(classifier, tmp_path, bucket):
         )
         for a, b in zip(backbone.weights, loaded.weights, strict=True):
             np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not list(system_temp.iterdir())  # the fetched gs:// weights were not left behind
     with pytest.raises(storage.StorageNotFound, match="no such file"):
         model_lib.build_classifier(ModelConfig(weights=str(tmp_path / "missing.h5")), SIZE)

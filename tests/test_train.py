@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_checkpoints_keep_the_last_two_and_the_best(trained):
     assert state["checkpoint"] == "ckpt-7" and state["finished"] and state["best_epoch"] == result.best_epoch
 
 
-def test_resume_on_gcs_continues_at_the_saved_epoch_and_optimizer_step(learnable_shards, bucket):
+def test_resume_on_gcs_continues_at_the_saved_epoch_and_optimizer_step(learnable_shards, bucket, system_temp):
     output = storage.join(bucket, "runs", "resumed")
     quick = "train.max_steps_per_epoch=3"
     first = train.train(
@@ -93,6 +94,23 @@ def test_resume_on_gcs_continues_at_the_saved_epoch_and_optimizer_step(learnable
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2]
     assert storage.exists(storage.join(output, "export", "export.json"))
     assert storage.list_files(storage.join(output, "tensorboard"))  # event files uploaded
+    # The local working copy of a gs:// run (a ResNet50 checkpoint: ~1 GB at full size) is gone.
+    assert not list(system_temp.glob("pneumo-train-*"))
+
+
+def test_a_run_removes_the_scratch_folders_of_dead_processes_only(system_temp):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    orphan = system_temp / f"pneumo-train-{host}-{dead.pid}-abc"
+    live = system_temp / f"pneumo-train-{host}-{os.getpid()}-def"
+    elsewhere = system_temp / f"pneumo-train-another-host-{dead.pid}-ghi"  # not ours to judge
+    for folder in (orphan, live, elsewhere):
+        (folder / "checkpoints").mkdir(parents=True)
+    with train.scratch_folder() as scratch:
+        assert Path(scratch).name.startswith(f"pneumo-train-{host}-{os.getpid()}-")
+        assert not orphan.exists() and live.exists() and elsewhere.exists()
+    assert not Path(scratch).exists()
 
 
 def test_resume_without_a_checkpoint_says_so(learnable_shards, tmp_path):

@@ -6,11 +6,14 @@ Ray Train workers run TensorFlow under MultiWorkerMirroredStrategy, ASHA stops t
 
 import contextlib
 import csv
+import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,6 +174,8 @@ def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(learnable_shards
     state = json.loads((trial / "checkpoints" / "state.json").read_text())
     assert [epoch["epoch"] for epoch in state["history"]] == [0, 1, 2]
     assert (trial / "export" / "export.json").exists()
+    # The restarted workers removed the killed one's local working folder.
+    assert not glob.glob(f"{tempfile.gettempdir()}/pneumo-train-{socket.gethostname()}-{victims[-1]}-*")
 
 
 def test_an_interrupted_search_resumes(learnable_shards, tmp_path):
