@@ -57,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import io
 
-    import numpy as np
     from tqdm import tqdm
 
-    from pneumo_dist import images, predict, storage
+    from pneumo_dist import predict, storage
 
     try:
         detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
@@ -70,32 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for start in tqdm(range(0, len(paths), args.batch_size), unit="batch", disable=None):
         batch = paths[start : start + args.batch_size]
-        prepared, errors = {}, {}
-        for path in batch:
-            try:
-                prepared[path] = detector.prepare(path)
-            except images.BadImage as error:
-                errors[path] = str(error)
-                print(f"predict: {error}", file=sys.stderr)
-        scores = {}
-        if prepared:
-            probabilities = detector.probabilities(np.stack(list(prepared.values())), args.tta)
-            scores = dict(zip(prepared, probabilities, strict=True))
-        for path in batch:
-            if path in errors:
-                rows.append([path, "", "", detector.threshold, detector.version, errors[path]])
-            else:
-                result = detector.prediction(float(scores[path]), path)
-                rows.append(
-                    [
-                        path,
-                        result.label,
-                        f"{result.probability:.6f}",
-                        result.threshold,
-                        result.model_version,
-                        "",
-                    ]
-                )
+        for result in detector.predict_batch(batch, len(batch), args.tta, bad_inputs="report"):
+            if result.error:
+                print(f"predict: {result.error}", file=sys.stderr)
+            probability = "" if result.probability is None else f"{result.probability:.6f}"
+            row = [result.source, result.label or "", probability, result.threshold, result.model_version]
+            rows.append([*row, result.error or ""])
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["path", "label", "probability", "threshold", "model_version", "error"])

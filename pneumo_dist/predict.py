@@ -39,11 +39,12 @@ class DetectorError(Exception):
 
 @dataclass(frozen=True)
 class Prediction:
-    label: str  # one of schema.CLASS_NAMES
-    probability: float  # P(PNEUMONIA)
+    label: str | None  # one of schema.CLASS_NAMES; None for an input that could not be read
+    probability: float | None  # P(PNEUMONIA); None for an input that could not be read
     threshold: float  # PNEUMONIA when probability >= threshold
     model_version: str
     source: str  # the path, or a description of an in-memory input
+    error: str | None = None  # why the input could not be read (predict_batch with bad_inputs="report")
 
 
 # What a caller may hand to predict: a path or gs:// URI, encoded bytes, a PIL image or a uint8 array.
@@ -141,16 +142,36 @@ class PneumoniaDetector:
         return self.predict_batch([image], tta_views=tta_views)[0]
 
     def predict_batch(
-        self, inputs: Iterable[ImageInput], batch_size: int = 32, tta_views: int = 1
+        self,
+        inputs: Iterable[ImageInput],
+        batch_size: int = 32,
+        tta_views: int = 1,
+        bad_inputs: str = "raise",
     ) -> list[Prediction]:
-        """Many inputs, scored batch_size at a time; the first bad input raises images.BadImage."""
+        """Many inputs, scored batch_size at a time, one Prediction each, in order. A bad input raises
+        images.BadImage; with bad_inputs="report" it gets a Prediction with `error` set (no label or
+        probability) and the others are scored."""
+        if bad_inputs not in ("raise", "report"):
+            raise ValueError(f'bad_inputs must be "raise" or "report", got {bad_inputs!r}')
         predictions: list[Prediction] = []
         for chunk in _chunks(list(inputs), batch_size):
-            prepared = np.stack([self.prepare(image) for image in chunk])
-            scores = self.probabilities(prepared, tta_views)
-            predictions += [
-                self.prediction(float(p), describe(image)) for p, image in zip(scores, chunk, strict=True)
-            ]
+            prepared, errors = [], {}
+            for index, image in enumerate(chunk):
+                try:
+                    prepared.append(self.prepare(image))
+                except images.BadImage as error:
+                    if bad_inputs == "raise":
+                        raise
+                    errors[index] = str(error)
+            scores = iter(self.probabilities(np.stack(prepared), tta_views) if prepared else [])
+            for index, image in enumerate(chunk):
+                if index in errors:
+                    source = describe(image)
+                    predictions.append(
+                        Prediction(None, None, self.threshold, self.version, source, errors[index])
+                    )
+                else:
+                    predictions.append(self.prediction(float(next(scores)), describe(image)))
         return predictions
 
     def prediction(self, probability: float, source: str) -> Prediction:

@@ -108,6 +108,21 @@ def test_bad_input_raises_a_clear_error(detector, bad, reason):
         detector.predict(bad)
 
 
+def test_predict_batch_can_report_bad_inputs_and_score_the_rest(detector, source_root):
+    good = sorted((source_root / "test" / "NORMAL").iterdir())[:3]
+    inputs = [good[0], b"not an image", good[1], good[2]]
+    with pytest.raises(images.BadImage, match="not a readable image"):
+        detector.predict_batch(inputs)
+    results = detector.predict_batch(inputs, batch_size=2, bad_inputs="report")
+    assert [r.source for r in results] == [str(good[0]), "<12 bytes>", str(good[1]), str(good[2])]
+    bad = results[1]
+    assert "not a readable image" in bad.error and bad.label is None and bad.probability is None
+    scored = [r.probability for r in results if not r.error]
+    assert scored == pytest.approx([r.probability for r in detector.predict_batch(good)], abs=1e-6)
+    with pytest.raises(ValueError, match="bad_inputs"):
+        detector.predict_batch(good, bad_inputs="skip")
+
+
 def test_a_decompression_bomb_and_a_missing_file_are_refused(detector, tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("L", (8000, 7000)).save(bomb)  # 56 MP in about 60 kB
