@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except (config_lib.ConfigError, OSError) as error:
         print(f"tune: error: {error}", file=sys.stderr)
         return 2
+    for warning in config.warnings():
+        print(f"tune: warning: {warning}", file=sys.stderr)
 
     from pneumo_dist import schema, storage, tune  # tune first: it pins Ray Train's API
 

@@ -227,7 +227,7 @@ class TuneConfig:
 
     num_samples: int = 8
     scheduler: str = "asha"  # "asha", or "fifo": every trial runs all train.epochs (for comparison)
-    grace_period: int = 1  # epochs each trial runs before ASHA may stop it
+    grace_period: int = 2  # epochs each trial runs before ASHA may stop it (keep it above the warm-ups)
     reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
     workers_per_trial: int = 1  # Ray Train workers (MultiWorkerMirroredStrategy when > 1)
     cpus_per_worker: float = 1.0
@@ -319,6 +319,31 @@ class RunConfig:
                     config_from_dict(trial, source=where)
                 except ConfigError as error:
                     raise ConfigError(f"{where} can draw {value!r}, which is invalid: {error}") from None
+
+    def warnings(self) -> list[str]:
+        """Valid but probably unintended settings, for the jobs to print before any cluster time is spent."""
+        found = []
+        tune = self.tune
+        if tune.scheduler == "asha":
+            warmup = max(self._largest("train.warmup_epochs"), self._largest("train.head_warmup_epochs"))
+            if tune.grace_period <= warmup:
+                found.append(
+                    f"tune.grace_period ({tune.grace_period}) is not above the warm-up (train.warmup_epochs "
+                    f"/ head_warmup_epochs up to {warmup:g}): ASHA will compare trials before their warm-up "
+                    "ends and may stop the best ones (BENCHMARKS.md)"
+                )
+            if tune.grace_period >= self._largest("train.epochs"):
+                found.append(
+                    f"tune.grace_period ({tune.grace_period}) is not below train.epochs: ASHA cannot stop "
+                    'any trial early (use tune.scheduler "fifo" to run every trial in full)'
+                )
+        return found
+
+    def _largest(self, key: str) -> float:
+        """A train value, or the largest the search space can draw for it."""
+        section, _, name = key.partition(".")
+        spec = self.tune.search_space.get(key) or {}
+        return max([getattr(getattr(self, section), name), *next(iter(spec.values()), [])])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

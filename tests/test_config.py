@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from pneumo_dist import config as config_lib
@@ -8,7 +10,31 @@ REPO_CONFIGS = ["configs/demo.yaml", "configs/kaggle.yaml", "configs/mnist.yaml"
 
 @pytest.mark.parametrize("path", REPO_CONFIGS)
 def test_shipped_configs_load_and_validate(path):
-    assert isinstance(config_lib.load_config(path), RunConfig)
+    config = config_lib.load_config(path)
+    assert isinstance(config, RunConfig) and config.warnings() == []
+
+
+@pytest.mark.parametrize(
+    "overrides, warning",
+    [
+        (["tune.grace_period=1", "train.warmup_epochs=1"], "grace_period .1. is not above the warm-up"),
+        (["tune.grace_period=2", "train.head_warmup_epochs=2"], "not above the warm-up .* up to 2"),
+        (["tune.grace_period=5", "train.epochs=5"], "ASHA cannot stop any trial early"),
+    ],
+)
+def test_settings_that_defeat_asha_are_warned_of(overrides, warning):
+    (found,) = config_lib.load_config(None, overrides).warnings()
+    assert re.search(warning, found)
+    assert not config_lib.load_config(None, [*overrides, "tune.scheduler=fifo"]).warnings()
+
+
+def test_the_warm_up_warning_sees_the_search_space(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "tune:\n  grace_period: 2\n  search_space:\n    train.warmup_epochs: {uniform: [0.5, 3]}\n"
+    )
+    (found,) = config_lib.load_config(str(path)).warnings()
+    assert "up to 3" in found
 
 
 def test_overrides_are_typed(tmp_path):

@@ -205,8 +205,10 @@ def test_an_interrupted_search_resumes(learnable_shards, tmp_path):
 
 def test_resume_without_a_search_says_so(tmp_path, learnable_shards):
     config = write_config(tmp_path / "c.yaml", learnable_shards, str(tmp_path / "none"), name="missing")
-    result = run_tune("--config", config, "--resume", timeout=300)
+    warm_up = ("--set", "tune.grace_period=1", "--set", "train.warmup_epochs=1")
+    result = run_tune("--config", config, "--resume", *warm_up, timeout=300)
     assert result.returncode == 2 and "--resume: no search to resume" in result.stderr
+    assert "tune: warning: tune.grace_period (1) is not above the warm-up" in result.stderr
 
 
 def test_a_bad_search_space_fails_before_ray_starts(tmp_path, learnable_shards):
