@@ -237,7 +237,7 @@ class TuneConfig:
     storage_uri: str = "outputs/tune"  # local folder or gs://: Ray's experiment state, trials, best model
     name: str = "search"
     search_space: dict = field(default_factory=lambda: dict(DEFAULT_SEARCH_SPACE))
-    evaluate_test: bool = True  # score the best trial's model on the test split at the end
+    evaluate_test: bool = True  # report on the best trial's model on the test split at the end
     seed: int = 0
 
     def __post_init__(self):
@@ -332,10 +332,10 @@ class RunConfig:
                     f"/ head_warmup_epochs up to {warmup:g}): ASHA will compare trials before their warm-up "
                     "ends and may stop the best ones (BENCHMARKS.md)"
                 )
-            if tune.grace_period >= self._largest("train.epochs"):
+            if tune.grace_period >= self.train.epochs:
                 found.append(
-                    f"tune.grace_period ({tune.grace_period}) is not below train.epochs: ASHA cannot stop "
-                    'any trial early (use tune.scheduler "fifo" to run every trial in full)'
+                    f"tune.grace_period ({tune.grace_period}) is not below train.epochs "
+                    f"({self.train.epochs}): ASHA cannot stop any trial early"
                 )
         return found
 

@@ -18,7 +18,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 # Must be set before ray.train is imported anywhere in this process (see the module docstring).
 os.environ["RAY_TRAIN_V2_ENABLED"] = "0"
@@ -59,7 +59,7 @@ class SearchResult:
     trials: list[TrialSummary]
     best: TrialSummary | None
     best_export_uri: str | None
-    test_metrics: dict | None
+    test_metrics: dict | None  # report.run_evaluation's figures for the best trial on the test split
     table_uri: str
 
 
@@ -142,7 +142,7 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
                 scheduler=ASHAScheduler(
                     time_attr="epoch",
                     max_t=config.train.epochs,
-                    grace_period=cfg.grace_period,
+                    grace_period=min(cfg.grace_period, config.train.epochs),  # Ray asserts it; warned of
                     reduction_factor=cfg.reduction_factor,
                 )
                 if cfg.scheduler == "asha"
@@ -171,12 +171,7 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
         best_export = storage.join(experiment, "best")
         storage.copy_tree(storage.join(best.output_uri, "export"), best_export)
         if cfg.evaluate_test:
-            test_metrics = evaluate_export(best_export, config)
-            if test_metrics is not None:
-                storage.write_bytes(
-                    storage.join(best_export, "test_metrics.json"),
-                    json.dumps(test_metrics, indent=1).encode(),
-                )
+            test_metrics = report_on_test(best_export, config)
     return SearchResult(trials, best, best_export, test_metrics, table_uri)
 
 
@@ -238,21 +233,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_lib.train(config, train_lib.choose_strategy(), resume=resume, on_epoch=on_epoch)
 
 
-def evaluate_export(export_uri: str, config: config_lib.RunConfig) -> dict | None:
-    """Score an exported model on the test split: at 0.5 and at its validation threshold."""
-    from pneumo_dist import data, evaluate, predict, report
+def report_on_test(export_uri: str, config: config_lib.RunConfig) -> dict | None:
+    """evaluate.py's report of an exported model on the test split, written to EXPORT/report/;
+    returns its figures (report.run_evaluation), or None when the dataset has no test split."""
+    from pneumo_dist import predict, report, schema
 
-    data_config = replace(config.data, cache="none")
-    dataset = data.open_dataset(data_config)
-    if "test" not in dataset.manifest["splits"]:
+    manifest_uri = schema.manifest_uri_of(config.data.manifest_uri)
+    if "test" not in schema.load_manifest(manifest_uri)["splits"]:
         return None
     detector = predict.PneumoniaDetector.load(export_uri)
-    scores = report.score_split(detector, data_config, dataset, "test")
-    return {
-        "split": "test",
-        "at_0.5": evaluate.binary_metrics(scores.labels, scores.probabilities, 0.5),
-        "at_threshold": evaluate.binary_metrics(scores.labels, scores.probabilities, detector.threshold),
-    }
+    return report.run_evaluation(detector, manifest_uri, "test", storage.join(export_uri, "report"))
 
 
 def trials_csv(trials: list[TrialSummary]) -> str:

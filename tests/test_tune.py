@@ -9,6 +9,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,7 +113,10 @@ def test_asha_search_stops_trials_early_finishes_and_exports_the_best(learnable_
     assert stopped and all(int(row["epochs_run"]) < 3 for row in stopped)
     best = tmp_path / "tune" / "asha" / "best"
     assert json.loads((best / "export.json").read_text())["model"] == "model.keras"
-    assert json.loads((best / "test_metrics.json").read_text())["split"] == "test"
+    figures = json.loads((best / "report" / "metrics.json").read_text())
+    assert figures["data"]["split"] == "test" and figures["model"]["threshold_source"] == "validation"
+    assert (best / "report" / "report.html").stat().st_size > 10_000
+    assert "test split at the validation threshold (95% intervals): auc" in result.stdout
     assert "best trial" in result.stdout
 
 
@@ -243,28 +247,39 @@ def local_ray_cluster(tmp_path):
         f"--temp-dir={temp_dir}",
         "--include-dashboard=true",
         f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",  # Ray's default, 52365, may be taken
         "--disable-usage-stats",
     ]
-    subprocess.run(command, check=True, capture_output=True, timeout=180, env=CLUSTER_ENV)
-    address = f"http://127.0.0.1:{dashboard_port}"
-    # The job agent comes up some seconds after `ray start` returns ("No available agent to submit job").
-    deadline = time.monotonic() + 120
-    while subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--", "true"],
-        capture_output=True,
-        timeout=120,
-        env=CLUSTER_ENV,
-    ).returncode:
-        assert time.monotonic() < deadline, "the Ray head never accepted a job"
-        time.sleep(2)
-    yield address
-    # Stop exactly this cluster: the processes whose command line names its temp dir (all of them do).
-    ours = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
-    for process in ours:
-        process.terminate()
-    _, alive = psutil.wait_procs(ours, timeout=10)
-    for process in alive:
-        process.kill()
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=180, env=CLUSTER_ENV)
+        address = f"http://127.0.0.1:{dashboard_port}"
+        # The job agent comes up some seconds after `ray start` returns ("No available agent to submit job").
+        deadline = time.monotonic() + 120
+        while subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--", "true"],
+            capture_output=True,
+            timeout=120,
+            env=CLUSTER_ENV,
+        ).returncode:
+            assert time.monotonic() < deadline, "the Ray head never accepted a job"
+            time.sleep(2)
+        yield address
+    finally:
+        # Stop exactly this cluster, also when it failed to come up: the processes whose command line
+        # names its temp dir, and their children (the agents rename themselves "ray::DashboardAgent").
+        cmdlines = psutil.process_iter(["cmdline"])
+        ours = {p for p in cmdlines if str(temp_dir) in " ".join(p.info["cmdline"] or [])}
+        for process in list(ours):
+            with contextlib.suppress(psutil.Error):
+                ours.update(process.children(recursive=True))
+        for process in ours:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(ours, timeout=10)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_search_on_a_cluster(learnable_shards, tmp_path, local_ray_cluster):
