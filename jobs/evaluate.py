@@ -76,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.split} split, {summary['data']['count']} images ({summary['data']['positives']} PNEUMONIA)")
     for name in ("at_0.5", "at_threshold"):
-        metrics = summary[name]["metrics"]
-        figures = "  ".join(
-            f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci95'][0]:.3f}, {metrics[m]['ci95'][1]:.3f}]"
-            for m in ("auc", "accuracy", "sensitivity", "specificity")
-        )
-        print(f"threshold {summary[name]['threshold']:.4f}: {figures}")
+        print(f"threshold {summary[name]['threshold']:.4f}: {report.headline(summary[name], '  ')}")
     print(f"ECE {summary['calibration']['ece']:.4f}\nreport: {storage.join(out, 'report.html')}")
     return 0
 

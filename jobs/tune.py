@@ -62,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         f"exported to {result.best_export_uri}"
     )
     if result.test_metrics:
-        test = result.test_metrics["at_threshold"]["metrics"]
-        figures = ", ".join(
-            f"{name} {test[name]['value']:.3f} [{test[name]['ci95'][0]:.3f}, {test[name]['ci95'][1]:.3f}]"
-            for name in ("auc", "accuracy", "sensitivity", "specificity")
-        )
+        from pneumo_dist import report
+
+        figures = report.headline(result.test_metrics["at_threshold"])
         print(f"test split at the validation threshold (95% intervals): {figures}")
         print(f"report: {storage.join(result.best_export_uri, 'report', 'report.html')}")
     return 0

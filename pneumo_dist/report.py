@@ -111,6 +111,15 @@ def metrics_report(scores: Scores, threshold: float, resamples: int = 2000, seed
     return report
 
 
+def headline(operating_point: dict, separator: str = ", ") -> str:
+    """ "auc 0.991 [0.976, 1.000], accuracy ..." for one operating point of metrics_report."""
+    metrics = operating_point["metrics"]
+    return separator.join(
+        f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci95'][0]:.3f}, {metrics[m]['ci95'][1]:.3f}]"
+        for m in ("auc", "accuracy", "sensitivity", "specificity")
+    )
+
+
 def confident_cases(scores: Scores, threshold: float, per_case: int) -> dict[str, list[int]]:
     """The record indices of the `per_case` most confident true/false positives/negatives."""
     positive = scores.labels == 1
