@@ -27,7 +27,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, help="instead of the threshold chosen at export")
     parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
     parser.add_argument("--batch-size", type=int, default=32)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("tta", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error("--threshold must be in 0..1")
+    return args
 
 
 def image_paths(inputs: list[str]) -> list[str]:

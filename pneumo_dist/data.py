@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import tensorflow as tf
@@ -25,6 +28,10 @@ class StagingError(Exception):
     """Shards could not be copied to local disk intact."""
 
 
+class ShardMismatch(schema.ManifestError):
+    """A shard is missing, or its size or sha256 is not the one its manifest records."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A dataset ready to read: its manifest and where its shards are read from (local when staged)."""
@@ -33,7 +40,10 @@ class Dataset:
     manifest_uri: str
 
     def shards(self, split: str) -> list[str]:
-        return schema.shard_uris(self.manifest, self.manifest_uri, split)
+        """The split's shard URIs, each checked against the manifest's size and sha256 on first use."""
+        uris = schema.shard_uris(self.manifest, self.manifest_uri, split)
+        verify_shards(uris, self.manifest["splits"][split]["shards"], self.manifest_uri)
+        return uris
 
     def records(self, split: str) -> int:
         return self.manifest["splits"][split]["records"]
@@ -212,6 +222,54 @@ def _cache(
     return images.cache(os.path.join(folder, key))
 
 
+# --- verification -----------------------------------------------------------------------------------
+
+# (uri, version, size) of shards whose sha256 matched their manifest in this process. The version is the
+# local file's mtime or the GCS object's generation, so a file changed since is checked again.
+_verified: set[tuple[str, str, int]] = set()
+_verified_lock = threading.Lock()
+
+
+def verify_shards(uris: list[str], entries: list[dict], manifest_uri: str) -> None:
+    """Check each shard's size and sha256 against its manifest `entries`, once per process per version
+    of the file: a damaged or swapped shard is an error naming it, never a traceback from TensorFlow
+    halfway through an epoch or a split that is silently short of records."""
+    found = {}
+    for folder in sorted({uri.rsplit("/", 1)[0] for uri in uris}):
+        found.update((info.uri, info) for info in storage.list_files(folder))
+    to_hash = []
+    for uri, entry in zip(uris, entries, strict=True):
+        info = found.get(uri)
+        if info is None:
+            raise ShardMismatch(f"{uri} is missing: {manifest_uri} lists it; re-run make_shards")
+        if info.size_bytes != entry["bytes"]:
+            raise ShardMismatch(
+                f"{uri} is {info.size_bytes} bytes where {manifest_uri} says {entry['bytes']}: the shard "
+                "was changed or damaged after make_shards wrote it; re-run make_shards --overwrite"
+            )
+        with _verified_lock:
+            if (uri, info.version, info.size_bytes) not in _verified:
+                to_hash.append((uri, info, entry["sha256"]))
+    if not to_hash:
+        return
+    with ThreadPoolExecutor(min(8, len(to_hash))) as pool:
+        digests = list(pool.map(lambda item: _sha256(item[0]), to_hash))
+    for (uri, info, expected), digest in zip(to_hash, digests, strict=True):
+        if digest != expected:
+            raise ShardMismatch(
+                f"{uri} does not match the sha256 in {manifest_uri}: the shard was changed or damaged "
+                "after make_shards wrote it; re-run make_shards --overwrite"
+            )
+        with _verified_lock:
+            _verified.add((uri, info.version, info.size_bytes))
+
+
+def _sha256(uri: str) -> str:
+    if storage.is_gcs(uri):
+        return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
+    return storage.local_sha256(uri)
+
+
 # --- staging -----------------------------------------------------------------------------------------
 
 
@@ -237,12 +295,14 @@ def stage(manifest_uri: str, stage_dir: str) -> Staged:
     os.makedirs(local_folder, exist_ok=True)
     with _exclusive_lock(local_folder + ".lock"):
         shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
-        missing = [s for s in shards if not _intact(os.path.join(local_folder, s["path"]), s["sha256"])]
-        storage.copy_many(
-            (storage.join(remote_folder, s["path"]), os.path.join(local_folder, s["path"])) for s in missing
-        )
+
+        def local(shard: dict) -> str:
+            return storage.child(local_folder, shard["path"], manifest_uri)
+
+        missing = [s for s in shards if not _intact(local(s), s["sha256"])]
+        storage.copy_many((storage.child(remote_folder, s["path"], manifest_uri), local(s)) for s in missing)
         for shard in missing:
-            if not _intact(os.path.join(local_folder, shard["path"]), shard["sha256"]):
+            if not _intact(local(shard), shard["sha256"]):
                 remote = storage.join(remote_folder, shard["path"])
                 raise StagingError(
                     f"{remote} does not match the sha256 in {manifest_uri}: the dataset was changed after "

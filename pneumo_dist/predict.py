@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,10 @@ from pneumo_dist.augment import augment_batch
 from pneumo_dist.config import AugmentConfig
 
 EXPORT_MANIFEST = "export.json"
+MODEL_SUFFIX = ".keras"  # the only model format loaded: the HDF5 and SavedModel loaders can run code
+# Modules a saved model's layers may come from: Keras' own. tf-keras would import any module a config
+# names (safe_mode only stops Lambda layers), so a model naming another one is refused before loading.
+_KERAS_MODULES = ("keras", "tf_keras", "builtins")
 # Test-time augmentation: small geometric changes a radiograph plausibly has (positioning), no
 # photometric ones and no flip (laterality matters, see AugmentConfig.horizontal_flip).
 TTA_AUGMENT = AugmentConfig(
@@ -72,11 +77,17 @@ class PneumoniaDetector:
         threshold is the one chosen on the validation split at export time unless given here."""
         folder = _export_folder(uri)
         export = _read_export_manifest(folder)
-        model_uri = storage.join(folder, export["model"])
+        export_json = storage.join(folder, EXPORT_MANIFEST)
+        model_uri = storage.child(folder, export["model"], export_json)
+        if not export["model"].endswith(MODEL_SUFFIX):
+            raise DetectorError(
+                f"{export_json} names the model {export['model']!r}: only {MODEL_SUFFIX} models are "
+                "loaded (other Keras formats can run code when loaded)"
+            )
         with tempfile.TemporaryDirectory(prefix="pneumo-model-") as scratch:
             local = model_uri
             if storage.is_gcs(model_uri):
-                local = os.path.join(scratch, export["model"])
+                local = os.path.join(scratch, "model" + MODEL_SUFFIX)
                 try:
                     storage.download(model_uri, local)
                 except storage.StorageNotFound:
@@ -84,8 +95,9 @@ class PneumoniaDetector:
             elif not os.path.isfile(local):
                 raise DetectorError(f"{model_uri} is missing: the export is incomplete")
             version = storage.local_sha256(local)[:12]
+            _refuse_unsafe_model(local, model_uri)
             try:
-                model = tf_keras.models.load_model(local, compile=False)
+                model = tf_keras.models.load_model(local, compile=False, safe_mode=True)
             except Exception as error:  # Keras raises many types for a damaged archive
                 raise DetectorError(f"{model_uri} could not be loaded as a Keras model: {error}") from None
         chosen = export["threshold"] if threshold is None else threshold
@@ -131,6 +143,7 @@ class PneumoniaDetector:
     def probabilities(self, pixels: np.ndarray | tf.Tensor, tta_views: int = 1) -> np.ndarray:
         """uint8 (N, S, S, 1) prepared pixels -> P(PNEUMONIA) per image. With tta_views > 1, the mean
         over the image and tta_views - 1 fixed random TTA_AUGMENT variants of it."""
+        check_tta_views(tta_views)
         pixels = tf.convert_to_tensor(pixels, tf.uint8)
         total = self._forward(tf.cast(pixels, tf.float32))
         for view in range(1, tta_views):
@@ -153,6 +166,9 @@ class PneumoniaDetector:
         probability) and the others are scored."""
         if bad_inputs not in ("raise", "report"):
             raise ValueError(f'bad_inputs must be "raise" or "report", got {bad_inputs!r}')
+        check_tta_views(tta_views)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         predictions: list[Prediction] = []
         for chunk in _chunks(list(inputs), batch_size):
             prepared, errors = [], {}
@@ -179,6 +195,12 @@ class PneumoniaDetector:
         return Prediction(label, probability, self.threshold, self.version, source)
 
 
+def check_tta_views(tta_views: int) -> None:
+    """The image itself counts as one view: 0 views would divide by zero (probability inf)."""
+    if isinstance(tta_views, bool) or not isinstance(tta_views, int) or tta_views < 1:
+        raise ValueError(f"tta_views must be an integer >= 1 (1: the image alone), got {tta_views!r}")
+
+
 def describe(image: ImageInput) -> str:
     """How a Prediction and an error name an input."""
     if isinstance(image, (str, os.PathLike)):
@@ -190,6 +212,31 @@ def describe(image: ImageInput) -> str:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return f"<{len(image)} bytes>"
     return f"<{type(image).__name__}>"
+
+
+def _refuse_unsafe_model(local: str, model_uri: str) -> None:
+    """Read the .keras archive's config.json and refuse Lambda layers and objects from modules other
+    than Keras' own, before Keras deserializes anything."""
+    try:
+        with zipfile.ZipFile(local) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DetectorError(f"{model_uri} could not be loaded as a Keras model: {error}") from None
+    pending = [config]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            module = item.get("module")
+            if isinstance(module, str) and module.split(".")[0] not in _KERAS_MODULES:
+                raise DetectorError(
+                    f"{model_uri} refers to code outside Keras ({module}.{item.get('class_name')}); "
+                    "refusing to load it"
+                )
+            if item.get("class_name") == "Lambda":
+                raise DetectorError(f"{model_uri} holds a Lambda layer (Python code); refusing to load it")
+            pending.extend(item.values())
 
 
 def _export_folder(uri: str) -> str:
@@ -209,6 +256,8 @@ def _read_export_manifest(folder: str) -> dict:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DetectorError(f"{manifest_uri} is not valid JSON: {error}") from None
+    if not isinstance(export, dict):
+        raise DetectorError(f"{manifest_uri} is not a pneumo-dist export description (not a JSON object)")
     missing = [key for key in ("model", "threshold", "preprocessing") if key not in export]
     if missing:
         raise DetectorError(

@@ -6,6 +6,7 @@ Defined once here; the shard writer, the input pipeline, evaluation and inferenc
 from __future__ import annotations
 
 import json
+import re
 
 from pneumo_dist import storage
 
@@ -48,12 +49,30 @@ def load_manifest(uri: str) -> dict:
         ) from None
     except json.JSONDecodeError as error:
         raise ManifestError(f"{manifest_uri} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{manifest_uri} is not a pneumo-dist manifest (not a JSON object)")
     version = manifest.get("schema_version")
     if version != MANIFEST_SCHEMA_VERSION:
         raise ManifestError(
             f"{manifest_uri} has schema_version {version!r}; this pneumo-dist reads {MANIFEST_SCHEMA_VERSION}"
         )
+    _check_names(manifest, manifest_uri)
     return manifest
+
+
+def _check_names(manifest: dict, manifest_uri: str) -> None:
+    """Every name in a manifest that becomes part of a path (shard paths; the fingerprint names the
+    staging and cache folders) must stay inside its folder, whoever wrote the bucket."""
+    fingerprint = manifest.get("fingerprint")
+    if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        raise ManifestError(f"{manifest_uri}: fingerprint {fingerprint!r} is not a sha256 hex digest")
+    folder = manifest_uri.rsplit("/", 1)[0]
+    try:
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                storage.child(folder, shard["path"], manifest_uri)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ManifestError(f"{manifest_uri}: malformed splits/shards ({error!r})") from None
 
 
 def shard_uris(manifest: dict, manifest_uri: str, split: str) -> list[str]:
@@ -61,5 +80,7 @@ def shard_uris(manifest: dict, manifest_uri: str, split: str) -> list[str]:
     if split not in manifest["splits"]:
         present = ", ".join(manifest["splits"]) or "none"
         raise ManifestError(f"{manifest_uri_of(manifest_uri)} has no {split!r} split (present: {present})")
-    folder = manifest_uri_of(manifest_uri).rsplit("/", 1)[0]
-    return [storage.join(folder, shard["path"]) for shard in manifest["splits"][split]["shards"]]
+    manifest_uri = manifest_uri_of(manifest_uri)
+    folder = manifest_uri.rsplit("/", 1)[0]
+    entries = manifest["splits"][split]["shards"]
+    return [storage.child(folder, shard["path"], manifest_uri) for shard in entries]

@@ -33,10 +33,23 @@ class StorageNotFound(StorageError):
     """The file or object does not exist."""
 
 
+class UnreadableFile(StorageError):
+    """A local path exists but cannot be read as a file (a folder, no permission)."""
+
+
+class UnsafeName(StorageError):
+    """A name read from a manifest, export or CSV would leave the folder it must stay in."""
+
+
+class AlreadyExists(StorageError):
+    """create_exclusive found the file or object already there."""
+
+
 @dataclass(frozen=True)
 class FileInfo:
     uri: str
     size_bytes: int
+    version: str = ""  # changes when the content may have: a file's mtime, an object's generation
 
 
 def is_gcs(uri: str) -> bool:
@@ -61,12 +74,33 @@ def basename(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+def child(folder: str, name: str, read_from: str) -> str:
+    """`folder` joined with `name`, a relative name read from the file `read_from` (a manifest, an
+    export, a state file). Refuses anything that could land outside `folder`: an absolute path, a URI,
+    `..`, a backslash or an empty part. A bucket object must never choose where a local file is written."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (
+        not parts
+        or any(part in ("", ".", "..") for part in parts)
+        or "\\" in name
+        or ":" in parts[0]
+        or "\x00" in name
+    ):
+        raise UnsafeName(
+            f"{read_from} names {name!r}: expected a plain relative name inside {folder} "
+            "(no absolute path, URI, '..' or backslash); refusing to read or write it"
+        )
+    return join(folder, name)
+
+
 def read_bytes(uri: str) -> bytes:
     if not is_gcs(uri):
         try:
             return Path(uri).read_bytes()
         except FileNotFoundError:
             raise StorageNotFound(f"no such file: {uri}") from None
+        except OSError as error:  # a folder, no permission, an I/O error
+            raise UnreadableFile(f"cannot read {uri}: {error.strerror or error}") from None
     return _gcs_call(uri, lambda blob: blob.download_as_bytes(timeout=GCS_TIMEOUT_S, retry=_retry()))
 
 
@@ -140,12 +174,56 @@ def delete(uri: str) -> None:
         _gcs_call(uri, lambda blob: blob.delete(timeout=GCS_TIMEOUT_S, retry=_retry()))
 
 
+def create_exclusive(uri: str, data: bytes) -> None:
+    """Create `uri` holding `data` only if nothing is there yet, else raise AlreadyExists: a lock that
+    two processes (or two machines, on GCS) cannot both take."""
+    if not is_gcs(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(uri, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            raise AlreadyExists(f"{uri} already exists") from None
+        except OSError as error:
+            raise StorageError(f"cannot write {uri}: {error.strerror or error}") from None
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        return
+    from google.api_core.exceptions import PreconditionFailed
+
+    def create(blob) -> None:
+        # Generation 0 means "no live object": GCS makes the check and the write one atomic step
+        # (https://cloud.google.com/storage/docs/request-preconditions). The look first is for stores
+        # that ignore preconditions, such as gcp-storage-emulator: there it is the only check.
+        if blob.exists(timeout=GCS_TIMEOUT_S, retry=_retry()):
+            raise AlreadyExists(f"{uri} already exists")
+        blob.upload_from_string(data, if_generation_match=0, timeout=GCS_TIMEOUT_S)
+
+    try:
+        _gcs_call(uri, create)
+    except AlreadyExists:
+        raise
+    except StorageError as error:
+        if isinstance(error.__cause__, PreconditionFailed):
+            raise AlreadyExists(f"{uri} already exists") from None
+        raise
+
+
 def delete_tree(prefix: str) -> None:
-    """Delete every file under the folder `prefix` (and, locally, the folder itself)."""
-    for info in list_files(prefix):
-        delete(info.uri)
-    if not is_gcs(prefix):
-        shutil.rmtree(prefix, ignore_errors=True)
+    """Delete every file under the folder `prefix` (and, locally, the folder itself). Symbolic links are
+    removed, never followed: what they point to is not ours."""
+    if is_gcs(prefix):
+        for info in list_files(prefix):
+            delete(info.uri)
+    elif os.path.islink(prefix):
+        os.unlink(prefix)
+    elif os.path.isdir(prefix):
+        # rmtree never follows links inside the tree (it unlinks them), and on Linux it walks by file
+        # descriptor, so a link swapped in during the walk cannot redirect it either.
+        try:
+            shutil.rmtree(prefix)
+        except OSError as error:
+            where = error.filename or prefix
+            raise StorageError(f"cannot delete {where}: {error.strerror or error}") from None
 
 
 def list_files(prefix: str) -> list[FileInfo]:
@@ -160,9 +238,31 @@ def list_files(prefix: str) -> list[FileInfo]:
     except Exception as error:  # noqa: BLE001 - translated into a message naming the bucket
         raise _translate(error, prefix) from error
     return sorted(
-        (FileInfo(f"{GCS_SCHEME}{bucket}/{b.name}", b.size or 0) for b in blobs if not b.name.endswith("/")),
+        (
+            FileInfo(f"{GCS_SCHEME}{bucket}/{b.name}", b.size or 0, str(b.generation))
+            for b in blobs
+            if not b.name.endswith("/")
+        ),
         key=lambda f: f.uri,
     )
+
+
+def describe_files(uris: list[str]) -> dict[str, FileInfo]:
+    """FileInfo of each of these files that exists (a folder is not a file): local files by stat, gs://
+    objects by listing each folder once rather than one request per object."""
+    found: dict[str, FileInfo] = {}
+    local = [uri for uri in uris if not is_gcs(uri)]
+    for uri in local:
+        try:
+            stat = os.stat(uri)
+        except OSError:
+            continue
+        if not os.path.isdir(uri):
+            found[uri] = FileInfo(uri, stat.st_size, str(stat.st_mtime_ns))
+    wanted = {uri for uri in uris if is_gcs(uri)}
+    for folder in sorted({uri.rsplit("/", 1)[0] for uri in wanted}):
+        found.update((info.uri, info) for info in list_files(folder) if info.uri in wanted)
+    return found
 
 
 def copy_tree(source: str, destination: str, threads: int = DEFAULT_TRANSFER_THREADS) -> None:
@@ -178,10 +278,11 @@ def _walk_local(folder: str):
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
-        if entry.is_dir():
+        if entry.is_dir():  # follows links: a source folder may link to where the images really are
             yield from _walk_local(entry.path)
         elif entry.is_file():
-            yield FileInfo(entry.path, entry.stat().st_size)
+            stat = entry.stat()
+            yield FileInfo(entry.path, stat.st_size, str(stat.st_mtime_ns))
 
 
 def copy_many(pairs: Iterable[tuple[str, str]], threads: int = DEFAULT_TRANSFER_THREADS) -> None:
@@ -211,6 +312,18 @@ def pyarrow_filesystem(uri: str):
 
     scheme, _, host = emulator.rpartition("://")
     return fs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=scheme or "http")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with this id exists: a lock or folder named after a dead one is
+    stale."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _current_umask() -> int:

@@ -1,5 +1,7 @@
 import hashlib
+import json
 import os
+import re
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -185,3 +187,82 @@ def test_labels_follow_the_manifest_counts(demo_shards):
 def test_config_replace_keeps_validation(demo_shards):
     with pytest.raises(ConfigError, match="data.image_size_px=8"):
         replace(config(demo_shards), image_size_px=8).validate()
+
+
+@pytest.fixture
+def local_dataset(demo_shards, tmp_path) -> Path:
+    """A private copy of the demo shards, to damage."""
+    import shutil
+
+    return Path(shutil.copytree(demo_shards, tmp_path / "ds"))
+
+
+def test_a_flipped_byte_in_a_streamed_shard_is_an_error_naming_it(local_dataset):
+    shard = local_dataset / "train-00001-of-00004.tfrecord"
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    shard.write_bytes(damaged)
+    dataset = data.open_dataset(config(str(local_dataset)))
+    assert len(dataset.shards("test")) == 4  # the intact splits read as before
+    with pytest.raises(data.ShardMismatch, match="train-00001-of-00004.tfrecord does not match the sha256"):
+        dataset.shards("train")
+
+
+def test_a_swapped_valid_shard_is_an_error_not_a_short_split(local_dataset):
+    # Both are sound TFRecord files: without the check, the split would silently read the wrong records.
+    train, val = (
+        local_dataset / "train-00000-of-00004.tfrecord",
+        local_dataset / "val-00000-of-00004.tfrecord",
+    )
+    train.write_bytes(val.read_bytes())
+    dataset = data.open_dataset(config(str(local_dataset)))
+    with pytest.raises(data.ShardMismatch, match="train-00000-of-00004.tfrecord is .* bytes where"):
+        dataset.shards("train")
+    (local_dataset / "val-00001-of-00004.tfrecord").unlink()
+    with pytest.raises(data.ShardMismatch, match="val-00001-of-00004.tfrecord is missing"):
+        dataset.shards("val")
+
+
+def test_shards_are_hashed_once_per_process_until_they_change(local_dataset, monkeypatch):
+    dataset = data.open_dataset(config(str(local_dataset)))
+    hashed = []
+    real = storage.local_sha256
+    monkeypatch.setattr(storage, "local_sha256", lambda path: hashed.append(path) or real(path))
+    dataset.shards("val")
+    assert len(hashed) in (0, 4)  # 0 when an earlier test already verified these very files
+    hashed.clear()
+    dataset.shards("val")
+    assert hashed == []
+    shard = local_dataset / "val-00002-of-00004.tfrecord"
+    os.utime(shard, ns=(0, 10**9))  # a new modification time: the file may have changed
+    dataset.shards("val")
+    assert hashed == [str(shard)]
+
+
+@pytest.mark.parametrize("name", ["/tmp/victim/.bashrc", "../../victim/.bashrc"])
+def test_a_bucket_manifest_cannot_choose_where_staging_writes(gcs_dataset, tmp_path, name):
+    victim = tmp_path / "victim" / ".bashrc"
+    victim.parent.mkdir()
+    victim.write_text("mine")
+    manifest_uri = storage.join(gcs_dataset, schema.MANIFEST_NAME)
+    manifest = json.loads(storage.read_bytes(manifest_uri))
+    shard = manifest["splits"]["train"]["shards"][0]
+    target = str(victim) if name.startswith("/") else name
+    if name.startswith("/"):  # the object that would be downloaded over the victim
+        storage.write_bytes(storage.join(gcs_dataset, target), b"attacker's bytes")
+    shard["path"] = target
+    storage.write_bytes(manifest_uri, json.dumps(manifest).encode())
+    stage_dir = tmp_path / "stage" / "a" / "b"
+    with pytest.raises(storage.UnsafeName, match=f"names '{re.escape(target)}': expected a plain relative"):
+        data.stage(gcs_dataset, str(stage_dir))
+    with pytest.raises(storage.UnsafeName):
+        data.open_dataset(config(gcs_dataset, read_mode="stage", stage_dir=str(stage_dir)))
+    assert victim.read_text() == "mine"
+
+
+def test_a_manifest_fingerprint_cannot_name_a_folder(local_dataset):
+    manifest = json.loads((local_dataset / schema.MANIFEST_NAME).read_text())
+    manifest["fingerprint"] = "../../../home/user/.ssh"
+    (local_dataset / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(schema.ManifestError, match="fingerprint .* is not a sha256 hex digest"):
+        data.open_dataset(config(str(local_dataset)))

@@ -198,3 +198,82 @@ def test_predict_job_with_a_wrong_model_exits_2_with_one_line(tmp_path, source_r
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("predict: error: no export.json")
+
+
+@pytest.mark.parametrize("name", ["/ABS/victim/.bashrc", "../victim/.bashrc", "sub/../../x.keras"])
+def test_a_bucket_export_cannot_choose_where_its_model_is_written(export, bucket, tmp_path, name):
+    victim = tmp_path / "victim" / ".bashrc"
+    victim.parent.mkdir()
+    victim.write_text("mine")
+    remote = f"{bucket}/runs/export"
+    storage.copy_tree(export, remote)
+    target = name.replace("/ABS/victim", str(victim.parent))
+    if name.startswith("/"):  # the object that would be downloaded over the victim
+        storage.write_bytes(storage.join(remote, target), b"attacker's bytes")
+    manifest = json.loads(storage.read_bytes(f"{remote}/export.json")) | {"model": target}
+    storage.write_bytes(f"{remote}/export.json", json.dumps(manifest).encode())
+    with pytest.raises(storage.UnsafeName, match="export.json names .*expected a plain relative name"):
+        PneumoniaDetector.load(remote)
+    assert victim.read_text() == "mine"
+
+
+def tiny_model_with_code(marker: Path):
+    """A Keras model whose Lambda layer creates `marker` when it runs: code execution, made visible."""
+    import tf_keras
+
+    inputs = tf_keras.Input((4,))
+    # Built from source so that the path is a constant in the function's code, not a closure.
+    touch = eval(f"lambda x: (open({str(marker)!r}, 'w').close(), x)[1]")  # noqa: S307
+    touched = tf_keras.layers.Lambda(touch)(inputs)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(1)(touched))
+
+
+def test_only_keras_archives_load_and_never_run_code(export, tmp_path):
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "export"
+    shutil.copytree(export, folder)
+    model = tiny_model_with_code(marker)
+    marker.unlink()  # building the model ran it once, here
+    model.save(folder / "model.h5")
+    manifest = json.loads((folder / "export.json").read_text())
+    (folder / "export.json").write_text(json.dumps(manifest | {"model": "model.h5"}))
+    with pytest.raises(DetectorError, match="model 'model.h5': only .keras models are loaded"):
+        PneumoniaDetector.load(str(folder))
+    model.save(folder / "lambda.keras")
+    (folder / "export.json").write_text(json.dumps(manifest | {"model": "lambda.keras"}))
+    with pytest.raises(DetectorError, match="holds a Lambda layer"):
+        PneumoniaDetector.load(str(folder))
+    assert not marker.exists()
+
+
+def test_a_keras_archive_naming_code_outside_keras_is_refused(export, tmp_path):
+    import zipfile
+
+    folder = tmp_path / "export"
+    shutil.copytree(export, folder)
+    original = folder / "model.keras"
+    with zipfile.ZipFile(original) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(entries["config.json"])
+    config["config"]["layers"][-1]["module"] = "subprocess"  # tf-keras would import any module named
+    entries["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(original, "w") as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+    with pytest.raises(DetectorError, match=r"refers to code outside Keras \(subprocess\."):
+        PneumoniaDetector.load(str(folder))
+
+
+def test_zero_test_time_augmentation_views_are_refused(detector, source_root, tmp_path):
+    image = sorted((source_root / "test" / "NORMAL").iterdir())[0]
+    with pytest.raises(ValueError, match="tta_views must be an integer >= 1"):
+        detector.predict(image, tta_views=0)
+    with pytest.raises(ValueError, match="tta_views must be an integer >= 1"):
+        detector.probabilities(np.zeros((1, 32, 32, 1), np.uint8), tta_views=0)
+    run = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "predict.py"), str(image), "--model", "x", "--tta", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2 and "--tta must be >= 1" in run.stderr

@@ -118,3 +118,49 @@ def test_missing_credentials_error_names_the_bucket(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "StorageError: cannot access gs://my-data-bucket: no Google Cloud credentials" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["/home/user/.bashrc", "../x.tfrecord", "a/../../x", "gs://other/x", "a\\..\\x", "", "a//b", "."]
+)
+def test_a_name_read_from_a_file_cannot_leave_its_folder(name):
+    with pytest.raises(storage.UnsafeName, match="manifest.json names .*plain relative name"):
+        storage.child("/data/ds", name, "manifest.json")
+    assert storage.child("/data/ds", "sub/train-00000-of-00001.tfrecord", "m") == (
+        "/data/ds/sub/train-00000-of-00001.tfrecord"
+    )
+
+
+def test_delete_tree_removes_links_but_never_what_they_point_to(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "folder" / "precious.txt").write_text("keep")
+    (outside / "file.txt").write_text("keep")
+    tree = tmp_path / "run" / "checkpoints"
+    tree.mkdir(parents=True)
+    (tree / "ckpt-1.index").write_text("ours")
+    (tree / "linked-folder").symlink_to(outside / "folder")
+    (tree / "linked-file").symlink_to(outside / "file.txt")
+    (tmp_path / "run" / "linked-tree").symlink_to(outside)
+    storage.delete_tree(str(tree))
+    storage.delete_tree(str(tmp_path / "run" / "linked-tree"))  # the link itself goes
+    assert not tree.exists() and not (tmp_path / "run" / "linked-tree").exists()
+    assert (outside / "folder" / "precious.txt").read_text() == "keep"
+    assert (outside / "file.txt").read_text() == "keep"
+
+
+def test_create_exclusive_lets_exactly_one_writer_in(base):
+    uri = storage.join(base, "_work", "lock.json")
+    storage.create_exclusive(uri, b"first")
+    with pytest.raises(storage.AlreadyExists, match="lock.json already exists"):
+        storage.create_exclusive(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+    storage.delete(uri)
+    storage.create_exclusive(uri, b"third")
+    assert storage.read_bytes(uri) == b"third"
+
+
+def test_reading_a_folder_is_a_storage_error_naming_it(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(storage.UnreadableFile, match="Is a directory"):
+        storage.read_bytes(str(tmp_path / "folder"))
