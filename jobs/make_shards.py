@@ -53,7 +53,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are refused"
     )
     parser.add_argument(
-        "--strict", action="store_true", help="stop at the first bad file instead of skipping it"
+        "--strict",
+        action="store_true",
+        help="stop at the first bad file instead of skipping it, and at images found in two splits",
+    )
+    parser.add_argument(
+        "--allow-outside-paths",
+        action="store_true",
+        help="let a CSV name files outside its own folder (../, absolute paths, other buckets)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at DST")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
@@ -73,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         min_shards=args.min_shards,
         max_pixels=args.max_pixels,
         strict=args.strict,
+        allow_outside_paths=args.allow_outside_paths,
     )
     bars: list[tqdm] = []  # made on the first report: its monitor thread would keep make_shards from forking
 
@@ -131,6 +139,16 @@ def summarize(result: shards.Result) -> str:
         lines.append(f"  skipped {len(manifest['skipped'])} files (listed in the manifest), e.g.:")
         lines += [f"    {s['source']}: {s['reason']}" for s in manifest["skipped"][:5]]
     lines += [f"  note: {note}" for note in manifest["notes"]]
+    duplicates = manifest.get("duplicates", [])
+    if duplicates:
+        lines.append(
+            f"  warning: {len(duplicates)} images are in more than one split (the same bytes; listed in "
+            "the manifest under duplicates; --strict makes this an error), e.g.:"
+        )
+        lines += [
+            "    " + " = ".join(f"{f['source']} ({f['split']})" for f in group["sources"])
+            for group in duplicates[:5]
+        ]
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, help="at most this many training steps per epoch")
     parser.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
     parser.add_argument("--resume", action="store_true", help="continue from the output's last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
     return parser.parse_args(argv)
 
 
@@ -63,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         strategy = train.choose_strategy(local=args.local)
-        result = train.train(config, strategy, resume=args.resume, on_step=on_step, on_epoch=on_epoch)
+        result = train.train(
+            config, strategy, resume=args.resume, on_step=on_step, on_epoch=on_epoch, overwrite=args.overwrite
+        )
     except (train.TrainingError, schema.ManifestError, storage.StorageError, data.StagingError) as error:
         print(f"train: error: {error}", file=sys.stderr)
         return 2

@@ -10,13 +10,20 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 IMAGE_FORMATS = ("jpeg", "png")
+# The only decoders Pillow may use: a TIFF, GIF, WebP or EPS renamed .png is refused, and Pillow never
+# hands a file to an external program (its EPS plugin runs Ghostscript).
+_PILLOW_FORMATS = ("JPEG", "PNG")
 # Kaggle's largest images are about 2,900 x 2,500 px; 50 MP leaves room for other collections while a
 # decompression bomb (a tiny file claiming gigapixels) is refused before it is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
+# The decoded image's own size, checked before decoding: 50 MP of 16-bit gray is 100 MB, of RGBA 200 MB.
+# Converting it costs at most about as much again (measured: BENCHMARKS.md), and make_shards runs one
+# worker per core.
+MAX_DECODED_BYTES = 256 * 2**20
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
@@ -39,9 +46,9 @@ def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
     except UnidentifiedImageError:
-        raise BadImage("not a readable image (unknown format or corrupt header)") from None
+        raise BadImage("not a readable image (not a JPEG or PNG, or a corrupt header)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise BadImage(f"decompression bomb refused: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -52,6 +59,12 @@ def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px
     if width * height > max_pixels:
         raise BadImage(
             f"decompression bomb refused: {width}x{height} px is more than max_pixels={max_pixels:,}"
+        )
+    decoded_bytes = width * height * _bytes_per_pixel(image.mode)
+    if decoded_bytes > MAX_DECODED_BYTES:
+        raise BadImage(
+            f"{width}x{height} px in mode {image.mode} would take {decoded_bytes / 2**20:.0f} MiB decoded, "
+            f"more than the {MAX_DECODED_BYTES / 2**20:.0f} MiB allowed per image"
         )
     if draft_px and image.format == "JPEG":
         image.draft("L", (draft_px, draft_px))
@@ -65,18 +78,41 @@ def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px
     return _to_grayscale(image), (height, width)
 
 
+def _bytes_per_pixel(mode: str) -> int:
+    try:
+        descriptor = ImageMode.getmode(mode)
+    except KeyError:
+        return 4
+    return len(descriptor.bands) * int(descriptor.typestr[-1])
+
+
 def _to_grayscale(image: Image.Image) -> Image.Image:
     if image.mode == "L":
         return image
     if image.mode in _SIXTEEN_BIT_MODES:
         # 16-bit X-rays often use only 10-12 of their bits, so a fixed /257 would leave them nearly
         # black: stretch each image's own range to 0..255 instead.
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) * (255.0 / (high - low)) if high > low else np.zeros_like(pixels)
-        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+        return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L")
     # RGB, RGBA/LA (alpha dropped), CMYK, palette, 1-bit: through RGB, with ITU-R 601 luma weights.
     return image.convert("RGB").convert("L")
+
+
+def _stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Map the array's min..max linearly onto 0..255 (rounded), a band of rows at a time, so memory
+    stays near the image plus its 8-bit result (float64 arithmetic on the whole image took 1.2 GB for
+    a 7000 x 7000 px 16-bit PNG)."""
+    low, high = float(pixels.min()), float(pixels.max())
+    out = np.zeros(pixels.shape, np.uint8)
+    if high <= low:
+        return out
+    scale = np.float32(255.0 / (high - low))
+    rows = max(1, (1 << 20) // max(1, pixels.shape[1]))
+    for start in range(0, pixels.shape[0], rows):
+        band = pixels[start : start + rows].astype(np.float32)
+        band -= np.float32(low)
+        band *= scale
+        out[start : start + rows] = np.round(band, out=band)
+    return out
 
 
 def resize_square(image: Image.Image, size_px: int) -> Image.Image:

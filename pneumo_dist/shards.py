@@ -17,12 +17,14 @@ import json
 import math
 import multiprocessing
 import os
+import re
+import socket
 import struct
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ from pneumo_dist.sources import SourceImage
 DEFAULT_STORED_SIZE_PX = 256
 WORK_FOLDER = "_work"
 PLAN_NAME = "plan.json"
+LOCK_NAME = "lock.json"
 _SIZE_SAMPLE = 8  # images encoded up front to estimate the bytes per record, hence the shard count
 
 
@@ -57,7 +60,8 @@ class ShardOptions:
     shard_target_mb: float = 100.0
     min_shards: int = 16
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
-    strict: bool = False
+    strict: bool = False  # stop at the first bad file, and at images found in two splits
+    allow_outside_paths: bool = False  # CSV rows may name files outside the CSV's folder
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ShardError:
@@ -107,12 +111,16 @@ def make_shards(
     options.validate()
     destination = destination.rstrip("/")
     # The workers start first, so that their start-up overlaps listing and planning.
-    with _worker_pool(workers) as pool, tempfile.TemporaryDirectory(prefix="pneumo-shards-") as scratch:
+    with (
+        _worker_pool(workers) as pool,
+        tempfile.TemporaryDirectory(prefix="pneumo-shards-") as scratch,
+        _destination_lock(destination),
+    ):
         local_npz = None
         if source_uri.lower().endswith(".npz") and storage.is_gcs(source_uri):
             local_npz = os.path.join(scratch, storage.basename(source_uri))
             storage.download(source_uri, local_npz)
-        listing = sources.list_source(source_uri, local_npz_path=local_npz)
+        listing = sources.list_source(source_uri, local_npz, options.allow_outside_paths)
         if options.strict and listing.skipped:
             first = listing.skipped[0]
             raise ShardError(f"{first.source}: {first.reason} (--strict stops at the first bad file)")
@@ -132,11 +140,21 @@ def make_shards(
                 f"({manifest_uri}); pass --overwrite to replace it"
             )
         plan_uri = storage.join(destination, WORK_FOLDER, PLAN_NAME)
-        if overwrite or existing is not None or _read_plan_fingerprint(plan_uri) != fingerprint:
-            _delete_dataset_files(destination)
-            storage.write_bytes(plan_uri, json.dumps({"fingerprint": fingerprint}).encode())
-
+        plan = _read_plan(plan_uri)
+        ours = _files_we_wrote(destination, existing, plan)
+        foreign = [info.uri for info in storage.list_files(destination) if info.uri not in ours]
+        if foreign and not overwrite:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ShardError(
+                f"{destination} holds files make_shards did not write ({shown}): choose an empty folder, "
+                "or pass --overwrite to write the dataset beside them (they are left alone)"
+            )
         tasks = _plan_shards(assigned, options, destination, pool)
+        if overwrite or existing is not None or plan.get("fingerprint") != fingerprint:
+            _delete(ours, destination)
+            names = [task.name for task in tasks]
+            storage.write_bytes(plan_uri, json.dumps({"fingerprint": fingerprint, "shards": names}).encode())
+
         done = {task.name: _read_sidecar(destination, task.name) for task in tasks}
         pending = [task for task in tasks if done[task.name] is None]
         total = sum(len(task.images) for task in tasks)
@@ -152,9 +170,16 @@ def make_shards(
                 on_progress(progress, total)
 
         manifest = _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done)
+        if options.strict and manifest["duplicates"]:
+            first = manifest["duplicates"][0]["sources"]
+            raise ShardError(
+                f"{len(manifest['duplicates'])} images appear in more than one split, e.g. "
+                f"{first[0]['source']} ({first[0]['split']}) = {first[1]['source']} ({first[1]['split']}) "
+                "(--strict); no manifest was written"
+            )
         # The manifest is the commit point: written last, atomically.
         storage.write_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
-        storage.delete_tree(storage.join(destination, WORK_FOLDER))
+        _delete(_work_files(destination, [task.name for task in tasks]), destination)
         return Result(manifest_uri, manifest, len(pending), len(tasks) - len(pending), unchanged=False)
 
 
@@ -176,12 +201,16 @@ def _fingerprint(source_uri: str, listing: sources.Listing, assigned: list[Sourc
     """Identifies the inputs and options; the same fingerprint means the same dataset."""
     digest = hashlib.sha256()
     settings = dataclasses.asdict(options) | {"format": listing.source_format}
-    settings.pop("strict")  # strictness changes whether we stop, not what is written
+    # Whether we stop, or may read outside a CSV's folder, does not change what is written.
+    settings.pop("strict")
+    settings.pop("allow_outside_paths")
     digest.update(json.dumps(settings, sort_keys=True).encode())
     if listing.source_format == "csv":
-        digest.update(storage.read_bytes(source_uri))  # CSV rows carry no file sizes
+        digest.update(storage.read_bytes(source_uri))  # patient ids, subtypes
     for image in assigned:
-        digest.update(f"{image.source}|{image.split}|{image.label}|{image.size_bytes}\n".encode())
+        line = f"{image.source}|{image.split}|{image.label}|{image.size_bytes}"
+        # A CSV's images also count their modification time: a CSV names files it does not describe.
+        digest.update(f"{line}|{image.version}\n".encode() if image.version else f"{line}\n".encode())
     return digest.hexdigest()
 
 
@@ -248,7 +277,7 @@ def _start_method() -> str:
 def _encoded_size(image: SourceImage, options: ShardOptions) -> int | None:
     try:
         return len(_convert(image, options)[0])
-    except (imaging.BadImage, storage.StorageError):
+    except (imaging.BadImage, storage.StorageNotFound, storage.UnreadableFile):
         return None
 
 
@@ -258,6 +287,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
     skipped: list[dict] = []
     counts: Counter = Counter()
     patients: set[str] = set()
+    contents: list[tuple[str, str]] = []  # (source sha256, source): duplicates across splits
     digest = hashlib.sha256()
     records = 0
     if not storage.is_gcs(uri):
@@ -270,7 +300,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
             for image in task.images:
                 try:
                     encoded, sha256, (height, width) = _convert(image, options)
-                except (imaging.BadImage, storage.StorageNotFound) as error:
+                except (imaging.BadImage, storage.StorageNotFound, storage.UnreadableFile) as error:
                     if options.strict:
                         raise ShardError(
                             f"{image.source}: {error} (--strict stops at the first bad file)"
@@ -285,6 +315,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
                 records += 1
                 counts[schema.CLASS_NAMES[image.label]] += 1
                 patients.add(image.patient_id)
+                contents.append((sha256, image.source))
         size_bytes = os.path.getsize(local_path)
         storage.move_local_into_place(local_path, uri)
     finally:
@@ -297,6 +328,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
         "sha256": digest.hexdigest(),
         "counts": dict(sorted(counts.items())),
         "patients": sorted(patients),
+        "contents": contents,
         "skipped": skipped,
     }
     storage.write_bytes(_sidecar_uri(task.destination, task.name), json.dumps(sidecar).encode())
@@ -401,37 +433,127 @@ def _sidecar_uri(destination: str, shard_name: str) -> str:
 
 
 def _read_sidecar(destination: str, shard_name: str) -> dict | None:
-    # The sidecar is published after its shard, so its presence means the shard is complete.
+    # The sidecar is published after its shard, so its presence means the shard is complete. One that
+    # cannot be read (damaged by a crash of the disk or VM) means the shard must be written again.
     try:
-        return json.loads(storage.read_bytes(_sidecar_uri(destination, shard_name)))
-    except storage.StorageNotFound:
+        sidecar = json.loads(storage.read_bytes(_sidecar_uri(destination, shard_name)))
+    except (storage.StorageNotFound, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    fields = ("path", "records", "bytes", "sha256", "counts", "patients", "contents", "skipped")
+    if not isinstance(sidecar, dict) or any(key not in sidecar for key in fields):
+        return None
+    return sidecar
 
 
-def _read_plan_fingerprint(plan_uri: str) -> str | None:
+def _read_plan(plan_uri: str) -> dict:
+    """The plan of an unfinished run: {"fingerprint": ..., "shards": [names]}; {} when there is none."""
     try:
-        return json.loads(storage.read_bytes(plan_uri))["fingerprint"]
-    except (storage.StorageNotFound, json.JSONDecodeError, KeyError):
-        return None
+        plan = json.loads(storage.read_bytes(plan_uri))
+    except (storage.StorageNotFound, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return plan if isinstance(plan, dict) else {}
 
 
 def _read_manifest_if_any(manifest_uri: str) -> dict | None:
     try:
-        return json.loads(storage.read_bytes(manifest_uri))
+        manifest = json.loads(storage.read_bytes(manifest_uri))
     except storage.StorageNotFound:
         return None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ShardError(f"{manifest_uri} exists but is not valid JSON ({error}); use --overwrite") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{manifest_uri} is not a pneumo-dist manifest; use --overwrite")
+    return manifest
 
 
-def _delete_dataset_files(destination: str) -> None:
-    """Remove what make_shards writes (and nothing else), the manifest first."""
-    storage.delete(storage.join(destination, schema.MANIFEST_NAME))
-    for info in storage.list_files(destination):
-        name = storage.basename(info.uri)
-        if name.endswith(".tfrecord") and info.uri == storage.join(destination, name):
-            storage.delete(info.uri)
-    storage.delete_tree(storage.join(destination, WORK_FOLDER))
+_SHARD_NAME = re.compile(r"(train|val|test)-\d{5}-of-\d{5}\.tfrecord")
+
+
+def _files_we_wrote(destination: str, manifest: dict | None, plan: dict) -> set[str]:
+    """URIs under `destination` that an earlier make_shards wrote, by the names its manifest and its plan
+    recorded, with their sidecars and the temporary files of a killed run. Nothing else is ever deleted."""
+    names = set(plan.get("shards") or [])
+    with contextlib.suppress(AttributeError, KeyError, TypeError):  # a damaged manifest names nothing
+        names.update(shard["path"] for split in manifest["splits"].values() for shard in split["shards"])
+    shards = sorted(n for n in names if isinstance(n, str) and _SHARD_NAME.fullmatch(n))
+    ours = {storage.join(destination, name) for name in [schema.MANIFEST_NAME, *shards]}
+    ours.update(_work_files(destination, shards))
+    if not storage.is_gcs(destination):
+        # A killed process leaves its temporary files beside their targets (storage.write_bytes,
+        # write_shard): ".<name>.<random>.tmp".
+        for folder, targets in (
+            (destination, [schema.MANIFEST_NAME, *shards]),
+            (_work_folder(destination), [PLAN_NAME, *(name + ".json" for name in shards)]),
+        ):
+            temporary = re.compile(r"\.(" + "|".join(map(re.escape, targets)) + r")\.[^/]+\.tmp")
+            ours.update(
+                info.uri
+                for info in storage.list_files(folder)
+                if "/" not in info.uri[len(folder) + 1 :] and temporary.fullmatch(storage.basename(info.uri))
+            )
+    return ours
+
+
+def _work_folder(destination: str) -> str:
+    return storage.join(destination, WORK_FOLDER)
+
+
+def _work_files(destination: str, shard_names: list[str]) -> set[str]:
+    """The plan, the lock and each shard's sidecar."""
+    work = _work_folder(destination)
+    names = [PLAN_NAME, LOCK_NAME, *(name + ".json" for name in shard_names)]
+    return {storage.join(work, name) for name in names}
+
+
+def _delete(uris: set[str], destination: str) -> None:
+    """Delete these files (the manifest first: a dataset stops being one before its shards go), never
+    the lock, then the work folder if that left it empty."""
+    manifest = storage.join(destination, schema.MANIFEST_NAME)
+    lock = storage.join(_work_folder(destination), LOCK_NAME)
+    for uri in sorted(uris, key=lambda uri: uri != manifest):
+        if uri != lock:
+            storage.delete(uri)
+
+
+@contextlib.contextmanager
+def _destination_lock(destination: str):
+    """Only one make_shards writes a destination at a time, across processes and machines: a lock file
+    created only if absent (on GCS, an object created with if_generation_match=0). A lock left by a
+    dead process of this host is taken over; one from another host must be removed by hand."""
+    uri = storage.join(_work_folder(destination), LOCK_NAME)
+    created = not storage.is_gcs(destination) and not os.path.exists(destination)
+    owner = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        storage.create_exclusive(uri, json.dumps(owner).encode())
+    except storage.AlreadyExists:
+        holder = _read_plan(uri)  # any small JSON file
+        pid = holder.get("pid")
+        ours = holder.get("host") == owner["host"] and isinstance(pid, int)
+        stale = ours and not storage.process_alive(pid)
+        if not stale:
+            raise ShardError(
+                f"{destination} is being written by another make_shards (host {holder.get('host')}, pid "
+                f"{pid}, since {holder.get('started_utc')}). If that run is no longer alive, delete {uri} "
+                "and run again"
+            ) from None
+        storage.delete(uri)
+        try:
+            storage.create_exclusive(uri, json.dumps(owner).encode())
+        except storage.AlreadyExists:
+            raise ShardError(f"{destination} is being written by another make_shards ({uri})") from None
+    try:
+        yield
+    finally:
+        storage.delete(uri)
+        if not storage.is_gcs(destination):
+            with contextlib.suppress(OSError):  # rmdir removes only empty folders
+                os.rmdir(_work_folder(destination))
+                if created:
+                    os.rmdir(destination)
 
 
 # --- the manifest -----------------------------------------------------------------------------------
@@ -442,6 +564,7 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
     counts: dict[str, dict[str, int]] = {}
     patients: dict[str, int] = {}
     skipped = [dataclasses.asdict(s) for s in listing.skipped]
+    copies: dict[str, list[dict]] = defaultdict(list)
     for split in schema.SPLITS:
         shard_names = [task.name for task in tasks if task.name.startswith(split + "-")]
         if not shard_names:
@@ -453,6 +576,9 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
             split_counts.update(sidecar["counts"])
             split_patients.update(sidecar["patients"])
             skipped.extend(sidecar["skipped"])
+        for sidecar in sidecars:
+            for sha256, source in sidecar["contents"]:
+                copies[sha256].append({"split": split, "source": source})
         for class_name in schema.CLASS_NAMES:
             if not split_counts[class_name]:
                 raise ShardError(
@@ -465,6 +591,17 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
             "records": sum(s["records"] for s in sidecars),
             "shards": [{k: s[k] for k in ("path", "records", "bytes", "sha256")} for s in sidecars],
         }
+    # The same bytes in two splits: a patient with no id, or one filed twice. Listed, never moved (the test
+    # split is never touched); within a split a duplicate only weighs an image twice.
+    duplicates = [
+        {"sha256": sha256, "sources": sorted(found, key=lambda f: (f["split"], f["source"]))}
+        for sha256, found in sorted(copies.items())
+        if len({f["split"] for f in found}) > 1
+    ]
+    within = sum(1 for found in copies.values() if len(found) > 1 and len({f["split"] for f in found}) == 1)
+    notes = listing.notes + split_notes
+    if within:
+        notes = [*notes, f"{within} groups of identical images within one split"]
     train = counts["train"]
     total = sum(train.values())
     return {
@@ -488,5 +625,6 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
         "class_weights": {name: total / (len(train) * n) for name, n in train.items()},
         "splits": splits,
         "skipped": sorted(skipped, key=lambda s: s["source"]),
-        "notes": listing.notes + split_notes,
+        "duplicates": duplicates,
+        "notes": notes,
     }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ class SourceImage:
     split: str
     subtype: str = ""  # "bacteria" / "virus" when the name says so
     size_bytes: int = -1  # from the listing; part of the dataset fingerprint (-1: unknown)
+    version: str = ""  # CSV sources: the file's mtime / object generation, also in the fingerprint
     npz_key: str = ""  # for npz sources: array key and row
     npz_index: int = -1
 
@@ -73,12 +75,12 @@ def parse_label(text: str) -> int | None:
     return None
 
 
-def list_source(uri: str, local_npz_path: str | None = None) -> Listing:
+def list_source(uri: str, local_npz_path: str | None = None, allow_outside_paths: bool = False) -> Listing:
     """List a source by its form: a .npz file, a .csv file, or a Kaggle-layout folder."""
     if uri.lower().endswith(".npz"):
         return list_npz(local_npz_path or uri, source_name=storage.basename(uri))
     if uri.lower().endswith(".csv"):
-        return list_csv(uri)
+        return list_csv(uri, allow_outside_paths)
     return list_kaggle(uri)
 
 
@@ -194,8 +196,12 @@ def list_npz(path: str, source_name: str) -> Listing:
     return listing
 
 
-def list_csv(uri: str) -> Listing:
-    """A CSV with a header: path,label[,patient_id][,split][,subtype]; paths relative to the CSV's folder."""
+def list_csv(uri: str, allow_outside_paths: bool = False) -> Listing:
+    """A CSV with a header: path,label[,patient_id][,split][,subtype]; paths relative to the CSV's folder.
+
+    A row naming a file outside the CSV's folder (`..`, an absolute path, another bucket) is an error
+    unless `allow_outside_paths`: a CSV from a bucket must not choose which local files get read.
+    """
     try:
         text = storage.read_bytes(uri).decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -227,6 +233,12 @@ def list_csv(uri: str) -> Listing:
         if not has_image_extension(path):
             listing.skipped.append(Skipped(path, "not an image file (expected .jpeg, .jpg or .png)"))
             continue
+        image_uri = _csv_row_uri(folder, path)
+        if not allow_outside_paths and not _inside(image_uri, folder):
+            raise SourceError(
+                f"{where}: {path} is outside the CSV's folder {folder}; pass --allow-outside-paths "
+                "to read files elsewhere"
+            )
         name = path.rsplit("/", 1)[-1]
         parsed_patient, parsed_subtype = patient_and_subtype(name)
         patient = row.get("patient_id") or parsed_patient
@@ -236,7 +248,7 @@ def list_csv(uri: str) -> Listing:
         listing.images.append(
             SourceImage(
                 source=path,
-                uri=path if storage.is_gcs(path) or path.startswith("/") else storage.join(folder, path),
+                uri=image_uri,
                 label=label,
                 patient_id=patient,
                 split=split,
@@ -245,8 +257,41 @@ def list_csv(uri: str) -> Listing:
         )
     if unparsed_patients:
         listing.notes.append(f"{unparsed_patients} rows have no patient id; each is its own patient")
+    _describe_files(listing)
     _check_splits(listing, uri)
     return listing
+
+
+def _csv_row_uri(folder: str, path: str) -> str:
+    if storage.is_gcs(path):
+        return path
+    if storage.is_gcs(folder) and not os.path.isabs(path):
+        return storage.join(folder, path)
+    return os.path.normpath(os.path.join(folder, path))  # an absolute path stays itself
+
+
+def _inside(image_uri: str, folder: str) -> bool:
+    if storage.is_gcs(folder) or storage.is_gcs(image_uri):
+        prefix = folder.rstrip("/") + "/"
+        return image_uri.startswith(prefix) and ".." not in image_uri[len(prefix) :].split("/")
+    root = os.path.abspath(folder)
+    return os.path.abspath(image_uri).startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _describe_files(listing: Listing) -> None:
+    """Give each CSV image its size and version (the fingerprint must change when a file does); a row
+    naming a folder or a missing file is skipped with the reason."""
+    found = storage.describe_files([image.uri for image in listing.images])
+    kept = []
+    for image in listing.images:
+        info = found.get(image.uri)
+        if info is None:
+            is_folder = not storage.is_gcs(image.uri) and os.path.isdir(image.uri)
+            reason = "a folder, not a file" if is_folder else "no such file"
+            listing.skipped.append(Skipped(image.source, reason))
+        else:
+            kept.append(replace(image, size_bytes=info.size_bytes, version=info.version))
+    listing.images = kept
 
 
 def _check_splits(listing: Listing, where: str) -> None:

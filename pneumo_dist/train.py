@@ -83,18 +83,40 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[dict, str | None], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train, validate every epoch, checkpoint, stop early, export the best model; returns the result.
+
+    An output folder that already holds a run is an error unless `resume` (continue it) or `overwrite`
+    (replace its checkpoints, export and logs): a new run never silently deletes an earlier one.
 
     `on_step(epoch, step, steps, loss)` and `on_epoch(record, checkpoint_dir)` are for progress displays
     and Ray's reporting; `checkpoint_dir` is a local folder holding this epoch's checkpoint (chief only).
     """
     config.validate()
+    if not resume and not overwrite:
+        _refuse_existing_run(config.train.output_uri.rstrip("/"))
     strategy = strategy or choose_strategy()
     # A gs:// output (and every non-chief worker) works in a local folder that must not outlive the run:
     # it holds a full checkpoint, ~1 GB for ResNet50 with its optimizer state.
     with scratch_folder() as scratch:
         return _Run(config, strategy, scratch).fit(resume, on_step, on_epoch)
+
+
+RUN_FOLDERS = (CHECKPOINTS, EXPORT, "tensorboard")  # what a run writes in its output, with config.yaml
+
+
+def _refuse_existing_run(output: str) -> None:
+    # Checked by every worker before any of them writes: the chief writes only after the model is built,
+    # which needs every worker.
+    found = [name for name in RUN_FOLDERS if storage.list_files(storage.join(output, name))]
+    if storage.exists(storage.join(output, "config.yaml")):
+        found.insert(0, "config.yaml")
+    if found:
+        raise TrainingError(
+            f"{output} already holds a run ({', '.join(found)}): pass --resume to continue it, "
+            "--overwrite to replace it, or choose another train.output_uri"
+        )
 
 
 def scratch_folder() -> tempfile.TemporaryDirectory:
@@ -104,19 +126,9 @@ def scratch_folder() -> tempfile.TemporaryDirectory:
     host_prefix = f"{SCRATCH_PREFIX}{socket.gethostname()}-"
     for path in glob.glob(os.path.join(tempfile.gettempdir(), host_prefix + "*")):
         pid = os.path.basename(path)[len(host_prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not storage.process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
     return tempfile.TemporaryDirectory(prefix=f"{host_prefix}{os.getpid()}-")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class _Run:
@@ -174,8 +186,8 @@ class _Run:
         if self.chief and not resume:
             # A fresh run replaces an earlier one's results, so that its checkpoints are never mixed
             # with ours (and a state.json of theirs cannot name a checkpoint of ours).
-            for folder in (CHECKPOINTS, EXPORT, "tensorboard"):
-                storage.delete_tree(storage.join(self.output, folder))
+            for folder in RUN_FOLDERS:
+                storage.delete_tree(storage.join(self.output, folder))  # never follows links out
             storage.write_bytes(storage.join(self.output, "config.yaml"), to_yaml(self.config).encode())
         writer = tf.summary.create_file_writer(os.path.join(self.work, "tensorboard")) if self.chief else None
         iterator = iter(self.train_batches)
@@ -313,7 +325,16 @@ class _Run:
         folder = os.path.join(self.work, CHECKPOINTS)
         os.makedirs(folder, exist_ok=True)
         if improved:
-            self.classifier.save_weights(os.path.join(folder, BEST_WEIGHTS))
+            # Saved beside and renamed into place: a run killed mid-save keeps the previous best weights
+            # instead of a truncated file that would fail its export on every resume.
+            # (The name must end in .weights.h5: Keras picks the file format by the suffix.)
+            partial = os.path.join(folder, f".best-partial-{os.getpid()}.weights.h5")
+            try:
+                self.classifier.save_weights(partial)
+                os.replace(partial, os.path.join(folder, BEST_WEIGHTS))
+            finally:
+                if os.path.exists(partial):
+                    os.remove(partial)
         self.epoch.assign(epoch)
         prefix = self.checkpoint.write(os.path.join(folder, f"ckpt-{epoch}"))
         state["checkpoint"] = os.path.basename(prefix)
@@ -349,12 +370,15 @@ class _Run:
             raise TrainingError(
                 f"--resume: no checkpoint in {remote} (no {STATE_NAME}); start without --resume"
             ) from None
+        except json.JSONDecodeError as error:
+            raise TrainingError(f"--resume: {remote}/{STATE_NAME} is damaged ({error})") from None
         folder = os.path.join(self.work, CHECKPOINTS)
+        checkpoint = storage.child(folder, state["checkpoint"], storage.join(remote, STATE_NAME))
         if storage.is_gcs(self.output) or not self.chief:
             names = [f.uri.rsplit("/", 1)[-1] for f in storage.list_files(remote)]
             wanted = [n for n in names if n.startswith(state["checkpoint"] + ".") or n == BEST_WEIGHTS]
             storage.copy_many((storage.join(remote, n), os.path.join(folder, n)) for n in wanted)
-        self.checkpoint.read(os.path.join(folder, state["checkpoint"])).assert_existing_objects_matched()
+        self.checkpoint.read(checkpoint).assert_existing_objects_matched()
         return state
 
     def _publish_folder(self, name: str) -> None:

@@ -230,7 +230,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         ray_train.report({**metrics, "epoch": record["epoch"] + 1})
 
-    train_lib.train(config, train_lib.choose_strategy(), resume=resume, on_epoch=on_epoch)
+    # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
+    # very trial: replace it.
+    train_lib.train(config, train_lib.choose_strategy(), resume=resume, on_epoch=on_epoch, overwrite=True)
 
 
 def report_on_test(export_uri: str, config: config_lib.RunConfig) -> dict | None:

@@ -1,4 +1,5 @@
 import io
+import os
 
 import numpy as np
 import pytest
@@ -94,3 +95,68 @@ def test_array_source_becomes_stored_image():
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), gradient(28, 28))
     with pytest.raises(images.BadImage, match="uint8"):
         images.array_to_stored_image(np.zeros((28, 28), np.float32), 28)
+
+
+@pytest.mark.parametrize("format_", ["TIFF", "GIF", "WEBP", "BMP", "EPS"])
+def test_formats_the_product_does_not_claim_are_refused_whatever_their_name(format_):
+    data = encoded(Image.fromarray(gradient()).convert("RGB" if format_ == "EPS" else "L"), format_)
+    with pytest.raises(images.BadImage, match="not a readable image .*not a JPEG or PNG"):
+        images.to_stored_image(data, 32)
+
+
+def test_an_eps_renamed_png_never_starts_ghostscript(tmp_path, monkeypatch):
+    marker = tmp_path / "ghostscript-ran"
+    fake = tmp_path / "bin" / "gs"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    eps = encoded(Image.fromarray(gradient()).convert("RGB"), "EPS")
+    with pytest.raises(images.BadImage):
+        images.to_stored_image(eps, 32)
+    assert not marker.exists()
+
+
+def png_header(width: int, height: int, bit_depth: int, color_type: int) -> bytes:
+    """A PNG that claims a size and pixel format and holds no pixels: what Pillow reads before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_decoded_memory_per_image_is_capped_before_decoding():
+    rgba = png_header(9000, 8000, 8, 6)  # 72 MP of RGBA: 275 MiB decoded
+    with pytest.raises(images.BadImage, match="9000x8000 px in mode RGBA would take 275 MiB decoded"):
+        images.to_stored_image(rgba, 32, max_pixels=100_000_000)
+
+
+def test_a_large_sixteen_bit_png_decodes_in_bounded_memory():
+    """A 96 kB 16-bit 7000 x 7000 px PNG took 1.2 GB to convert; the image itself is 98 MB."""
+    import subprocess
+    import sys
+
+    code = """
+import io, resource
+import numpy as np
+from PIL import Image
+from pneumo_dist import images
+pixels = np.zeros((7000, 7000), np.uint16)
+pixels[100:200, 100:3000] = 4000
+out = io.BytesIO()
+Image.fromarray(pixels).save(out, format="PNG")
+data = out.getvalue()
+del pixels, out
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stored, size = images.to_stored_image(data, 64, image_format="png")
+assert size == (7000, 7000) and Image.open(io.BytesIO(stored)).size == (64, 64)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth_mb = int(run.stdout.strip())
+    assert growth_mb < 400, f"converting took {growth_mb} MB more"

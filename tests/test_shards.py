@@ -1,7 +1,10 @@
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ import pytest
 from pneumo_dist import schema, shards, sources, storage
 
 SMALL = shards.ShardOptions(stored_size_px=32, min_shards=4)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def read_records(shard_uris: list[str]) -> list[dict]:
@@ -96,7 +100,9 @@ def test_manifest_describes_counts_checksums_and_options(tiny_demo_root, tmp_pat
     assert weights["NORMAL"] * train["NORMAL"] == pytest.approx(weights["PNEUMONIA"] * train["PNEUMONIA"])
     assert manifest["image"] == {"stored_size_px": 32, "format": "jpeg", "channels": 1, "jpeg_quality": 95}
     assert manifest["options"]["seed"] == 0 and manifest["skipped"] == []
-    assert sorted(os.listdir(tmp_path / "ds"))[-1] == "val-00003-of-00004.tfrecord"  # no leftovers
+    names = {f"{split}-{i:05d}-of-00004.tfrecord" for split in schema.SPLITS for i in range(4)}
+    expected = names | {schema.MANIFEST_NAME}
+    assert set(os.listdir(tmp_path / "ds")) == expected  # no work folder, lock or temporary files
 
 
 def test_same_inputs_give_identical_shard_bytes(tiny_demo_root, tmp_path):
@@ -201,7 +207,7 @@ def test_bad_files_are_skipped_counted_and_listed(demo_copy, tmp_path):
         "train/NORMAL/.DS_Store": "system file, not an image",
         "train/NORMAL/IM-9001-0001.jpeg": "empty file (0 bytes)",
         "train/NORMAL/IM-9002-0001.jpeg": reasons["train/NORMAL/IM-9002-0001.jpeg"],
-        "train/NORMAL/IM-9003-0001.jpeg": "not a readable image (unknown format or corrupt header)",
+        "train/NORMAL/IM-9003-0001.jpeg": "not a readable image (not a JPEG or PNG, or a corrupt header)",
     }
     assert reasons["train/NORMAL/IM-9002-0001.jpeg"].startswith("truncated or corrupt image")
     assert sum(entry["records"] for entry in result.manifest["splits"].values()) == 44
@@ -283,7 +289,10 @@ def test_csv_source(tiny_demo_root, tmp_path):
         f"{tiny_demo_root}/{i.source},{i.label},{'test' if i.split == 'test' else 'train'}" for i in listing
     ]
     (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
-    result = shards.make_shards(str(tmp_path / "list.csv"), str(tmp_path / "ds"), SMALL, workers=1)
+    with pytest.raises(sources.SourceError, match="outside the CSV's folder"):
+        shards.make_shards(str(tmp_path / "list.csv"), str(tmp_path / "ds"), SMALL, workers=1)
+    options = dataclasses.replace(SMALL, allow_outside_paths=True)  # the images are in another folder
+    result = shards.make_shards(str(tmp_path / "list.csv"), str(tmp_path / "ds"), options, workers=1)
     assert result.manifest["source"]["format"] == "csv"
     assert sum(entry["records"] for entry in result.manifest["splits"].values()) == 44
 
@@ -300,3 +309,118 @@ def test_manifest_json_is_human_readable(tiny_demo_root, tmp_path):
     text = (tmp_path / "ds" / schema.MANIFEST_NAME).read_text()
     assert json.loads(text)["schema_version"] == schema.MANIFEST_SCHEMA_VERSION
     assert "\n" in text
+
+
+def test_files_make_shards_did_not_write_are_an_error_and_never_deleted(tiny_demo_root, tmp_path):
+    destination = tmp_path / "ds"
+    (destination / shards.WORK_FOLDER).mkdir(parents=True)
+    theirs = {
+        "other-dataset.tfrecord": b"someone else's records",
+        "notes.txt": b"my notes",
+        f"{shards.WORK_FOLDER}/their-state.bin": b"state",
+    }
+    for name, content in theirs.items():
+        (destination / name).write_bytes(content)
+    with pytest.raises(shards.ShardError, match="files make_shards did not write .*other-dataset.tfrecord"):
+        shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
+    result = shards.make_shards(tiny_demo_root, str(destination), SMALL, overwrite=True, workers=1)
+    assert sum(entry["records"] for entry in result.manifest["splits"].values()) == 44
+    for name, content in theirs.items():
+        assert (destination / name).read_bytes() == content
+    # A later --overwrite with other options replaces our shards and still leaves theirs alone.
+    png = dataclasses.replace(SMALL, image_format="png", min_shards=2)
+    shards.make_shards(tiny_demo_root, str(destination), png, overwrite=True, workers=1)
+    ours = [n for n in os.listdir(destination) if n.endswith(".tfrecord") and not n.startswith("other")]
+    assert len(ours) == 6 and all((destination / n).read_bytes() == c for n, c in theirs.items())
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_second_make_shards_into_a_destination_in_use_is_refused(tiny_demo_root, tmp_path, request, where):
+    destination = str(tmp_path / "ds") if where == "local" else request.getfixturevalue("bucket") + "/ds"
+    lock = storage.join(destination, shards.WORK_FOLDER, shards.LOCK_NAME)
+    # A live process of this host holds it (this very one): not stale.
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": "2026-01-01T00:00:00Z"}
+    storage.create_exclusive(lock, json.dumps(holder).encode())
+    with pytest.raises(shards.ShardError, match=f"being written by another make_shards .*pid {os.getpid()}"):
+        shards.make_shards(tiny_demo_root, destination, SMALL, workers=1)
+    assert not storage.exists(storage.join(destination, schema.MANIFEST_NAME))
+    storage.delete(lock)
+    result = shards.make_shards(tiny_demo_root, destination, SMALL, workers=1)
+    assert not storage.exists(lock) and result.shards_written == 12
+
+
+def test_two_concurrent_runs_give_one_sound_dataset(tiny_demo_root, tmp_path):
+    destination = tmp_path / "ds"
+    command = [sys.executable, "jobs/make_shards.py", tiny_demo_root, str(destination), "--size", "32"]
+    first = subprocess.Popen(
+        [*command, "--min-shards", "16", "--workers", "1"], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    lock = destination / shards.WORK_FOLDER / shards.LOCK_NAME
+    deadline = time.monotonic() + 60
+    while not lock.exists():
+        assert first.poll() is None and time.monotonic() < deadline, "the first run ended before the test"
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)  # paused mid-run, deterministically, while it holds the lock
+    try:
+        second = subprocess.run(
+            [*command, "--format", "png", "--overwrite"], cwd=REPO, capture_output=True, text=True
+        )
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=120) == 0
+    assert second.returncode == 2 and "being written by another make_shards" in second.stderr
+    assert second.stderr.count("\n") == 1, second.stderr
+    manifest = schema.load_manifest(str(destination))
+    assert manifest["image"]["format"] == "jpeg"
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            assert storage.local_sha256(str(destination / shard["path"])) == shard["sha256"]
+
+
+def test_a_damaged_sidecar_means_an_unfinished_shard(tiny_demo_root, tmp_path):
+    destination = tmp_path / "ds"
+    (destination / "train-00002-of-00004.tfrecord").mkdir(parents=True)  # the first run fails there
+    with pytest.raises(storage.StorageError):
+        shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
+    (destination / "train-00002-of-00004.tfrecord").rmdir()
+    sidecar = destination / shards.WORK_FOLDER / "train-00000-of-00004.tfrecord.json"
+    assert sidecar.exists()
+    sidecar.write_bytes(b"")  # as a crash of the disk can leave it
+    resumed = shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
+    assert resumed.shards_written + resumed.shards_reused == 12 and resumed.shards_reused >= 1
+    fresh = shards.make_shards(tiny_demo_root, str(tmp_path / "fresh"), SMALL, workers=1)
+    assert resumed.manifest["splits"] == fresh.manifest["splits"]
+
+
+def test_the_same_image_in_two_splits_is_listed_and_strict_refuses_it(demo_copy, tmp_path):
+    train_image = sorted((demo_copy / "train" / "NORMAL").iterdir())[0]
+    copy = demo_copy / "test" / "NORMAL" / "IM-9999-0001.jpeg"  # another patient id, the same bytes
+    shutil.copyfile(train_image, copy)
+    result = shards.make_shards(str(demo_copy), str(tmp_path / "ds"), SMALL, workers=1)
+    (group,) = result.manifest["duplicates"]
+    assert group["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert {f["source"] for f in group["sources"]} == {
+        str(train_image.relative_to(demo_copy)),
+        "test/NORMAL/IM-9999-0001.jpeg",
+    }
+    job = [sys.executable, "jobs/make_shards.py", str(demo_copy), str(tmp_path / "job"), "--size", "32"]
+    run = subprocess.run(job, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "warning: 1 images are in more than one split" in run.stdout
+    strict = dataclasses.replace(SMALL, strict=True)
+    with pytest.raises(shards.ShardError, match="1 images appear in more than one split.*IM-9999-0001"):
+        shards.make_shards(str(demo_copy), str(tmp_path / "strict"), strict, workers=1)
+    assert not (tmp_path / "strict" / schema.MANIFEST_NAME).exists()
+
+
+def test_a_changed_image_of_a_csv_source_changes_the_dataset(demo_copy, tmp_path):
+    listing = sources.list_kaggle(str(demo_copy)).images
+    lines = ["path,label,split"] + [f"{i.source},{i.label},{i.split}" for i in listing]
+    (demo_copy / "list.csv").write_text("\n".join(lines) + "\n")
+    destination = str(tmp_path / "ds")
+    shards.make_shards(str(demo_copy / "list.csv"), destination, SMALL, workers=1)
+    assert shards.make_shards(str(demo_copy / "list.csv"), destination, SMALL, workers=1).unchanged
+    image = demo_copy / listing[0].source
+    other = demo_copy / listing[-1].source
+    image.write_bytes(other.read_bytes())  # new content; the CSV itself is unchanged
+    with pytest.raises(shards.ShardError, match="already holds a dataset made from other inputs"):
+        shards.make_shards(str(demo_copy / "list.csv"), destination, SMALL, workers=1)

@@ -161,20 +161,51 @@ def test_npz_with_mismatched_labels_is_an_error(tmp_path):
 
 
 def test_csv_listing_resolves_relative_paths_and_optional_columns(tmp_path):
+    for name in ("a/person1_virus_1.jpeg", "a/x.png", "b/y.png", "b/z.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x" * len(name))
     (tmp_path / "list.csv").write_text(
         "path,label,patient_id,split\n"
         "a/person1_virus_1.jpeg,PNEUMONIA,,train\n"
         "a/x.png,normal,p7,\n"
-        "/abs/y.png,1,p8,test\n"
-        "b/z.png,0,p9,test\n"
+        "b/y.png,1,p8,test\n"
+        f"{tmp_path}/b/../b/z.png,0,p9,test\n"
     )
     images = sources.list_csv(str(tmp_path / "list.csv")).images
-    assert [(i.uri, i.label, i.patient_id, i.split, i.subtype) for i in images] == [
-        (str(tmp_path / "a/person1_virus_1.jpeg"), 1, "person1", "train", "virus"),
-        (str(tmp_path / "a/x.png"), 0, "p7", "train", ""),
-        ("/abs/y.png", 1, "p8", "test", ""),
-        (str(tmp_path / "b/z.png"), 0, "p9", "test", ""),
+    assert [(i.uri, i.label, i.patient_id, i.split, i.subtype, i.size_bytes) for i in images] == [
+        (str(tmp_path / "a/person1_virus_1.jpeg"), 1, "person1", "train", "virus", 22),
+        (str(tmp_path / "a/x.png"), 0, "p7", "train", "", 7),
+        (str(tmp_path / "b/y.png"), 1, "p8", "test", "", 7),
+        (str(tmp_path / "b/z.png"), 0, "p9", "test", "", 7),
     ]
+
+
+@pytest.mark.parametrize(
+    "path", ["../outside.png", "/etc/outside.png", "a/../../outside.png", "gs://other/x.png"]
+)
+def test_a_csv_row_outside_the_csv_folder_is_refused_unless_allowed(tmp_path, path):
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    (folder / "n.png").write_bytes(b"n")
+    (folder / "p.png").write_bytes(b"p")
+    (folder / "list.csv").write_text(f"path,label\nn.png,0\np.png,1\n{path},0\n")
+    with pytest.raises(sources.SourceError, match=r"line 4: .*is outside the CSV's folder .*--allow-outside"):
+        sources.list_csv(str(folder / "list.csv"))
+    if not path.startswith("gs://"):
+        listing = sources.list_csv(str(folder / "list.csv"), allow_outside_paths=True)
+        assert listing.skipped == [sources.Skipped(path, "no such file")]
+
+
+def test_csv_rows_naming_a_folder_or_a_missing_file_are_skipped_with_reasons(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "n.png").write_bytes(b"n")
+    (tmp_path / "p.png").write_bytes(b"p")
+    (tmp_path / "list.csv").write_text("path,label\nn.png,0\np.png,1\nfolder.png,0\nmissing.png,1\n")
+    listing = sources.list_csv(str(tmp_path / "list.csv"))
+    assert {(s.source, s.reason) for s in listing.skipped} == {
+        ("folder.png", "a folder, not a file"),
+        ("missing.png", "no such file"),
+    }
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,25 @@ def test_a_run_removes_the_scratch_folders_of_dead_processes_only(system_temp):
     assert not Path(scratch).exists()
 
 
+def test_a_run_killed_while_saving_its_best_weights_leaves_no_truncated_file(
+    learnable_shards, tmp_path, monkeypatch
+):
+    real_save = tf_keras.Model.save_weights
+
+    def killed_mid_save(model, path, *args, **kwargs):
+        real_save(model, path, *args, **kwargs)
+        with open(path, "r+b") as file:  # what a SIGKILL halfway through the write leaves
+            file.truncate(0)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tf_keras.Model, "save_weights", killed_mid_save)
+    output = tmp_path / "run"
+    config = make_config(learnable_shards, str(output), "train.epochs=1", "train.max_steps_per_epoch=2")
+    with pytest.raises(KeyboardInterrupt):  # the first epoch always improves on "nothing yet"
+        train.train(config, train.choose_strategy(local=True))
+    assert list((output / "checkpoints").iterdir()) == []  # a later resume starts clean, not from 0 bytes
+
+
 def test_resume_without_a_checkpoint_says_so(learnable_shards, tmp_path):
     config = make_config(learnable_shards, str(tmp_path / "empty"), "train.epochs=1")
     with pytest.raises(train.TrainingError, match="--resume: no checkpoint in .*empty/checkpoints"):
@@ -139,8 +158,8 @@ def run_job(*args):
     )
 
 
-def test_train_job_local_debug_run(learnable_shards, tmp_path):
-    result = run_job(
+def test_train_job_local_debug_run_refuses_to_replace_it_unless_asked(learnable_shards, tmp_path):
+    args = (
         "--config",
         "configs/demo.yaml",
         "--local",
@@ -155,9 +174,21 @@ def test_train_job_local_debug_run(learnable_shards, tmp_path):
         "--set",
         "data.image_size_px=32",
     )
+    result = run_job(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch   1" in result.stdout and "exported to" in result.stdout
     assert (tmp_path / "o" / "export" / "export.json").exists()
+    # The same command again must not delete that run: an error, and the run is still whole.
+    again = run_job(*args)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.strip().splitlines()[-1] == (
+        f"train: error: {tmp_path / 'o'} already holds a run (config.yaml, checkpoints, export, "
+        "tensorboard): pass --resume to continue it, --overwrite to replace it, or choose another "
+        "train.output_uri"
+    )
+    assert (tmp_path / "o" / "export" / "export.json").exists()
+    replaced = run_job(*args, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
 
 
 def test_train_job_rejects_a_bad_config_before_loading_tensorflow():
