@@ -266,9 +266,11 @@ def describe_files(uris: list[str]) -> dict[str, FileInfo]:
 
 
 def copy_tree(source: str, destination: str, threads: int = DEFAULT_TRANSFER_THREADS) -> None:
-    """Copy every file under the folder `source` to the same relative path under `destination`."""
+    """Copy every file under the folder `source` to the same relative path under `destination`. An object
+    whose name would leave `destination` (GCS allows "a/../../b") is refused, not copied."""
     prefix = source.rstrip("/") + "/"
-    copy_many(((f.uri, join(destination, f.uri[len(prefix) :])) for f in list_files(source)), threads)
+    pairs = [(f.uri, child(destination, f.uri[len(prefix) :], source)) for f in list_files(source)]
+    copy_many(pairs, threads)
 
 
 def _walk_local(folder: str):

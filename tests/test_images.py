@@ -1,5 +1,7 @@
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,16 +106,19 @@ def test_formats_the_product_does_not_claim_are_refused_whatever_their_name(form
         images.to_stored_image(data, 32)
 
 
-def test_an_eps_renamed_png_never_starts_ghostscript(tmp_path, monkeypatch):
+def test_an_eps_renamed_png_never_starts_ghostscript(tmp_path):
     marker = tmp_path / "ghostscript-ran"
     fake = tmp_path / "bin" / "gs"
     fake.parent.mkdir()
     fake.write_text(f"#!/bin/sh\ntouch {marker}\nexit 1\n")
     fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
-    eps = encoded(Image.fromarray(gradient()).convert("RGB"), "EPS")
-    with pytest.raises(images.BadImage):
-        images.to_stored_image(eps, 32)
+    eps = tmp_path / "scan.png"
+    eps.write_bytes(encoded(Image.fromarray(gradient()).convert("RGB"), "EPS"))
+    # A fresh process: Pillow looks for Ghostscript on the PATH once per process.
+    code = f"from pneumo_dist import images; images.to_stored_image(open({str(eps)!r}, 'rb').read(), 32)"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "BadImage: not a readable image" in run.stderr, run.stderr[-2000:]
     assert not marker.exists()
 
 
@@ -137,9 +142,6 @@ def test_decoded_memory_per_image_is_capped_before_decoding():
 
 def test_a_large_sixteen_bit_png_decodes_in_bounded_memory():
     """A 96 kB 16-bit 7000 x 7000 px PNG took 1.2 GB to convert; the image itself is 98 MB."""
-    import subprocess
-    import sys
-
     code = """
 import io, resource
 import numpy as np
