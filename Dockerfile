@@ -13,12 +13,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     TF_USE_LEGACY_KERAS=1 \
     RAY_TRAIN_V2_ENABLED=0 \
+    RAY_AUTH_MODE=token \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
 # Python 3.11 (the project's version), and what Ray's cluster launcher runs on a node: ssh, rsync.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv openssh-client rsync sudo \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv openssh-client rsync \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv "$VIRTUAL_ENV"
 
@@ -34,10 +35,11 @@ COPY configs configs
 COPY cluster cluster
 RUN pip install --no-deps .
 
-# Ray's cluster launcher runs commands as this user (cluster/*.yaml: docker.run_options).
-# No credentials in the image: nodes use their service account (GCP) or mounted keys.
+# Ray's cluster launcher runs commands as this user (cluster/*.yaml: docker.run_options). It gets no sudo:
+# whatever needs root happens above, at build time. No credentials in the image: nodes use their
+# service account (GCP) or mounted keys, and the Ray token comes through file_mounts.
 RUN useradd --create-home --shell /bin/bash --uid 1000 ray \
-    && echo "ray ALL=(ALL) NOPASSWD:ALL" > /etc/sudoers.d/ray \
+    && mkdir -p /home/ray/.ray && chown ray /home/ray/.ray && chmod 700 /home/ray/.ray \
     && chown -R ray /opt/pneumo-dist "$VIRTUAL_ENV"
 USER ray
 WORKDIR /home/ray

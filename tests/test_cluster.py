@@ -69,3 +69,35 @@ def test_the_image_installs_the_ray_version_of_the_client():
     (pinned,) = re.findall(r'"ray\[[a-z,]+\]==([\d.]+)\.\*"', pyproject)
     assert ray.__version__.startswith(pinned + "."), (ray.__version__, pinned)
     assert 'pip install ".[gpu]"' in (REPO / "Dockerfile").read_text()
+
+
+def test_the_image_grants_its_user_no_root():
+    text = (REPO / "Dockerfile").read_text()
+    assert not re.search(r"NOPASSWD|sudoers", text), "the non-root user must not get root back"
+    assert not re.search(r"apt-get install[^\n]*\bsudo\b", text)
+
+
+@pytest.mark.parametrize("name", ["gpu.yaml", "local.yaml"])
+def test_every_ray_endpoint_needs_the_token_and_the_dashboard_stays_on_loopback(name):
+    config = yaml.safe_load((REPO / "cluster" / name).read_text())
+    starts = [
+        c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "start" in c
+    ]
+    assert len(starts) == 2
+    for command in starts:
+        assert command.startswith("RAY_AUTH_MODE=token ray start "), command
+    (head,) = [c for c in starts if "--head" in c]
+    assert re.search(r"--dashboard-host=(127\.0\.0\.1|localhost)\b", head), head
+    assert not re.search(r"0\.0\.0\.0", (REPO / "cluster" / name).read_text())
+    # Every node gets the token at Ray's default path (file_mounts), and every process in the image runs
+    # in token mode: drivers that `ray job submit` starts, `ray exec` commands.
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert re.search(r"^\s+RAY_AUTH_MODE=token\b", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+
+
+@pytest.mark.parametrize("name", ["gpu.yaml", "local.yaml"])
+def test_file_mounts_ship_the_code_without_data_outputs_or_history(name):
+    config = ray_validate(yaml.safe_load((REPO / "cluster" / name).read_text()))
+    assert config["file_mounts"]["/home/ray/pneumo-dist"] == "."
+    assert {"/.git/", "/data/", "/outputs/"} <= set(config["rsync_exclude"])
+    assert config["rsync_filter"] == [".gitignore"]

@@ -9,6 +9,7 @@ import csv
 import glob
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -225,12 +226,18 @@ def test_a_bad_search_space_fails_before_ray_starts(tmp_path, learnable_shards):
     assert "Ray" not in result.stdout
 
 
-# A loopback-only test cluster: no token authentication (a real cluster keeps Ray's default).
-CLUSTER_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+@pytest.fixture
+def cluster_env(tmp_path) -> dict:
+    """The environment of the cluster's nodes and its clients, as cluster/*.yaml and the Dockerfile set
+    it: token authentication, with a token of this test's own."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
 
 
 @pytest.fixture
-def local_ray_cluster(tmp_path):
+def local_ray_cluster(cluster_env):
     """A real Ray head started with `ray start`, on its own ports and temp dir; stopped by those alone."""
     import psutil
 
@@ -251,7 +258,7 @@ def local_ray_cluster(tmp_path):
         "--disable-usage-stats",
     ]
     try:
-        subprocess.run(command, check=True, capture_output=True, timeout=180, env=CLUSTER_ENV)
+        subprocess.run(command, check=True, capture_output=True, timeout=180, env=cluster_env)
         address = f"http://127.0.0.1:{dashboard_port}"
         # The job agent comes up some seconds after `ray start` returns ("No available agent to submit job").
         deadline = time.monotonic() + 120
@@ -259,7 +266,7 @@ def local_ray_cluster(tmp_path):
             ["ray", "job", "submit", "--address", address, "--", "true"],
             capture_output=True,
             timeout=120,
-            env=CLUSTER_ENV,
+            env=cluster_env,
         ).returncode:
             assert time.monotonic() < deadline, "the Ray head never accepted a job"
             time.sleep(2)
@@ -282,7 +289,21 @@ def local_ray_cluster(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_search_on_a_cluster(learnable_shards, tmp_path, local_ray_cluster):
+def test_ray_job_submit_runs_the_search_on_a_cluster(
+    learnable_shards, tmp_path, local_ray_cluster, cluster_env
+):
+    # Without the cluster's token, or with another one, nobody can submit a job (i.e. run code).
+    no_token = {k: v for k, v in cluster_env.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    for env in (no_token, no_token | {"RAY_AUTH_TOKEN": secrets.token_hex(32)}):
+        refused = subprocess.run(
+            ["ray", "job", "submit", "--address", local_ray_cluster, "--", "touch", str(tmp_path / "ran")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env | {"HOME": str(tmp_path)},  # no ~/.ray/auth_token to fall back on
+        )
+        assert refused.returncode != 0 and "AuthenticationError" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "ran").exists()
     config = write_config(
         tmp_path / "job.yaml",
         learnable_shards,
@@ -312,7 +333,7 @@ def test_ray_job_submit_runs_the_search_on_a_cluster(learnable_shards, tmp_path,
         capture_output=True,
         text=True,
         timeout=SEARCH_TIMEOUT_S,
-        env=CLUSTER_ENV,
+        env=cluster_env,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "succeeded" in (result.stdout + result.stderr).lower()
