@@ -5,7 +5,8 @@
 The official Kaggle test split is not in ../shared, so RESULTS.md's "held-out" figures come from
 patients of the training folder that training never saw (make_shards then carves val from the rest).
 Such a split comes from the same pool as train: it flatters like validation does, unlike the official
-test split, whose images differ. The CSV's paths are absolute.
+test split, whose images differ. The CSV's paths are absolute, so make_shards needs
+--allow-outside-paths to read it.
 """
 
 from __future__ import annotations

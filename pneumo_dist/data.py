@@ -252,7 +252,8 @@ def verify_shards(uris: list[str], entries: list[dict], manifest_uri: str) -> No
                 to_hash.append((uri, info, entry["sha256"]))
     if not to_hash:
         return
-    with ThreadPoolExecutor(min(8, len(to_hash))) as pool:
+    # A few at a time: a gs:// shard (up to ~100 MB) is hashed from memory.
+    with ThreadPoolExecutor(min(4, len(to_hash))) as pool:
         digests = list(pool.map(lambda item: _sha256(item[0]), to_hash))
     for (uri, info, expected), digest in zip(to_hash, digests, strict=True):
         if digest != expected:

@@ -38,6 +38,7 @@ BEST_WEIGHTS = "best.weights.h5"
 EXPORT = "export"
 EXPORT_MANIFEST = "export.json"
 MODEL_FILE = "model.keras"
+RUN_FOLDERS = (CHECKPOINTS, EXPORT, "tensorboard")  # what a run writes in its output, with config.yaml
 SCRATCH_PREFIX = "pneumo-train-"
 
 
@@ -101,9 +102,6 @@ def train(
     # it holds a full checkpoint, ~1 GB for ResNet50 with its optimizer state.
     with scratch_folder() as scratch:
         return _Run(config, strategy, scratch).fit(resume, on_step, on_epoch)
-
-
-RUN_FOLDERS = (CHECKPOINTS, EXPORT, "tensorboard")  # what a run writes in its output, with config.yaml
 
 
 def _refuse_existing_run(output: str) -> None:
