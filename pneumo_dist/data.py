@@ -234,9 +234,7 @@ def verify_shards(uris: list[str], entries: list[dict], manifest_uri: str) -> No
     """Check each shard's size and sha256 against its manifest `entries`, once per process per version
     of the file: a damaged or swapped shard is an error naming it, never a traceback from TensorFlow
     halfway through an epoch or a split that is silently short of records."""
-    found = {}
-    for folder in sorted({uri.rsplit("/", 1)[0] for uri in uris}):
-        found.update((info.uri, info) for info in storage.list_files(folder))
+    found = storage.describe_files(uris)
     to_hash = []
     for uri, entry in zip(uris, entries, strict=True):
         info = found.get(uri)

@@ -66,11 +66,9 @@ def _check_names(manifest: dict, manifest_uri: str) -> None:
     fingerprint = manifest.get("fingerprint")
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
         raise ManifestError(f"{manifest_uri}: fingerprint {fingerprint!r} is not a sha256 hex digest")
-    folder = manifest_uri.rsplit("/", 1)[0]
     try:
-        for split in manifest["splits"].values():
-            for shard in split["shards"]:
-                storage.child(folder, shard["path"], manifest_uri)
+        for split in manifest["splits"]:
+            shard_uris(manifest, manifest_uri, split)
     except (KeyError, TypeError, AttributeError) as error:
         raise ManifestError(f"{manifest_uri}: malformed splits/shards ({error!r})") from None
 

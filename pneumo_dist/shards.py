@@ -141,8 +141,9 @@ def make_shards(
             )
         plan_uri = storage.join(destination, WORK_FOLDER, PLAN_NAME)
         plan = _read_plan(plan_uri)
-        ours = _files_we_wrote(destination, existing, plan)
-        foreign = [info.uri for info in storage.list_files(destination) if info.uri not in ours]
+        present = [info.uri for info in storage.list_files(destination)]
+        ours = _files_we_wrote(destination, existing, plan, present)
+        foreign = [uri for uri in present if uri not in ours]
         if foreign and not overwrite:
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise ShardError(
@@ -469,28 +470,25 @@ def _read_manifest_if_any(manifest_uri: str) -> dict | None:
 _SHARD_NAME = re.compile(r"(train|val|test)-\d{5}-of-\d{5}\.tfrecord")
 
 
-def _files_we_wrote(destination: str, manifest: dict | None, plan: dict) -> set[str]:
+# A killed process leaves its temporary files beside their targets (storage.write_bytes, write_shard).
+_TEMPORARY = re.compile(r"\.(.+)\.[^./]+\.tmp")
+
+
+def _files_we_wrote(destination: str, manifest: dict | None, plan: dict, present: list[str]) -> set[str]:
     """URIs under `destination` that an earlier make_shards wrote, by the names its manifest and its plan
-    recorded, with their sidecars and the temporary files of a killed run. Nothing else is ever deleted."""
+    recorded, with their sidecars and, among the `present` files, the temporary files of a killed run.
+    Nothing else is ever deleted."""
     names = set(plan.get("shards") or [])
     with contextlib.suppress(AttributeError, KeyError, TypeError):  # a damaged manifest names nothing
         names.update(shard["path"] for split in manifest["splits"].values() for shard in split["shards"])
     shards = sorted(n for n in names if isinstance(n, str) and _SHARD_NAME.fullmatch(n))
     ours = {storage.join(destination, name) for name in [schema.MANIFEST_NAME, *shards]}
     ours.update(_work_files(destination, shards))
-    if not storage.is_gcs(destination):
-        # A killed process leaves its temporary files beside their targets (storage.write_bytes,
-        # write_shard): ".<name>.<random>.tmp".
-        for folder, targets in (
-            (destination, [schema.MANIFEST_NAME, *shards]),
-            (_work_folder(destination), [PLAN_NAME, *(name + ".json" for name in shards)]),
-        ):
-            temporary = re.compile(r"\.(" + "|".join(map(re.escape, targets)) + r")\.[^/]+\.tmp")
-            ours.update(
-                info.uri
-                for info in storage.list_files(folder)
-                if "/" not in info.uri[len(folder) + 1 :] and temporary.fullmatch(storage.basename(info.uri))
-            )
+    for uri in present:
+        folder, _, name = uri.rpartition("/")
+        match = _TEMPORARY.fullmatch(name)
+        if match and storage.join(folder, match.group(1)) in ours:
+            ours.add(uri)
     return ours
 
 

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -251,14 +252,13 @@ def describe_files(uris: list[str]) -> dict[str, FileInfo]:
     """FileInfo of each of these files that exists (a folder is not a file): local files by stat, gs://
     objects by listing each folder once rather than one request per object."""
     found: dict[str, FileInfo] = {}
-    local = [uri for uri in uris if not is_gcs(uri)]
-    for uri in local:
+    for uri in (uri for uri in uris if not is_gcs(uri)):
         try:
-            stat = os.stat(uri)
+            info = os.stat(uri)
         except OSError:
             continue
-        if not os.path.isdir(uri):
-            found[uri] = FileInfo(uri, stat.st_size, str(stat.st_mtime_ns))
+        if stat.S_ISREG(info.st_mode):
+            found[uri] = FileInfo(uri, info.st_size, str(info.st_mtime_ns))
     wanted = {uri for uri in uris if is_gcs(uri)}
     for folder in sorted({uri.rsplit("/", 1)[0] for uri in wanted}):
         found.update((info.uri, info) for info in list_files(folder) if info.uri in wanted)
@@ -283,8 +283,8 @@ def _walk_local(folder: str):
         if entry.is_dir():  # follows links: a source folder may link to where the images really are
             yield from _walk_local(entry.path)
         elif entry.is_file():
-            stat = entry.stat()
-            yield FileInfo(entry.path, stat.st_size, str(stat.st_mtime_ns))
+            entry_stat = entry.stat()
+            yield FileInfo(entry.path, entry_stat.st_size, str(entry_stat.st_mtime_ns))
 
 
 def copy_many(pairs: Iterable[tuple[str, str]], threads: int = DEFAULT_TRANSFER_THREADS) -> None:
