@@ -64,7 +64,7 @@ def our_pipeline(manifest_uri: str, size: int, batch: int, augment_on_cpu: bool)
     def prepare(images, step):
         if not augment_on_cpu:
             return images
-        return augment.model_inputs(images, OURS, augment.step_seed(0, step, 0))
+        return augment.model_inputs(images, OURS, augment.step_seed(0, step, 0), size)
 
     # The shuffle buffer holds a whole epoch of this small set, so the first epoch is read before the
     # first batch comes out: warm up with one epoch, then time several in steady state.

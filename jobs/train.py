@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     bar: list[tqdm] = []
 
     def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
-        if step == 1:
+        # Called once per loop of train.steps_per_loop steps: `step` steps of the epoch are done.
+        if not bar or bar[0].desc != f"epoch {epoch + 1}":
             bar[:] = [tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False, disable=None)]
-        bar[0].update(1)
+        bar[0].update(step - bar[0].n)
         bar[0].set_postfix(loss=f"{loss:.4f}")
 
     def on_epoch(record: dict, checkpoint_dir: str | None) -> None:
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     try:
-        strategy = train.choose_strategy(local=args.local)
+        train.configure_process(config.train)  # before TensorFlow's first op
+        strategy = train.choose_strategy(local=args.local, train_cfg=config.train)
         result = train.train(
             config, strategy, resume=args.resume, on_step=on_step, on_epoch=on_epoch, overwrite=args.overwrite
         )

@@ -22,11 +22,19 @@ from pneumo_dist.config import AugmentConfig
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
-def model_inputs(images: tf.Tensor, augment: AugmentConfig | None, seed: tf.Tensor | None) -> tf.Tensor:
-    """uint8 (B, H, W, 1) -> float32 (B, H, W, 3) ResNet50 input; augmented when `augment` is given."""
+def model_inputs(
+    images: tf.Tensor, augment: AugmentConfig | None, seed: tf.Tensor | None, size: int | None = None
+) -> tf.Tensor:
+    """uint8 (B, H, W, 1) -> float32 (B, size, size, 3) ResNet50 input; augmented when `augment` is
+    given. `size` (default: the input's) is reached by the augmentation's own warp, or else by
+    data.resize_images: one resampling either way."""
     if augment is not None and augment.enabled:
-        images, tables = _augment(images, augment, seed)
+        images, tables = _augment(images, augment, seed, size)
     else:
+        if size is not None and size != images.shape[1]:
+            from pneumo_dist.data import resize_images  # (data imports the config, not this module)
+
+            images = resize_images(images, images.shape[1], size)
         tables = _identity_tables()
     return _look_up(images, imagenet_normalize(tables[..., tf.newaxis]))
 
@@ -36,10 +44,12 @@ def imagenet_normalize(unit: tf.Tensor) -> tf.Tensor:
     return unit * 255.0 - tf.constant(IMAGENET_BGR_MEAN, unit.dtype)
 
 
-def augment_batch(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> tf.Tensor:
-    """uint8 (B, H, W, 1) -> float32 (B, H, W, 1) in [0, 1], augmented, not normalised (for tests and
-    for looking at what the model sees)."""
-    warped, tables = _augment(images, config, seed)
+def augment_batch(
+    images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor, size: int | None = None
+) -> tf.Tensor:
+    """uint8 (B, H, W, 1) -> float32 (B, size, size, 1) in [0, 1], augmented, not normalised (for tests
+    and for looking at what the model sees)."""
+    warped, tables = _augment(images, config, seed, size)
     return _look_up(warped, tables[..., tf.newaxis])
 
 
@@ -62,14 +72,18 @@ def _look_up(images: tf.Tensor, tables: tf.Tensor) -> tf.Tensor:
     return tf.reshape(values, tf.concat([shape[:3], tf.shape(tables)[-1:]], axis=0))
 
 
-def _augment(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """-> (warped uint8 images, per-image photometric tables (B, 256) in [0, 1]).
+def _augment(
+    images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor, size: int | None = None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """-> (warped uint8 images (B, size, size, 1), per-image photometric tables (B, 256) in [0, 1]).
 
-    One fused projective warp per image: rotation, zoom, shift, shear and the optional flip in a single
-    resampling, not four. Pixels warped in from outside the image are black, like an X-ray's background.
+    One fused projective warp per image: the resize to `size`, rotation, zoom, shift, shear and the
+    optional flip in a single resampling, not five. Pixels warped in from outside the image are black,
+    like an X-ray's background.
     """
     batch = tf.shape(images)[0]
-    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    height, width = images.shape[1], images.shape[2]  # static: the records' stored size
+    out_height, out_width = (size, size) if size else (height, width)
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=9)
 
     def uniform(index: int, low: float, high: float) -> tf.Tensor:
@@ -78,32 +92,25 @@ def _augment(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> tuple
     angle = uniform(0, -1.0, 1.0) * (config.rotation_deg * math.pi / 180)
     shear = uniform(1, -1.0, 1.0) * (config.shear_deg * math.pi / 180)
     zoom = uniform(2, 1.0 - config.zoom, 1.0 + config.zoom)
-    shift_x = uniform(3, -config.shift, config.shift) * tf.cast(width, tf.float32)
-    shift_y = uniform(4, -config.shift, config.shift) * tf.cast(height, tf.float32)
+    shift_x = uniform(3, -config.shift, config.shift) * width
+    shift_y = uniform(4, -config.shift, config.shift) * height
     flip = tf.ones([batch])
     if config.horizontal_flip:
         flip = tf.where(uniform(5, 0.0, 1.0) < 0.5, -1.0, 1.0)
 
-    # Output pixel p maps to input pixel A (p - c) + c - shift, with A = R(angle) Shear(shear)
-    # diag(flip, 1) / zoom and c the image centre: the inverse map the warp op wants.
-    center_x = (tf.cast(width, tf.float32) - 1.0) / 2.0
-    center_y = (tf.cast(height, tf.float32) - 1.0) / 2.0
-    a0 = tf.cos(angle) * flip / zoom
-    a1 = -tf.sin(angle + shear) / zoom
-    b0 = tf.sin(angle) * flip / zoom
-    b1 = tf.cos(angle + shear) / zoom
-    a2 = center_x - a0 * center_x - a1 * center_y - shift_x
-    b2 = center_y - b0 * center_x - b1 * center_y - shift_y
-    zeros = tf.zeros([batch])
-    # On uint8, the warp's bilinear values are truncated to whole levels (at most 1/255 darker).
-    warped = tf.raw_ops.ImageProjectiveTransformV3(
-        images=images,
-        transforms=tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1),
-        output_shape=tf.stack([height, width]),
-        fill_value=0.0,
-        interpolation="BILINEAR",
-        fill_mode="CONSTANT",
-    )
+    # Output pixel p maps to input pixel A (p - c_out) + c_in - shift, with A = R(angle) Shear(shear)
+    # diag(flip, 1) * scale / zoom, c the centres and scale = input side / output side: the inverse map
+    # the warp op wants. Without augmentation it is tf.image.resize's bilinear, half-pixel-centre map.
+    scale_x, scale_y = width / out_width, height / out_height
+    in_x, in_y = (width - 1) / 2, (height - 1) / 2
+    out_x, out_y = (out_width - 1) / 2, (out_height - 1) / 2
+    a0 = tf.cos(angle) * flip * scale_x / zoom
+    a1 = -tf.sin(angle + shear) * scale_y / zoom
+    b0 = tf.sin(angle) * flip * scale_x / zoom
+    b1 = tf.cos(angle + shear) * scale_y / zoom
+    a2 = in_x - a0 * out_x - a1 * out_y - shift_x
+    b2 = in_y - b0 * out_x - b1 * out_y - shift_y
+    warped = _bilinear_warp(images, (a0, a1, a2, b0, b1, b2), out_height, out_width)
 
     def per_image(values: tf.Tensor) -> tf.Tensor:
         return tf.reshape(values, [-1, 1])
@@ -116,3 +123,33 @@ def _augment(images: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> tuple
     levels = _identity_tables()
     tables = tf.pow(tf.clip_by_value((levels - mean) * contrast + mean + brightness, 0.0, 1.0), gamma)
     return warped, tables
+
+
+def _bilinear_warp(images: tf.Tensor, rows: tuple, out_height: int, out_width: int) -> tf.Tensor:
+    """uint8 (B, H, W, 1) -> uint8 (B, out_height, out_width, 1): output pixel (x, y) takes the bilinear
+    value at input (a0 x + a1 y + a2, b0 x + b1 y + b2), black outside the image; `rows` holds those six
+    (B,) coefficients. tf.raw_ops.ImageProjectiveTransformV3 computes the same, but TensorFlow 2.21's
+    XLA has no kernel for it ("No registered 'ImageProjectiveTransformV3' OpKernel for XLA_CPU_JIT"),
+    so the warp is written with gathers, which XLA compiles into the training step."""
+    height, width = images.shape[1], images.shape[2]
+    a0, a1, a2, b0, b1, b2 = (tf.reshape(r, [-1, 1, 1]) for r in rows)
+    ys, xs = tf.meshgrid(
+        tf.range(out_height, dtype=tf.float32), tf.range(out_width, dtype=tf.float32), indexing="ij"
+    )
+    in_x = a0 * xs + a1 * ys + a2  # (B, out_height, out_width)
+    in_y = b0 * xs + b1 * ys + b2
+    x0, y0 = tf.floor(in_x), tf.floor(in_y)
+    wx, wy = in_x - x0, in_y - y0
+    x0, y0 = tf.cast(x0, tf.int32), tf.cast(y0, tf.int32)
+    flat = tf.reshape(tf.cast(images, tf.float32), [-1, height * width])
+
+    def pixels(y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+        inside = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+        index = tf.clip_by_value(y, 0, height - 1) * width + tf.clip_by_value(x, 0, width - 1)
+        values = tf.gather(flat, tf.reshape(index, [-1, out_height * out_width]), batch_dims=1)
+        return tf.where(inside, tf.reshape(values, tf.shape(index)), 0.0)
+
+    top = (1 - wx) * pixels(y0, x0) + wx * pixels(y0, x0 + 1)
+    bottom = (1 - wx) * pixels(y0 + 1, x0) + wx * pixels(y0 + 1, x0 + 1)
+    warped = (1 - wy) * top + wy * bottom
+    return tf.cast(tf.round(warped), tf.uint8)[..., tf.newaxis]

@@ -61,6 +61,9 @@ class DataConfig:
     manifest_uri: str = "data/demo-shards"  # a dataset folder or its manifest.json, local or gs://
     image_size_px: int = 224  # model input side; records are resized to it on the host
     global_batch_size: int = 64  # across all replicas; each replica gets global / replicas
+    # When > 0, each replica (GPU) gets this many and the global batch is this x the replicas, whatever
+    # global_batch_size says: the batch follows the hardware.
+    batch_per_replica: int = 0
     # Pneumonia is about 2.9x NORMAL in Kaggle train. "weights": the loss weighs each class by the
     # manifest's balanced class weights; "sample": tf.data draws both classes equally often; "none".
     class_balance: str = "weights"
@@ -73,14 +76,19 @@ class DataConfig:
     stage_dir: str = ""  # default: <system temp>/pneumo-dist-stage
     deterministic: bool = False  # training read order; evaluation is always deterministic
     seed: int = 0
+    threads: int = 0  # tf.data's private thread pool; 0: the CPUs this process may use (data.host_threads)
 
     def validate(self) -> None:
         _check(bool(self.manifest_uri), "data", "manifest_uri", self.manifest_uri, "must not be empty")
+        _check(self.threads >= 0, "data", "threads", self.threads, "must be >= 0")
         _check(
             16 <= self.image_size_px <= 1024, "data", "image_size_px", self.image_size_px, "must be 16..1024"
         )
         _check(
             self.global_batch_size >= 1, "data", "global_batch_size", self.global_batch_size, "must be >= 1"
+        )
+        _check(
+            self.batch_per_replica >= 0, "data", "batch_per_replica", self.batch_per_replica, "must be >= 0"
         )
         _check(self.shuffle_buffer >= 1, "data", "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         for name, allowed in (
@@ -128,7 +136,10 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 10
     optimizer: str = "adam"  # adam, adamw, sgd (with momentum, Nesterov by default)
-    learning_rate: float = 1e-4  # peak, reached after the warm-up
+    learning_rate: float = 1e-4  # peak, reached after the warm-up (at lr_reference_batch, if set)
+    # When > 0, learning_rate is for this global batch and is scaled linearly to the run's global batch
+    # (Goyal et al. 2017, "Accurate, Large Minibatch SGD"), with warmup_epochs of warm-up.
+    lr_reference_batch: int = 0
     schedule: str = "cosine"  # cosine decay to 0 after the warm-up, or constant
     warmup_epochs: float = 1.0
     weight_decay: float = 1e-4  # adamw only
@@ -141,6 +152,14 @@ class TrainConfig:
     target_sensitivity: float = 0.95  # the exported threshold reaches this on validation
     precision: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     xla: str = "auto"  # auto: on for GPU, off on CPU
+    # XLA's persistent compilation cache, shared by the trials of a node; "" = off; default:
+    # <system temp>/pneumo-dist-xla-cache.
+    xla_cache_dir: str = "default"
+    # Training steps per call into TensorFlow (a tf.range loop on the device): the loss is read and the
+    # progress shown once per loop; 0 = min(100, steps per epoch).
+    steps_per_loop: int = 0
+    # Gradients are all-reduced in packs of this size, so that packs overlap (MultiWorkerMirrored).
+    all_reduce_pack_mb: float = 32.0
     output_uri: str = "outputs/demo"  # local folder or gs://: checkpoints, TensorBoard, export
     max_steps_per_epoch: int = 0  # debug limit; 0 = the whole train split
     checkpoints_to_keep: int = 2
@@ -198,6 +217,21 @@ class TrainConfig:
             "max_steps_per_epoch",
             self.max_steps_per_epoch,
             "must be >= 0",
+        )
+        _check(self.steps_per_loop >= 0, "train", "steps_per_loop", self.steps_per_loop, "must be >= 0")
+        _check(
+            self.lr_reference_batch >= 0,
+            "train",
+            "lr_reference_batch",
+            self.lr_reference_batch,
+            "must be >= 0",
+        )
+        _check(
+            self.all_reduce_pack_mb >= 0,
+            "train",
+            "all_reduce_pack_mb",
+            self.all_reduce_pack_mb,
+            "must be >= 0 (0: one pack)",
         )
         _check(
             self.checkpoints_to_keep >= 1,
@@ -324,6 +358,11 @@ class RunConfig:
         """Valid but probably unintended settings, for the jobs to print before any cluster time is spent."""
         found = []
         tune = self.tune
+        if self.data.batch_per_replica and "data.global_batch_size" in tune.search_space:
+            found.append(
+                "tune.search_space draws data.global_batch_size, which data.batch_per_replica "
+                f"({self.data.batch_per_replica}) overrides: search data.batch_per_replica instead"
+            )
         if tune.scheduler == "asha":
             warmup = max(self._largest("train.warmup_epochs"), self._largest("train.head_warmup_epochs"))
             if tune.grace_period <= warmup:
@@ -422,11 +461,14 @@ def _build_section(cls, section: str, values: dict, source: str):
 
 def _coerce(kind, value, where: str):
     """Accept a value of the field's type, an int for a float, and for a float a string such as "3e-4"
-    (YAML 1.1 reads numbers without a dot as strings); nothing else."""
+    (YAML 1.1 reads numbers without a dot as strings), and for a string on / off (which YAML 1.1 reads
+    as booleans: `train.xla: on`); nothing else."""
     allowed = typing.get_args(kind) or (kind,)
     if isinstance(value, bool):
         if bool in allowed:
             return value
+        if str in allowed:
+            return "on" if value else "off"
     elif isinstance(value, int) and int in allowed:
         return value
     elif isinstance(value, int | float) and float in allowed:

@@ -8,6 +8,7 @@ float32, and for evaluation "source" (the record's source path).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -65,7 +66,26 @@ def default_stage_dir() -> str:
 
 def steps_per_epoch(dataset: Dataset, global_batch_size: int) -> int:
     """Training steps that make one pass over the train split; the same on every worker."""
-    return max(1, dataset.records("train") // global_batch_size)
+    records = dataset.records("train")
+    if global_batch_size > records:
+        raise ConfigError(
+            f"the global batch ({global_batch_size}) is larger than the {records} records of the train split "
+            f"of {dataset.manifest_uri}: lower data.global_batch_size / data.batch_per_replica"
+        )
+    return records // global_batch_size
+
+
+def resolve_batch(data: DataConfig, replicas: int) -> DataConfig:
+    """`data` with the global batch of `replicas` replicas: batch_per_replica x replicas when set, else
+    global_batch_size, which must then divide among the replicas."""
+    if data.batch_per_replica:
+        return dataclasses.replace(data, global_batch_size=data.batch_per_replica * replicas)
+    if data.global_batch_size % replicas:
+        raise ConfigError(
+            f"data.global_batch_size={data.global_batch_size} does not divide among the {replicas} replicas: "
+            f"make it a multiple of {replicas}, or set data.batch_per_replica"
+        )
+    return data
 
 
 def loss_class_weights(dataset: Dataset, class_balance: str) -> tuple[float, float]:
@@ -114,7 +134,11 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
     else:
         images = stream(parsed, "all")
     batches = images.batch(batch, drop_remainder=True)
-    return _resize_batches(batches, stored_px, data.image_size_px).prefetch(AUTOTUNE)
+    if needs_antialias(stored_px, data.image_size_px):
+        batches = _resize_batches(batches, stored_px, data.image_size_px)
+    # Otherwise the batches keep the stored size: the training step's augmentation warp resizes them
+    # (augment.model_inputs), one resampling instead of two.
+    return _with_threads(batches.prefetch(AUTOTUNE), data)
 
 
 def eval_dataset(
@@ -136,7 +160,28 @@ def eval_dataset(
     )
     images = _cache(images, data, dataset, split, context)
     batches = images.batch(per_replica_batch(data, context))
-    return _resize_batches(batches, stored_px, data.image_size_px).prefetch(AUTOTUNE)
+    return _with_threads(_resize_batches(batches, stored_px, data.image_size_px).prefetch(AUTOTUNE), data)
+
+
+def needs_antialias(stored_px: int, image_size_px: int) -> bool:
+    """Antialiasing matters only when shrinking a lot, and it costs 2-3x: 256 -> 224 px does without."""
+    return stored_px > 1.5 * image_size_px
+
+
+def host_threads() -> int:
+    """The CPUs this process may use: Ray sets OMP_NUM_THREADS to a worker's CPU share; else the
+    process's CPU affinity. Several TensorFlow processes on one node (one per GPU under Ray Train) must
+    not each size their thread pools to every vCPU of the node."""
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return max(1, len(os.sched_getaffinity(0)))
+
+
+def _with_threads(batches: tf.data.Dataset, data: DataConfig) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = data.threads or host_threads()
+    return batches.with_options(options)
 
 
 def _worker_records(files: list[str], context, shuffle_files: bool, data: DataConfig) -> tf.data.Dataset:
@@ -183,8 +228,7 @@ def resize_images(images: tf.Tensor, stored_px: int, image_size_px: int) -> tf.T
     """uint8 (..., stored_px, stored_px, 1) -> uint8 (..., image_size_px, image_size_px, 1)."""
     if stored_px == image_size_px:
         return images
-    # Antialiasing matters only when shrinking a lot, and it costs 2-3x: 256 -> 224 px does without.
-    antialias = stored_px > 1.5 * image_size_px
+    antialias = needs_antialias(stored_px, image_size_px)
     resized = tf.image.resize(images, [image_size_px, image_size_px], antialias=antialias)
     return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
 

@@ -42,6 +42,30 @@ RUN_FOLDERS = (CHECKPOINTS, EXPORT, "tensorboard")  # what a run writes in its o
 SCRATCH_PREFIX = "pneumo-train-"
 
 
+# Steps per loop by default: a GPU step of ResNet50 takes ~0.1-0.3 s, so 100 steps make each host
+# round-trip (~1 ms) negligible; TF Model Garden's image classification configs use
+# steps_per_loop 100-1000 the same way (orbit). Never more than an epoch.
+DEFAULT_STEPS_PER_LOOP = 100
+STEP_ONE_PROGRAM = "one XLA program per step (augmentation, forward, backward, all-reduce, update)"
+STEP_SPLIT = "XLA augmentation+forward+backward; all-reduce and update outside it (CPU replicas)"
+STEP_NO_XLA = "no XLA"
+
+
+def step_kind(strategy: tf.distribute.Strategy, xla: bool) -> str:
+    """How the training step compiles. With XLA, one program per step where TensorFlow lets the
+    all-reduce into an XLA program: one replica, or replicas that are all GPUs (the strategies' own
+    rule, `_use_merge_call`: without a merge call the replica context's all-reduce is an XLA
+    collective). Replicas on CPUs need a merge call, which XLA cannot hold: the all-reduce and the
+    update then run outside the compiled part."""
+    if not xla:
+        return STEP_NO_XLA
+    if strategy.num_replicas_in_sync == 1:
+        return STEP_ONE_PROGRAM
+    if all("GPU" in device.upper() for device in strategy.extended.worker_devices):
+        return STEP_ONE_PROGRAM
+    return STEP_SPLIT
+
+
 class TrainingError(Exception):
     """The run cannot start or go on; the message says why."""
 
@@ -58,17 +82,77 @@ class TrainResult:
     val_metrics: dict  # at the exported threshold
 
 
-def choose_strategy(local: bool = False) -> tf.distribute.Strategy:
+def choose_strategy(local: bool = False, train_cfg: TrainConfig | None = None) -> tf.distribute.Strategy:
     """`local`: one process, one device (the debug mode). Otherwise MultiWorkerMirroredStrategy when
     TF_CONFIG describes a cluster (Ray Train sets it), MirroredStrategy over several local GPUs, else
     the default strategy (CPU or one GPU)."""
     if local:
         return tf.distribute.get_strategy()
+    pack_mb = (train_cfg or TrainConfig()).all_reduce_pack_mb
+    gpus = bool(tf.config.list_physical_devices("GPU"))
     if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_logical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=communication_options(gpus, pack_mb)
+        )
+    if gpus and len(tf.config.list_logical_devices("GPU")) > 1:
+        # NCCL between the GPUs of one node (MirroredStrategy's default, made explicit).
+        return tf.distribute.MirroredStrategy(cross_device_ops=tf.distribute.NcclAllReduce())
     return tf.distribute.get_strategy()
+
+
+def communication_options(gpus: bool, pack_mb: float) -> tf.distribute.experimental.CommunicationOptions:
+    """MultiWorkerMirroredStrategy's all-reduce: NCCL between GPUs, TensorFlow's ring over gRPC
+    otherwise; gradients in packs of `pack_mb` MiB, so that the all-reduce of one pack runs while the
+    next is still being packed or computed (0: one pack). Under Ray Train every GPU is its own worker
+    process, where AUTO would fall back to the ring through host memory even between GPUs of one node
+    (tensorflow/tensorflow#50178). 32 MiB is in the range Horovod's and PyTorch DDP's bucket sizes use
+    (Horovod fusion buffer 64 MiB, DDP bucket_cap_mb 25)."""
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    return tf.distribute.experimental.CommunicationOptions(
+        bytes_per_pack=int(pack_mb * 2**20),
+        implementation=implementation.NCCL if gpus else implementation.RING,
+    )
+
+
+def describe_strategy(strategy: tf.distribute.Strategy) -> str:
+    """One line for the start-up log: the strategy, its replicas and how it all-reduces."""
+    name = type(strategy).__name__
+    replicas = strategy.num_replicas_in_sync
+    extended = strategy.extended
+    options = getattr(extended, "_communication_options", None)
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and options is not None:
+        implementation = options.implementation.name
+        pack = f"{options.bytes_per_pack / 2**20:g} MiB packs" if options.bytes_per_pack else "one pack"
+        return f"{name}, {replicas} replicas, all-reduce {implementation} in {pack}"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return f"{name}, {replicas} replicas, all-reduce {type(extended._cross_device_ops).__name__}"
+    return f"{name} (one replica, no all-reduce)"
+
+
+def configure_process(cfg: TrainConfig, threads: int | None = None) -> str:
+    """Process-wide settings, effective only before TensorFlow runs its first op (call it first):
+    XLA's persistent compilation cache (a trial that compiles what an earlier one on the node compiled
+    loads it instead), TF_GPU_THREAD_MODE=gpu_private (each GPU launches kernels from its own threads,
+    NVIDIA's TensorFlow recipes), and, given `threads`, TensorFlow's op thread pools sized to this
+    process's CPUs rather than to every vCPU of the node. Returns the cache folder ("" = none)."""
+    cache = cfg.xla_cache_dir
+    if cache == "default":
+        # Per user and private: the cache holds executables this process will run.
+        cache = os.path.join(tempfile.gettempdir(), f"pneumo-dist-xla-cache-{os.getuid()}")
+    if cache:
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+        flags = os.environ.get("TF_XLA_FLAGS", "")
+        if "tf_xla_persistent_cache_directory" not in flags:
+            os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={cache}".strip()
+    os.environ.setdefault("TF_GPU_THREAD_MODE", "gpu_private")
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            # At least 2: a collective op blocks its thread while it waits for the other workers.
+            tf.config.threading.set_inter_op_parallelism_threads(max(2, threads))
+        except RuntimeError:  # TensorFlow already running: keep its pools
+            pass
+    return cache
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -91,13 +175,15 @@ def train(
     An output folder that already holds a run is an error unless `resume` (continue it) or `overwrite`
     (replace its checkpoints, export and logs): a new run never silently deletes an earlier one.
 
-    `on_step(epoch, step, steps, loss)` and `on_epoch(record, checkpoint_dir)` are for progress displays
-    and Ray's reporting; `checkpoint_dir` is a local folder holding this epoch's checkpoint (chief only).
+    `on_step(epoch, steps_done, steps, loss)` (once per loop of train.steps_per_loop steps, with the
+    loop's mean loss) and `on_epoch(record, checkpoint_dir)` are for progress displays and Ray's
+    reporting; `checkpoint_dir` is a local folder holding this epoch's checkpoint (chief only).
     """
     config.validate()
+    configure_process(config.train)
     if not resume and not overwrite:
         _refuse_existing_run(config.train.output_uri.rstrip("/"))
-    strategy = strategy or choose_strategy()
+    strategy = strategy or choose_strategy(train_cfg=config.train)
     # A gs:// output (and every non-chief worker) works in a local folder that must not outlive the run:
     # it holds a full checkpoint, ~1 GB for ResNet50 with its optimizer state.
     with scratch_folder() as scratch:
@@ -152,26 +238,49 @@ class _Run:
                 f"{self.dataset.manifest_uri} has no val split: training needs one for early stopping and "
                 "the threshold (re-run make_shards with --val-fraction > 0)"
             )
-        steps = data.steps_per_epoch(self.dataset, config.data.global_batch_size)
+        # The data config with the global batch this strategy's replicas make (data.batch_per_replica).
+        self.data_cfg = data.resolve_batch(config.data, strategy.num_replicas_in_sync)
+        steps = data.steps_per_epoch(self.dataset, self.data_cfg.global_batch_size)
         if config.train.max_steps_per_epoch:
             steps = min(steps, config.train.max_steps_per_epoch)
         self.steps_per_epoch = steps
+        self.steps_per_loop = min(config.train.steps_per_loop or DEFAULT_STEPS_PER_LOOP, steps)
+        self.host_reads = 0  # loss reads from the device: one per loop (tests count them)
         self.policy = model_lib.resolve_precision(config.train)
         self.xla = model_lib.resolve_xla(config.train)
         self.class_weights = data.loss_class_weights(self.dataset, config.data.class_balance)
+        self.learning_rate = scaled_learning_rate(config.train, self.data_cfg.global_batch_size)
 
         with strategy.scope():
             self.classifier = model_lib.build_classifier(config.model, config.data.image_size_px, self.policy)
             model_lib.set_trainable(self.classifier, config.model.unfreeze, config.model.train_batchnorm)
-            self.optimizer = _make_optimizer(config.train, steps, self.policy, self.xla)
+            self.optimizer = _make_optimizer(config.train, self.learning_rate, steps, self.policy)
             # Built for every variable that will ever train, so the head warm-up can change the set.
             self.optimizer.build(self.classifier.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.checkpoint = tf.train.Checkpoint(
                 model=self.classifier, optimizer=self.optimizer, epoch=self.epoch
             )
+            # Each replica adds its loss share here during a loop; read (summed) once per loop.
+            self.loss_sum = tf.Variable(
+                0.0,
+                trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+                name="loss_sum",
+            )
         self.train_batches = strategy.distribute_datasets_from_function(
-            lambda context: data.train_dataset(config.data, self.dataset, context)
+            lambda context: data.train_dataset(self.data_cfg, self.dataset, context)
+        )
+        self.step_kind = step_kind(strategy, self.xla)
+
+    def describe(self) -> str:
+        """The start-up line: strategy, batch, step and loop."""
+        per_replica = self.data_cfg.global_batch_size // self.strategy.num_replicas_in_sync
+        return (
+            f"train: {describe_strategy(self.strategy)}; batch {self.data_cfg.global_batch_size} "
+            f"({per_replica} per replica), learning rate {self.learning_rate:.3g}; {self.steps_per_epoch} "
+            f"steps per epoch in loops of {self.steps_per_loop}; {self.step_kind}; {self.policy}"
         )
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -188,6 +297,8 @@ class _Run:
                 storage.delete_tree(storage.join(self.output, folder))  # never follows links out
             storage.write_bytes(storage.join(self.output, "config.yaml"), to_yaml(self.config).encode())
         writer = tf.summary.create_file_writer(os.path.join(self.work, "tensorboard")) if self.chief else None
+        if self.chief:
+            print(self.describe(), flush=True)
         iterator = iter(self.train_batches)
         phase = None
         result = self._export(state) if state["finished"] else None  # resumed after the last epoch
@@ -197,14 +308,21 @@ class _Run:
             if phase != head_only:
                 unfreeze = 0 if head_only else self.config.model.unfreeze
                 model_lib.set_trainable(self.classifier, unfreeze, self.config.model.train_batchnorm)
-                step_fn = self._make_train_step()
+                train_loop = self._make_train_loop()
                 phase = head_only
-            start, loss_sum = time.perf_counter(), 0.0
-            for step in range(self.steps_per_epoch):
-                loss = float(step_fn(iterator))
-                loss_sum += loss
+            start, loss_sum, done = time.perf_counter(), 0.0, 0
+            while done < self.steps_per_epoch:
+                steps = min(self.steps_per_loop, self.steps_per_epoch - done)
+                # The one host read of a loop: everything before it stayed on the device.
+                loop_loss = float(train_loop(iterator, tf.constant(steps, tf.int32)))
+                self.host_reads += 1
+                loss_sum += loop_loss
+                done += steps
                 if on_step:
-                    on_step(epoch, step + 1, self.steps_per_epoch, loss)
+                    on_step(epoch, done, self.steps_per_epoch, loop_loss / steps)
+                if writer:
+                    with writer.as_default(step=int(self.optimizer.iterations.numpy())):
+                        tf.summary.scalar("loop_train_loss", loop_loss / steps)
             seconds = time.perf_counter() - start
             labels, probabilities = self.predict("val")
             metrics = evaluate.binary_metrics(labels, probabilities)
@@ -214,7 +332,7 @@ class _Run:
                 "learning_rate": float(self.optimizer.learning_rate.numpy()),
                 "step": int(self.optimizer.iterations.numpy()),
                 "seconds": seconds,
-                "images_per_s": self.steps_per_epoch * self.config.data.global_batch_size / seconds,
+                "images_per_s": self.steps_per_epoch * self.data_cfg.global_batch_size / seconds,
                 "head_only": head_only,
                 **{f"val_{k}": v for k, v in metrics.items()},
             }
@@ -245,17 +363,25 @@ class _Run:
             writer.close()  # before the caller deletes a temporary working folder
         return result
 
-    def _make_train_step(self):
+    def _make_train_loop(self):
+        """-> train_loop(iterator, steps): `steps` training steps in one call, a tf.range loop on the
+        device (TF Model Garden's orbit loop does the same); returns the summed loss of those steps."""
         strategy, classifier, optimizer = self.strategy, self.classifier, self.optimizer
         cfg, augment_cfg = self.train_cfg, self.config.augment
-        global_batch = self.config.data.global_batch_size
+        size = self.config.data.image_size_px
+        global_batch = self.data_cfg.global_batch_size
         weight_normal, weight_pneumonia = self.class_weights
         loss_scaling = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         variables = classifier.trainable_variables
+        loss_sum = self.loss_sum
 
         def forward_backward(images, labels):
+            # The seed comes from the step counter on the device: no host round-trip.
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            seed = augment.step_seed(cfg.seed, optimizer.iterations, replica)
+            inputs = augment.model_inputs(images, augment_cfg, seed, size)
             with tf.GradientTape() as tape:
-                probabilities = classifier(images, training=True)[:, 0]
+                probabilities = classifier(inputs, training=True)[:, 0]
                 targets = labels * (1.0 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
                 per_example = tf_keras.backend.binary_crossentropy(targets, probabilities)
                 weights = tf.where(labels > 0.5, weight_pneumonia, weight_normal)
@@ -269,25 +395,36 @@ class _Run:
                 gradients = optimizer.get_unscaled_gradients(gradients)
             return loss, gradients
 
-        if self.xla:
-            # XLA compiles the model's forward and backward pass; the warp op of the augmentation and
-            # the cross-replica gradient sum stay outside it.
-            forward_backward = tf.function(forward_backward, jit_compile=True)
-
-        def replica_step(batch):
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            seed = augment.step_seed(cfg.seed, optimizer.iterations, replica)
-            images = augment.model_inputs(batch["image"], augment_cfg, seed)
-            loss, gradients = forward_backward(images, batch["label"])
+        def apply(loss, gradients):
+            # All-reduces the gradients across replicas (the strategy's communication options), then
+            # updates: the optimizer is not jit-compiled on its own (one XLA program per variable).
             optimizer.apply_gradients(zip(gradients, variables, strict=True))
-            return loss
+            loss_sum.assign_add(loss)
+
+        if self.step_kind == STEP_ONE_PROGRAM:
+            # Augmentation, forward, backward, all-reduce and update: one XLA program per step.
+            @tf.function(jit_compile=True)
+            def replica_step(batch):
+                loss, gradients = forward_backward(batch["image"], batch["label"])
+                apply(loss, gradients)
+
+        else:
+            compiled = tf.function(forward_backward, jit_compile=True) if self.xla else forward_backward
+
+            def replica_step(batch):
+                loss, gradients = compiled(batch["image"], batch["label"])
+                apply(loss, gradients)
+
+        self.replica_step = replica_step  # (tests read its compiled HLO)
 
         @tf.function
-        def train_step(iterator):
-            losses = strategy.run(replica_step, args=(next(iterator),))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+        def train_loop(iterator, steps):
+            loss_sum.assign(0.0)
+            for _ in tf.range(steps):
+                strategy.run(replica_step, args=(next(iterator),))
+            return loss_sum.read_value()
 
-        return train_step
+        return train_loop
 
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Labels and probabilities of every record of `split`, the same arrays on every worker."""
@@ -498,14 +635,22 @@ class WarmupCosine(tf_keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
-def _make_optimizer(cfg: TrainConfig, steps_per_epoch: int, policy: str, xla: bool):
+def scaled_learning_rate(cfg: TrainConfig, global_batch: int) -> float:
+    """train.learning_rate, scaled linearly from train.lr_reference_batch to `global_batch` when set."""
+    if not cfg.lr_reference_batch:
+        return cfg.learning_rate
+    return cfg.learning_rate * global_batch / cfg.lr_reference_batch
+
+
+def _make_optimizer(cfg: TrainConfig, learning_rate: float, steps_per_epoch: int, policy: str):
     schedule = WarmupCosine(
-        cfg.learning_rate,
+        learning_rate,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
         total_steps=cfg.epochs * steps_per_epoch,
         cosine=cfg.schedule == "cosine",
     )
-    common = {"jit_compile": xla}
+    # Not compiled on its own: the whole training step is one XLA program where XLA is on.
+    common = {"jit_compile": False}
     if cfg.grad_clip_norm:
         common["global_clipnorm"] = cfg.grad_clip_norm
     if cfg.optimizer == "adam":

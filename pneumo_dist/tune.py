@@ -210,6 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     """What every Ray Train worker of a trial runs: our training loop, reporting each epoch to Tune."""
     from ray import train as ray_train  # (this module's package already selected tf-keras)
 
+    from pneumo_dist import data
     from pneumo_dist import train as train_lib
 
     context = ray_train.get_context()
@@ -232,7 +233,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
-    train_lib.train(config, train_lib.choose_strategy(), resume=resume, on_epoch=on_epoch, overwrite=True)
+    train_lib.configure_process(config.train, threads=data.host_threads())  # before TensorFlow's first op
+    strategy = train_lib.choose_strategy(train_cfg=config.train)
+    train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True)
 
 
 def report_on_test(export_uri: str, config: config_lib.RunConfig) -> dict | None:

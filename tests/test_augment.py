@@ -110,3 +110,41 @@ def test_works_inside_a_compiled_function_under_a_strategy():
 def test_bad_ranges_are_named(field, value):
     with pytest.raises(ConfigError, match=f"augment.{field}="):
         AugmentConfig(**{field: value}).validate()
+
+
+def random_rows(batch: int, seed: int) -> tuple:
+    rng = np.random.default_rng(seed)
+    angle, zoom = rng.uniform(-0.4, 0.4, batch), rng.uniform(0.7, 1.3, batch)
+    shift = rng.uniform(-4, 4, (2, batch))
+    a0, a1 = np.cos(angle) / zoom, -np.sin(angle) / zoom
+    b0, b1 = np.sin(angle) / zoom, np.cos(angle) / zoom
+    a2 = 16 - 16 * a0 - 16 * a1 + shift[0]
+    b2 = 16 - 16 * b0 - 16 * b1 + shift[1]
+    return tuple(np.float32(r) for r in (a0, a1, a2, b0, b1, b2))
+
+
+def test_the_compilable_warp_matches_tensorflows_warp_op():
+    # TensorFlow's op truncates to whole levels where ours rounds: at most one level apart.
+    images = demo_batch(batch=6)
+    rows = random_rows(6, seed=3)
+    ours = augment._bilinear_warp(images, rows, 32, 32).numpy().astype(int)
+    theirs = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(images, tf.float32),
+        transforms=tf.stack([*rows, np.zeros(6, np.float32), np.zeros(6, np.float32)], axis=1),
+        output_shape=[32, 32],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    ).numpy()
+    assert np.abs(ours - np.round(theirs)).max() <= 1
+
+
+@pytest.mark.parametrize("size", [24, 40])
+def test_the_warp_resizes_as_tf_image_resize_does(size):
+    # One resampling instead of two: without augmentation the warp is tf.image.resize's bilinear map.
+    images = demo_batch(batch=4)
+    warped = augment.augment_batch(images, NONE, SEED, size=size).numpy() * 255
+    resized = tf.image.resize(tf.cast(images, tf.float32), [size, size]).numpy()
+    assert warped.shape == (4, size, size, 1)
+    # Inside the border: the warp fills black where resize clamps to the edge pixel.
+    np.testing.assert_allclose(warped[:, 1:-1, 1:-1], resized[:, 1:-1, 1:-1], atol=0.51)

@@ -1,0 +1,127 @@
+"""The training step as a GPU would run it, checked on CPU: what XLA compiles, how often the host
+waits for the device, the collectives' options, the batch arithmetic."""
+
+import math
+import re
+
+import pytest
+import tensorflow as tf
+
+from pneumo_dist import config as config_lib
+from pneumo_dist import data, train
+
+from .conftest import FROM_SCRATCH_OVERRIDES
+
+
+def make_run(shards: str, tmp_path, *overrides: str) -> train._Run:
+    config = config_lib.load_config(
+        None,
+        [
+            *FROM_SCRATCH_OVERRIDES,
+            f"data.manifest_uri={shards}",
+            f"train.output_uri={tmp_path / 'out'}",
+            "data.deterministic=true",
+            *overrides,
+        ],
+    )
+    return train._Run(config, tf.distribute.get_strategy(), str(tmp_path / "scratch"))
+
+
+def test_one_xla_program_per_step_holds_augmentation_forward_backward_and_update(learnable_shards, tmp_path):
+    run = make_run(learnable_shards, tmp_path, "train.xla=on", "train.optimizer=adam")
+    assert run.step_kind == train.STEP_ONE_PROGRAM
+    run._make_train_loop()
+    batch = next(iter(run.train_batches))
+    hlo = run.replica_step.experimental_get_compiler_ir(batch)(stage="hlo")
+    assert hlo.count("\nENTRY ") == 1  # one program: the function compiled whole, nothing left outside
+    entry = hlo[hlo.index("\nENTRY ") + 1 :].split("\n", 1)[0]
+    # Raw uint8 records go in: the augmentation (its warp is gathers, its rotation a cosine) is inside.
+    assert re.search(r"arg0[.\d]*: u8\[16,32,32,1\]", entry), entry[:200]
+    ops = re.findall(r"= \S+ ([a-z][\w-]*)\(", hlo)
+    assert ops.count("gather") >= 4 and "cosine" in ops and "convolution" in ops
+    # Adam's update of every trainable variable (one square root each), not one program per variable.
+    assert ops.count("sqrt") >= len(run.classifier.trainable_variables) > 100
+
+
+def test_the_host_reads_the_loss_once_per_loop_and_the_loop_length_changes_nothing(
+    learnable_shards, tmp_path, monkeypatch
+):
+    calls = []
+    make_loop = train._Run._make_train_loop
+
+    def counted(self):
+        loop = make_loop(self)
+
+        def call(iterator, steps):
+            calls.append(int(steps))
+            return loop(iterator, steps)
+
+        return call
+
+    monkeypatch.setattr(train._Run, "_make_train_loop", counted)
+    records = {}
+    for steps_per_loop in (4, 1):
+        calls.clear()
+        run = make_run(
+            learnable_shards,
+            tmp_path / str(steps_per_loop),
+            "train.epochs=1",
+            "train.max_steps_per_epoch=6",
+            f"train.steps_per_loop={steps_per_loop}",
+            "train.deterministic_ops=true",
+        )
+        history = []
+        run.fit(resume=False, on_step=None, on_epoch=lambda record, _, seen=history: seen.append(record))
+        assert calls == ([4, 2] if steps_per_loop == 4 else [1] * 6)
+        assert run.host_reads == math.ceil(6 / steps_per_loop)
+        records[steps_per_loop] = history[0]
+    for key in ("train_loss", "val_auc", "val_loss", "step"):
+        assert records[4][key] == pytest.approx(records[1][key], rel=1e-4, abs=1e-5), key
+
+
+def test_multi_worker_collectives_are_nccl_in_packs_on_gpus_and_the_ring_on_cpus():
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    gpu = train.communication_options(gpus=True, pack_mb=32)
+    assert gpu.implementation == implementation.NCCL and gpu.bytes_per_pack == 32 * 2**20
+    cpu = train.communication_options(gpus=False, pack_mb=0)
+    assert cpu.implementation == implementation.RING and cpu.bytes_per_pack == 0
+    assert config_lib.TrainConfig().all_reduce_pack_mb == 32
+
+
+def test_gpu_replicas_compile_the_whole_step_and_cpu_replicas_leave_the_all_reduce_outside():
+    class Extended:
+        def __init__(self, devices):
+            self.worker_devices = devices
+
+    class Strategy:
+        def __init__(self, devices):
+            self.extended, self.num_replicas_in_sync = Extended(devices), len(devices)
+
+    gpus = Strategy(["/job:worker/replica:0/task:0/device:GPU:0", "/job:worker/task:1/device:GPU:0"])
+    cpus = Strategy(["/job:worker/task:0/device:CPU:0", "/job:worker/task:1/device:CPU:0"])
+    assert train.step_kind(gpus, xla=True) == train.STEP_ONE_PROGRAM
+    assert train.step_kind(cpus, xla=True) == train.STEP_SPLIT
+    assert train.step_kind(tf.distribute.get_strategy(), xla=True) == train.STEP_ONE_PROGRAM
+    assert train.step_kind(gpus, xla=False) == train.STEP_NO_XLA
+
+
+def test_batch_per_replica_sets_the_global_batch_and_the_learning_rate_scales_with_it(demo_shards):
+    cfg = config_lib.DataConfig(manifest_uri=demo_shards, global_batch_size=64, batch_per_replica=256)
+    assert data.resolve_batch(cfg, 8).global_batch_size == 2048
+    train_cfg = config_lib.TrainConfig(learning_rate=1e-4, lr_reference_batch=256)
+    assert train.scaled_learning_rate(train_cfg, 2048) == pytest.approx(8e-4)
+    assert train.scaled_learning_rate(config_lib.TrainConfig(learning_rate=1e-4), 2048) == 1e-4
+    with pytest.raises(
+        config_lib.ConfigError, match=r"global_batch_size=30 does not divide among the 4 replicas"
+    ):
+        data.resolve_batch(config_lib.DataConfig(global_batch_size=30), 4)
+
+
+def test_a_global_batch_larger_than_the_train_split_is_an_error_naming_both(demo_shards):
+    dataset = data.open_dataset(config_lib.DataConfig(manifest_uri=demo_shards, read_mode="stream"))
+    records = dataset.records("train")
+    assert data.steps_per_epoch(dataset, records) == 1
+    with pytest.raises(
+        config_lib.ConfigError, match=rf"global batch \({records + 1}\) is larger than the {records} records"
+    ):
+        data.steps_per_epoch(dataset, records + 1)
