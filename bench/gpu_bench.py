@@ -72,54 +72,51 @@ def make_run(args, strategy, per_replica: int, augment: bool = True, steps_per_l
             f"train.precision={args.precision}",
             f"train.steps_per_loop={steps_per_loop or args.steps}",
             f"train.xla_cache_dir={args.xla_cache_dir}",
-            f"train.output_uri={tempfile.mkdtemp(prefix='gpu-bench-')}",
+            f"train.output_uri={tempfile.mkdtemp(dir=args.workdir)}",
         ],
     )
-    return train._Run(config, strategy, tempfile.mkdtemp(prefix="gpu-bench-scratch-"))
+    return train._Run(config, strategy, tempfile.mkdtemp(dir=args.workdir))
 
 
 def step_seconds(run, steps: int, synthetic: bool, repeats: int = 2) -> tuple[float, float]:
-    """(seconds per step at steady state, seconds of the first call: tracing + XLA compilation + one
-    step). `synthetic`: the first batch, repeated from the device's input buffer, so no input cost."""
+    """(seconds per step at steady state, seconds of the run's first call: tracing + XLA compilation +
+    one step). `synthetic`: one batch of the real pipeline, cached and repeated: no decoding, no
+    shuffling, only the copy to the device, as in NVIDIA's synthetic-data benchmarks."""
     import tensorflow as tf
 
-    loop = run._make_train_loop()
-    iterator = iter(run.train_batches)
+    from pneumo_dist import data
+
+    if not hasattr(run, "bench_loop"):  # one trace per run: both inputs have the same element spec
+        run.bench_loop = run._make_train_loop()
     if synthetic:
-        iterator = _Repeat(next(iterator))
+        batches = run.strategy.distribute_datasets_from_function(
+            lambda context: data.train_dataset(run.data_cfg, run.dataset, context).take(1).cache().repeat()
+        )
+    else:
+        batches = run.train_batches
+    iterator = iter(batches)
     start = time.perf_counter()
-    float(loop(iterator, tf.constant(1)))
+    float(run.bench_loop(iterator, tf.constant(1)))
     first_call = time.perf_counter() - start
-    float(loop(iterator, tf.constant(steps)))  # warm-up: autotuning, caches
+    if not repeats:
+        return float("nan"), first_call
+    float(run.bench_loop(iterator, tf.constant(steps)))  # warm-up: autotuning, caches
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        float(loop(iterator, tf.constant(steps)))
+        float(run.bench_loop(iterator, tf.constant(steps)))
         best = min(best, time.perf_counter() - start)
     return best / steps, first_call
 
 
-class _Repeat:
-    """An iterator that yields the same distributed batch forever (synthetic input)."""
-
-    def __init__(self, batch):
-        self.batch = batch
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.batch
-
-
-def startup_seconds(args, cache: str) -> float:
-    """Seconds from starting a Python process to the end of its first training step."""
-    command = [sys.executable, str(HERE / "gpu_bench.py"), "--first-step", "--shards", args.shards]
+def startup_seconds(args, cache: str) -> tuple[float, dict]:
+    """Seconds from starting a Python process to the end of its first training step, and its phases."""
+    command = [sys.executable, str(HERE / "gpu_bench.py"), "--shards", args.shards]
     command += ["--size", str(args.size), "--batches", str(args.batches[0]), "--xla", args.xla]
-    command += ["--xla-cache-dir", cache]
+    command += ["--xla-cache-dir", cache, "--first-step", str(time.time())]
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    child = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True)
+    return time.perf_counter() - start, json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,24 +128,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--xla", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--xla-cache-dir", default="", help="XLA's persistent cache; '' = none")
+    parser.add_argument("--repeats", type=int, default=2, help="timed loops per figure (the best counts)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the code runs (CI)")
     parser.add_argument("--loop-ratio", action="store_true", help="img/s at steps_per_loop 1 vs --steps")
     parser.add_argument("--startup", action="store_true", help="start-up to first step, cold vs warm cache")
-    parser.add_argument("--first-step", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first-step", type=float, help=argparse.SUPPRESS)  # the parent's start time
     args = parser.parse_args(argv)
     if args.smoke:
-        args.size, args.batches, args.steps = 32, "4", 2
+        args.size, args.batches, args.steps, args.repeats = 32, "4", 1, 1
     args.batches = [int(b) for b in args.batches.split(",")]
     args.shards = args.shards or demo_shards(args.size)
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as args.workdir:
+        return measure(args)
+
+
+def measure(args) -> int:
 
     if args.startup:
         with tempfile.TemporaryDirectory(prefix="gpu-bench-xla-cache-") as cache:
-            cold = startup_seconds(args, cache)
-            warm = startup_seconds(args, cache)
+            (cold, cold_phases), (warm, warm_phases) = (
+                startup_seconds(args, cache),
+                startup_seconds(args, cache),
+            )
         print(
             f"start-up to the first step: cold XLA cache {cold:.1f} s, warm {warm:.1f} s, "
             f"ratio {warm / cold:.2f}"
         )
+        for name, phases in (("cold", cold_phases), ("warm", warm_phases)):
+            print(f"  {name}: " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in phases.items()))
         return 0
 
     from pneumo_dist import train
@@ -159,8 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     gpus = tf.config.list_logical_devices("GPU")
     one = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if args.first_step:
+        phases = {"process start, imports": time.time() - args.first_step}
+        start = time.perf_counter()
         run = make_run(args, one, args.batches[0], steps_per_loop=1)
-        step_seconds(run, 1, synthetic=False, repeats=0)
+        phases["data + model"] = time.perf_counter() - start
+        start = time.perf_counter()
+        run.bench_loop = run._make_train_loop()
+        run.bench_loop.get_concrete_function(iter(run.train_batches), tf.TensorSpec([], tf.int32))
+        phases["tracing"] = time.perf_counter() - start
+        phases["first call (XLA, one step)"] = step_seconds(run, 1, synthetic=False, repeats=0)[1]
+        print(json.dumps(phases))
         return 0
 
     device = (
@@ -190,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     print("batch/GPU  synthetic img/s  real img/s  input wait  augmentation  step ms  first call s")
     for batch in args.batches:
         run = make_run(args, one, batch)
-        synthetic, first_call = step_seconds(run, args.steps, synthetic=True)
-        real, _ = step_seconds(run, args.steps, synthetic=False)
-        plain, _ = step_seconds(make_run(args, one, batch, augment=False), args.steps, synthetic=True)
+        synthetic, first_call = step_seconds(run, args.steps, synthetic=True, repeats=args.repeats)
+        real, _ = step_seconds(run, args.steps, synthetic=False, repeats=args.repeats)
+        plain, _ = step_seconds(
+            make_run(args, one, batch, augment=False), args.steps, synthetic=True, repeats=args.repeats
+        )
         row = {
             "batch_per_gpu": batch,
             "synthetic_img_s": batch / synthetic,
