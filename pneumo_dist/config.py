@@ -59,7 +59,7 @@ CLASS_BALANCE_MODES = ("weights", "sample", "none")
 @dataclass(frozen=True)
 class DataConfig:
     manifest_uri: str = "data/demo-shards"  # a dataset folder or its manifest.json, local or gs://
-    image_size_px: int = 224  # model input side; records are resized to it on the host
+    image_size_px: int = 224  # model input side; training resizes in the augmentation warp
     global_batch_size: int = 64  # across all replicas; each replica gets global / replicas
     # When > 0, each replica (GPU) gets this many and the global batch is this x the replicas, whatever
     # global_batch_size says: the batch follows the hardware.
@@ -152,8 +152,8 @@ class TrainConfig:
     target_sensitivity: float = 0.95  # the exported threshold reaches this on validation
     precision: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     xla: str = "auto"  # auto: on for GPU, off on CPU
-    # XLA's persistent compilation cache, shared by the trials of a node; "" = off; default:
-    # <system temp>/pneumo-dist-xla-cache.
+    # XLA's persistent compilation cache, shared by the trials of a node; "" = off; "default":
+    # <system temp>/pneumo-dist-xla-cache-<uid>.
     xla_cache_dir: str = "default"
     # Training steps per call into TensorFlow (a tf.range loop on the device): the loss is read and the
     # progress shown once per loop; 0 = min(100, steps per epoch).
@@ -266,7 +266,9 @@ class TuneConfig:
     workers_per_trial: int = 1  # Ray Train workers (MultiWorkerMirroredStrategy when > 1)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs / GPUs hold
+    # 0: no cap; trials queue for their CPUs / GPUs, as many run as the cluster holds at each moment
+    # (and the autoscaler adds nodes for the queued ones).
+    max_concurrent_trials: int = 0
     max_failures: int = 1  # restarts of a trial whose worker died, from its last checkpoint
     storage_uri: str = "outputs/tune"  # local folder or gs://: Ray's experiment state, trials, best model
     name: str = "search"
