@@ -14,6 +14,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     TF_USE_LEGACY_KERAS=1 \
     RAY_TRAIN_V2_ENABLED=0 \
     RAY_AUTH_MODE=token \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    TF_GPU_THREAD_MODE=gpu_private \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 

@@ -24,6 +24,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--resume", action="store_true", help="continue an interrupted search (Tuner.restore)"
     )
     parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="everything: Tune's status tables, Ray's and every worker's output (TensorFlow's included)",
+    )
+    parser.add_argument(
         "--address",
         help="Ray address; default: the cluster this runs on, else in-process; 'local': a private Ray",
     )
@@ -45,9 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     from pneumo_dist import schema, storage, tune  # tune first: it pins Ray Train's API
 
     try:
-        where = tune.connect_ray(args.address)
-        print(f"tune: Ray {where}; search {tune.experiment_uri(config)}", flush=True)
-        result = tune.run_search(config, resume=args.resume)
+        where = tune.connect_ray(args.address, verbose=args.verbose)
+        cfg = config.tune
+        scheduler = (
+            f"ASHA (grace {cfg.grace_period}, reduction {cfg.reduction_factor})"
+            if cfg.scheduler == "asha"
+            else "no early stopping"
+        )
+        print(
+            f"tune: Ray {where}; search {tune.experiment_uri(config)}: {cfg.num_samples} trials x "
+            f"{config.train.epochs} epochs, {scheduler}"
+            + ("" if args.verbose else "; workers' logs in Ray's log folder (--verbose shows them)"),
+            flush=True,
+        )
+        result = tune.run_search(config, resume=args.resume, verbose=args.verbose)
     except (tune.SearchError, storage.StorageError, schema.ManifestError) as error:
         print(f"tune: error: {error}", file=sys.stderr)
         return 2

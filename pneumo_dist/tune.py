@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 # Must be set before ray.train is imported anywhere in this process (see the module docstring).
@@ -63,24 +64,38 @@ class SearchResult:
     table_uri: str
 
 
-def connect_ray(address: str | None = None) -> str:
+# What a quiet worker leaves out: TensorFlow's C++ start-up lines (CUDA probing, CPU features).
+QUIET_WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def connect_ray(address: str | None = None, verbose: bool = False) -> str:
     """Join the cluster this process runs on (a `ray job submit` job, RAY_ADDRESS, or a Ray already
     running on this machine), else start Ray in this process: the laptop default. `address="local"`
-    always starts a private in-process Ray. Returns "cluster" or "in-process"."""
+    always starts a private in-process Ray. Returns "cluster" or "in-process".
+
+    Unless `verbose`, the workers' own output stays in Ray's log files (`/tmp/ray/session_latest/logs`)
+    instead of the console, and Ray logs warnings only; failed trials are reported all the same
+    (`console_reporter`). An in-process Ray also quietens TensorFlow in its workers; on a cluster the
+    image does (Dockerfile)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return "cluster"
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    private = {} if verbose else {"runtime_env": {"env_vars": QUIET_WORKER_ENV}}
     if address == "local":
-        ray.init(address="local")
+        ray.init(address="local", **quiet, **private)
         return "in-process"
     try:
-        ray.init(address=address or "auto", log_to_driver=True)
+        # (No runtime_env here: a submitted job's own, with its working_dir, must stay as it is.)
+        ray.init(address=address or "auto", **quiet)
         return "cluster"
     except ConnectionError:
         if address not in (None, "auto"):
             raise
-    ray.init(address="local")
+    ray.init(address="local", **quiet, **private)
     return "in-process"
 
 
@@ -89,8 +104,9 @@ def experiment_uri(config: config_lib.RunConfig) -> str:
     return storage.join(uri if storage.is_gcs(uri) else os.path.abspath(uri), config.tune.name)
 
 
-def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResult:
-    """Run (or, with `resume`, continue) the search; then tabulate, export and test the best trial."""
+def run_search(config: config_lib.RunConfig, resume: bool = False, verbose: bool = False) -> SearchResult:
+    """Run (or, with `resume`, continue) the search; then tabulate, export and test the best trial.
+    Unless `verbose`, Tune's periodic status tables give way to one line per trial-epoch."""
     import ray
     from ray import train as ray_train
     from ray import tune
@@ -104,6 +120,7 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
             "(or set RAY_TRAIN_V2_ENABLED=0): see ray-project/ray#54305"
         )
     cfg = config.tune
+    check_storage(cfg.storage_uri, sum(1 for node in ray.nodes() if node.get("Alive")))
     experiment = experiment_uri(config)
     storage_root = experiment.rsplit("/", 1)[0]
     trial_root = storage.join(experiment, TRIALS_FOLDER)
@@ -148,8 +165,10 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
                 if cfg.scheduler == "asha"
                 else FIFOScheduler(),
                 search_alg=BasicVariantGenerator(random_state=cfg.seed),
-                max_concurrent_trials=cfg.max_concurrent_trials
-                or concurrent_trials(ray.cluster_resources(), cfg),
+                # No cap by default: trials queue for their resources, so Ray's autoscaler sees the
+                # demand and adds nodes, and trials start as resources appear (a cap computed from what
+                # is up at start would be 1 on cluster/gpu.yaml, which starts without GPU workers).
+                max_concurrent_trials=cfg.max_concurrent_trials or None,
             ),
             # The Tuner's run config is the one that counts for its trainers (failure_config included).
             run_config=tune.RunConfig(
@@ -157,7 +176,8 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
                 storage_path=storage_root,
                 storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                verbose=1,
+                verbose=1 if verbose else 0,
+                callbacks=[] if verbose else [console_reporter(config.train.epochs)],
             ),
         )
     grid = tuner.fit()
@@ -175,13 +195,58 @@ def run_search(config: config_lib.RunConfig, resume: bool = False) -> SearchResu
     return SearchResult(trials, best, best_export, test_metrics, table_uri)
 
 
-def concurrent_trials(resources: dict, cfg: config_lib.TuneConfig) -> int:
-    """How many trials the cluster holds at once: by GPUs when trials use them, else by CPUs."""
-    if cfg.gpus_per_worker > 0:
-        fit = resources.get("GPU", 0) // (cfg.gpus_per_worker * cfg.workers_per_trial)
-    else:
-        fit = resources.get("CPU", 1) // (cfg.cpus_per_worker * cfg.workers_per_trial)
-    return max(1, int(fit))
+def console_reporter(epochs: int):
+    """A Tune callback printing one line per finished trial-epoch and per trial end, with full
+    parameter names, and a failed trial's error (the end of its traceback) on stderr. (Built here:
+    this module imports Ray only when it runs a search.)"""
+    from ray import tune
+
+    class ConsoleReporter(tune.Callback):
+        def __init__(self):
+            self.epochs = epochs
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if METRIC not in result:
+                return
+            print(
+                f"trial {trial.trial_id}  epoch {int(result.get('epoch', 0))}/{self.epochs}  "
+                f"val auc {result[METRIC]:.4f}  loss {result.get('train_loss', float('nan')):.4f}  "
+                f"{result.get('seconds', 0):.0f} s  {_sampled_text(trial.config)}",
+                flush=True,
+            )
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            epochs = int((trial.last_result or {}).get("epoch", 0))
+            end = "finished" if epochs >= self.epochs else "stopped (ASHA or early stopping)"
+            print(f"trial {trial.trial_id}  {end} after {epochs} epochs", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            error = ""
+            if trial.error_file and os.path.exists(trial.error_file):
+                with open(trial.error_file) as file:
+                    error = "".join(file.readlines()[-15:])
+            print(f"trial {trial.trial_id}  FAILED\n{error}", file=sys.stderr, flush=True)
+
+    return ConsoleReporter()
+
+
+def _sampled_text(trial_config: dict) -> str:
+    sampled = trial_config.get("train_loop_config", {}).get("sampled", {})
+    return "  ".join(f"{key}={_short(value)}" for key, value in sorted(sampled.items()))
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def check_storage(storage_uri: str, nodes: int) -> None:
+    """A local tune.storage_uri keeps each trial's checkpoints on the node that wrote them: on a cluster
+    of several nodes a restarted trial would not find them, and the results would be scattered."""
+    if nodes > 1 and not storage.is_gcs(storage_uri):
+        raise SearchError(
+            f"tune.storage_uri={storage_uri} is a local folder, but the Ray cluster has {nodes} nodes: "
+            "checkpoints and results would stay on whichever node wrote them; use a gs:// URI"
+        )
 
 
 def to_tune_space(search_space: dict) -> dict:

@@ -178,6 +178,14 @@ def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(learnable_shards
     (trial,) = trials.iterdir()
     state = json.loads((trial / "checkpoints" / "state.json").read_text())
     assert [epoch["epoch"] for epoch in state["history"]] == [0, 1, 2]
+    # Resumed from the checkpoint, not restarted from scratch (which would also end with epochs 0-2):
+    # each restarted worker's own history (workers/rank-N.json, rewritten by the new processes) begins
+    # after epoch 0, with the optimizer's step carried on from the checkpoint (4 steps per epoch).
+    views = [json.loads(p.read_text()) for p in sorted((trial / "workers").iterdir())]
+    assert len(views) == 2
+    for view in views:
+        first = view["history"][0]
+        assert first["epoch"] >= 1 and first["step"] == 4 * (first["epoch"] + 1), view["history"]
     assert (trial / "export" / "export.json").exists()
     # The restarted workers removed the killed one's local working folder.
     assert not glob.glob(f"{tempfile.gettempdir()}/pneumo-train-{socket.gethostname()}-{victims[-1]}-*")
@@ -356,3 +364,14 @@ def test_workers_get_absolute_local_paths(monkeypatch, tmp_path):
         tune._base_dict(config_lib.load_config(None, ["model.weights=imagenet"]))["model"]["weights"]
         == "imagenet"
     )
+
+
+def test_a_local_storage_folder_is_refused_on_a_cluster_of_several_nodes():
+    from pneumo_dist import tune
+
+    tune.check_storage("outputs/tune", nodes=1)
+    tune.check_storage("gs://bucket/tune", nodes=3)
+    with pytest.raises(
+        tune.SearchError, match=r"tune.storage_uri=outputs/tune is a local folder, but .* 3 nodes"
+    ):
+        tune.check_storage("outputs/tune", nodes=3)
