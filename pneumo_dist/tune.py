@@ -298,11 +298,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
-    # Before TensorFlow's first op. With GPUs, several TensorFlow processes share a node and each must
-    # keep to its CPU share; a CPU-only trial keeps TensorFlow's own pools, which use the cores a
-    # lone trial would otherwise leave idle (the demo search took 2-3x longer at one thread).
-    threads = data.host_threads() if config.tune.gpus_per_worker > 0 else None
-    train_lib.configure_process(config.train, threads=threads)
+    train_lib.configure_process(config.train, threads=data.host_threads())  # before TensorFlow's first op
     strategy = train_lib.choose_strategy(train_cfg=config.train)
     train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True)
 
