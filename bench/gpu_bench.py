@@ -34,15 +34,19 @@ import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
 HERE = Path(__file__).resolve().parent
 
 
-def demo_shards(size: int) -> str:
-    """Small demo shards stored at `size` (generated once): the real input pipeline's work per image."""
+def demo_shards(size: int, records: int) -> str:
+    """Demo shards stored at `size` with at least `records` training records (generated once): the
+    real input pipeline's work per image."""
     from pneumo_dist import demo, shards
 
-    destination = CACHE / f"gpu-bench-shards-{size}"
+    per_class = max(256, records // 2 + 1)
+    destination = CACHE / f"gpu-bench-shards-{size}-{per_class}"
     if not (destination / "manifest.json").exists():
-        source = CACHE / f"gpu-bench-source-{size}"
+        source = CACHE / f"gpu-bench-source-{size}-{per_class}"
         spec = demo.DemoSpec(
-            images_per_class=(("train", 256),), min_side_px=size + size // 8, max_side_px=size + size // 4
+            images_per_class=(("train", per_class),),
+            min_side_px=size + size // 8,
+            max_side_px=size + size // 4,
         )
         demo.write_demo_dataset(str(source), spec)
         options = shards.ShardOptions(stored_size_px=size, min_shards=8, val_fraction=0.1)
@@ -137,13 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.size, args.batches, args.steps, args.repeats = 32, "4", 1, 1
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.shards = args.shards or demo_shards(args.size)
+    from pneumo_dist import train
+
+    train.configure_process(train.TrainConfig(xla_cache_dir=args.xla_cache_dir))  # before TF runs
+    import tensorflow as tf
+
+    # Enough training records for the largest global batch (all GPUs at the largest batch), plus val.
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    args.shards = args.shards or demo_shards(args.size, int(1.25 * max(args.batches) * max(1, gpus)))
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as args.workdir:
         return measure(args)
 
 
 def measure(args) -> int:
-
     if args.startup:
         with tempfile.TemporaryDirectory(prefix="gpu-bench-xla-cache-") as cache:
             (cold, cold_phases), (warm, warm_phases) = (
@@ -158,9 +168,6 @@ def measure(args) -> int:
             print(f"  {name}: " + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in phases.items()))
         return 0
 
-    from pneumo_dist import train
-
-    train.configure_process(train.TrainConfig(xla_cache_dir=args.xla_cache_dir))
     import tensorflow as tf
 
     gpus = tf.config.list_logical_devices("GPU")
