@@ -82,8 +82,8 @@ def resolve_batch(data: DataConfig, replicas: int) -> DataConfig:
         return dataclasses.replace(data, global_batch_size=data.batch_per_replica * replicas)
     if data.global_batch_size % replicas:
         raise ConfigError(
-            f"data.global_batch_size={data.global_batch_size} does not divide among the {replicas} replicas: "
-            f"make it a multiple of {replicas}, or set data.batch_per_replica"
+            f"data.global_batch_size={data.global_batch_size}: must be a multiple of the {replicas} replicas "
+            "(or set data.batch_per_replica)"
         )
     return data
 
@@ -99,12 +99,8 @@ def loss_class_weights(dataset: Dataset, class_balance: str) -> tuple[float, flo
 def per_replica_batch(data: DataConfig, context: tf.distribute.InputContext | None) -> int:
     if context is None:
         return data.global_batch_size
-    replicas = context.num_replicas_in_sync
-    if data.global_batch_size % replicas:
-        raise ConfigError(
-            f"data.global_batch_size={data.global_batch_size}: must be a multiple of the {replicas} replicas"
-        )
-    return context.get_per_replica_batch_size(data.global_batch_size)
+    global_batch = resolve_batch(data, context.num_replicas_in_sync).global_batch_size
+    return context.get_per_replica_batch_size(global_batch)
 
 
 def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.InputContext | None = None):

@@ -122,7 +122,7 @@ def test_batch_per_replica_sets_the_global_batch_and_the_learning_rate_scales_wi
     assert train.scaled_learning_rate(train_cfg, 2048) == pytest.approx(8e-4)
     assert train.scaled_learning_rate(config_lib.TrainConfig(learning_rate=1e-4), 2048) == 1e-4
     with pytest.raises(
-        config_lib.ConfigError, match=r"global_batch_size=30 does not divide among the 4 replicas"
+        config_lib.ConfigError, match=r"global_batch_size=30: must be a multiple of the 4 replicas"
     ):
         data.resolve_batch(config_lib.DataConfig(global_batch_size=30), 4)
 
