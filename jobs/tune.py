@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     for warning in config.warnings():
         print(f"tune: warning: {warning}", file=sys.stderr)
 
-    from pneumo_dist import schema, storage, tune  # tune first: it pins Ray Train's API
+    from pneumo_dist import schema, storage, tune
 
     try:
         where = tune.connect_ray(args.address, verbose=args.verbose)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             + ("" if args.verbose else "; workers' logs in Ray's log folder (--verbose shows them)"),
             flush=True,
         )
-        result = tune.run_search(config, resume=args.resume, verbose=args.verbose)
+        result = tune.run_search(config, args.resume, args.verbose, in_process=where == "in-process")
     except (tune.SearchError, storage.StorageError, schema.ManifestError) as error:
         print(f"tune: error: {error}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 
@@ -261,6 +262,9 @@ class TuneConfig:
 
     num_samples: int = 8
     scheduler: str = "asha"  # "asha", or "fifo": every trial runs all train.epochs (for comparison)
+    # "random": independent draws from search_space; "optuna": Optuna's TPE (Ray Tune's OptunaSearch),
+    # which draws the next trials where the finished ones scored well (pip install 'pneumo-dist[optuna]').
+    search_alg: str = "random"
     grace_period: int = 2  # epochs each trial runs before ASHA may stop it (keep it above the warm-ups)
     reduction_factor: int = 3  # ASHA keeps the best 1/reduction_factor at each rung
     workers_per_trial: int = 1  # Ray Train workers (MultiWorkerMirroredStrategy when > 1)
@@ -296,6 +300,20 @@ class TuneConfig:
             _check(value >= 1, "tune", name, value, "must be >= 1")
         _check(
             self.scheduler in ("asha", "fifo"), "tune", "scheduler", self.scheduler, "must be asha or fifo"
+        )
+        _check(
+            self.search_alg in ("random", "optuna"),
+            "tune",
+            "search_alg",
+            self.search_alg,
+            "must be random or optuna",
+        )
+        _check(
+            self.search_alg != "optuna" or importlib.util.find_spec("optuna") is not None,
+            "tune",
+            "search_alg",
+            self.search_alg,
+            "needs Optuna: pip install 'pneumo-dist[optuna]'",
         )
         _check(self.reduction_factor >= 2, "tune", "reduction_factor", self.reduction_factor, "must be >= 2")
         _check(self.cpus_per_worker > 0, "tune", "cpus_per_worker", self.cpus_per_worker, "must be > 0")

@@ -219,6 +219,7 @@ class _Run:
     """One training run's state; a class only because the step functions share the model and optimizer."""
 
     def __init__(self, config: RunConfig, strategy: tf.distribute.Strategy, scratch: str):
+        started = time.perf_counter()
         self.config, self.strategy = config, strategy
         self._predict_step = None
         self.train_cfg: TrainConfig = config.train
@@ -273,6 +274,7 @@ class _Run:
             lambda context: data.train_dataset(self.data_cfg, self.dataset, context)
         )
         self.step_kind = step_kind(strategy, self.xla)
+        self.setup_seconds = time.perf_counter() - started  # data, model and optimizer set-up
 
     def describe(self) -> str:
         """The start-up line: strategy, batch, step and loop."""
@@ -300,7 +302,7 @@ class _Run:
         if self.chief:
             print(self.describe(), flush=True)
         iterator = iter(self.train_batches)
-        phase = None
+        phase, first_epoch = None, state["next_epoch"]
         result = self._export(state) if state["finished"] else None  # resumed after the last epoch
         while not state["finished"]:
             epoch = state["next_epoch"]
@@ -336,6 +338,8 @@ class _Run:
                 "head_only": head_only,
                 **{f"val_{k}": v for k, v in metrics.items()},
             }
+            if epoch == first_epoch:
+                record["setup_s"] = self.setup_seconds  # the first epoch this process ran
             improved = not math.isnan(metrics["auc"]) and metrics["auc"] > state["best_auc"]
             if improved:
                 state.update(best_auc=metrics["auc"], best_epoch=epoch, epochs_since_best=0)
@@ -356,7 +360,9 @@ class _Run:
                 self._publish_folder("tensorboard")
             if state["finished"]:
                 # Before the last report: a scheduler may end the process as soon as it gets it.
+                export_started = time.perf_counter()
                 result = self._export(state)
+                record["export_s"] = time.perf_counter() - export_started
             if on_epoch:
                 on_epoch(record, checkpoint_dir if self.chief else None)
         if writer:

@@ -1,15 +1,17 @@
 """Ray at the edge: multi-worker training on Ray Train and the Ray Tune search with ASHA.
 
-Each trial is a `TensorflowTrainer` whose workers run `train.train` (MultiWorkerMirroredStrategy when a
-trial has several workers); every epoch they report validation metrics to Tune, and ASHA stops weak
-trials. Checkpoints live in each trial's own output folder (train.py), so a trial whose worker died
-restarts from its last complete checkpoint.
+Ray Train V2, the way Ray documents Tune + Train: each trial is a light Tune function (`run_trial`, no
+CPU) that fits a `TensorflowTrainer`; its workers run `train.train`
+(MultiWorkerMirroredStrategy when a trial has several workers) and report validation metrics every
+epoch, which `TuneReportCallback` hands to Tune, and ASHA stops weak trials. Checkpoints live in each
+trial's own output folder (train.py), so a trial whose worker died (Ray Train's FailureConfig) or whose
+search was interrupted (`--resume`) restarts from its last complete checkpoint.
 
-Ray Train V2 (Ray 2.60's default) can hang a search once ASHA stops a trial: the stopped trial's worker
-group keeps its placement group, and the next trial waits forever for resources
-(https://github.com/ray-project/ray/issues/54305). We pin the V1 Tune + Train integration
-(`Tuner(TensorflowTrainer)`), which finishes such searches; tests/test_tune.py proves it. Remove the pin
-once that issue is fixed in the Ray version we require.
+The trial's driver asks for no CPU on purpose: with Tune's default of one CPU per trial, two
+concurrent trials on a 2-CPU machine hold both CPUs and their workers never start
+(WorkerGroupStartupTimeoutError, retried for ever). The hang of ray-project/ray#54305 (a stopped trial's
+placement group never released) is fixed in the Ray we require (PR #58515); tests/test_tune.py runs
+ASHA searches that stop trials.
 """
 
 from __future__ import annotations
@@ -18,18 +20,22 @@ import csv
 import io
 import json
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 
-# Must be set before ray.train is imported anywhere in this process (see the module docstring).
-os.environ["RAY_TRAIN_V2_ENABLED"] = "0"
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from pneumo_dist import config as config_lib  # noqa: E402
-from pneumo_dist import storage  # noqa: E402
+from pneumo_dist import config as config_lib
+from pneumo_dist import storage
 
 TRIALS_FOLDER = "trials"
+TRAIN_RUNS_FOLDER = "ray-train"  # Ray Train's own records of each trial's run
+# What a trial's driver (run_trial) reserves: no CPU (it only waits for its Ray Train run; even a
+# hundredth of a CPU per driver leaves 1.96 of 2 CPUs, where a second 1-CPU worker group no longer fits),
+# and a little memory, as Ray wants a resource to place it by.
+DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 # Config values that may be local paths, relative to where the job was started.
 LOCAL_PATH_KEYS = (
     ("data", "manifest_uri"),
@@ -38,6 +44,11 @@ LOCAL_PATH_KEYS = (
     ("model", "weights"),
 )
 METRIC = "val_auc"
+# Where a trial's time goes besides training epochs, in seconds, from its Tune reports: Ray starting the
+# trial's workers (from the trial driver's start), importing TensorFlow, the distribution strategy, data
+# + model + optimizer set-up, tracing and compiling the step (the first epoch's training time minus the
+# median of the others'), and exporting the best model. `overhead` is their sum.
+PHASES = ("start_s", "import_s", "strategy_s", "setup_s", "compile_s", "export_s")
 
 
 class SearchError(Exception):
@@ -53,6 +64,7 @@ class TrialSummary:
     stopped_by_asha: bool
     status: str  # TERMINATED, ERROR
     output_uri: str
+    phases: dict  # seconds of start-up and export (PHASES); a phase the trial never reached is absent
 
 
 @dataclass(frozen=True)
@@ -104,54 +116,43 @@ def experiment_uri(config: config_lib.RunConfig) -> str:
     return storage.join(uri if storage.is_gcs(uri) else os.path.abspath(uri), config.tune.name)
 
 
-def run_search(config: config_lib.RunConfig, resume: bool = False, verbose: bool = False) -> SearchResult:
+def run_search(
+    config: config_lib.RunConfig, resume: bool = False, verbose: bool = False, in_process: bool = False
+) -> SearchResult:
     """Run (or, with `resume`, continue) the search; then tabulate, export and test the best trial.
-    Unless `verbose`, Tune's periodic status tables give way to one line per trial-epoch."""
+    Unless `verbose`, Tune's periodic status tables give way to one line per trial-epoch. `in_process`:
+    Ray runs in this process (connect_ray), so its resources are all there will be."""
     import ray
-    from ray import train as ray_train
     from ray import tune
-    from ray.train.tensorflow import TensorflowTrainer
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
-    if not TensorflowTrainer.__module__.startswith("ray.train.tensorflow"):
-        raise SearchError(
-            "Ray Train V2 was loaded before pneumo_dist.tune; import pneumo_dist.tune first "
-            "(or set RAY_TRAIN_V2_ENABLED=0): see ray-project/ray#54305"
-        )
     cfg = config.tune
     check_storage(cfg.storage_uri, sum(1 for node in ray.nodes() if node.get("Alive")))
     experiment = experiment_uri(config)
     storage_root = experiment.rsplit("/", 1)[0]
     trial_root = storage.join(experiment, TRIALS_FOLDER)
     filesystem = storage.pyarrow_filesystem(storage_root)
-
-    scaling = ray_train.ScalingConfig(
-        num_workers=cfg.workers_per_trial,
-        use_gpu=cfg.gpus_per_worker > 0,
-        resources_per_worker={"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker},
-        trainer_resources={"CPU": 0},  # the trainer actor only coordinates
-    )
-    trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config={"base": _base_dict(config), "trial_root": trial_root},
-        scaling_config=scaling,
-    )
-    space = {"train_loop_config": {"sampled": to_tune_space(cfg.search_space)}}
+    setup = {
+        "base": _base_dict(config),
+        "trial_root": trial_root,
+        "train_runs": storage.join(experiment, TRAIN_RUNS_FOLDER),
+    }
+    concurrency = trial_concurrency(cfg, ray.cluster_resources() if in_process else None)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), DRIVER_RESOURCES)
     if resume:
         if not tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
             raise SearchError(f"--resume: no search to resume at {experiment}")
         tuner = tune.Tuner.restore(
             experiment,
-            trainable=trainer,
+            trainable=trainable,
             resume_unfinished=True,
             resume_errored=True,
             storage_filesystem=filesystem,
         )
     else:
         tuner = tune.Tuner(
-            trainer,
-            param_space=space,
+            trainable,
+            param_space={"sampled": to_tune_space(cfg.search_space)},
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode="max",
@@ -164,22 +165,22 @@ def run_search(config: config_lib.RunConfig, resume: bool = False, verbose: bool
                 )
                 if cfg.scheduler == "asha"
                 else FIFOScheduler(),
-                search_alg=BasicVariantGenerator(random_state=cfg.seed),
-                # No cap by default: trials queue for their resources, so Ray's autoscaler sees the
-                # demand and adds nodes, and trials start as resources appear (a cap computed from what
-                # is up at start would be 1 on cluster/gpu.yaml, which starts without GPU workers).
-                max_concurrent_trials=cfg.max_concurrent_trials or None,
+                search_alg=search_algorithm(cfg, concurrency),
             ),
-            # The Tuner's run config is the one that counts for its trainers (failure_config included).
             run_config=tune.RunConfig(
                 name=cfg.name,
                 storage_path=storage_root,
                 storage_filesystem=filesystem,
+                # A worker's death is Ray Train's to handle (run_trial); Tune restarts a trial whose
+                # driver failed (e.g. its node was lost), from the trial's last checkpoint too.
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 verbose=1 if verbose else 0,
                 callbacks=[] if verbose else [console_reporter(config.train.epochs)],
             ),
         )
+    if not verbose:
+        # Tune's legacy reporter at verbosity 0 prints nothing; the new one still prints a start box.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     grid = tuner.fit()
     trials = [_summarize(result, config, trial_root) for result in grid]
     table_uri = storage.join(experiment, "trials.csv")
@@ -231,12 +232,43 @@ def console_reporter(epochs: int):
 
 
 def _sampled_text(trial_config: dict) -> str:
-    sampled = trial_config.get("train_loop_config", {}).get("sampled", {})
+    sampled = trial_config.get("sampled", {})
     return "  ".join(f"{key}={_short(value)}" for key, value in sorted(sampled.items()))
 
 
 def _short(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def search_algorithm(cfg: config_lib.TuneConfig, concurrency: int | None):
+    """How the trials' values are drawn (`tune.search_alg`), seeded by `tune.seed`, at most `concurrency`
+    trials at a time. (The limit goes here: Tune ignores TuneConfig.max_concurrent_trials for a
+    BasicVariantGenerator.) Optuna's TPE learns from every result Tune passes it, those of trials ASHA
+    stopped included; its first 10 trials are random (Optuna's default start-up)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if cfg.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=cfg.seed)
+        return ConcurrencyLimiter(searcher, concurrency) if concurrency else searcher
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrency or 0)
+
+
+def trial_concurrency(cfg: config_lib.TuneConfig, fixed_resources: dict | None) -> int | None:
+    """How many trials run at once: `tune.max_concurrent_trials`; else, on a Ray that cannot grow (started
+    in this process, `fixed_resources`), as many as its CPUs and GPUs hold; else no cap. On a cluster every
+    trial's driver then starts and its worker group asks Ray for its resources, so the autoscaler sees the
+    demand and adds nodes, and trials train as resources appear (a cap computed from what is up at start
+    would be 1 on cluster/gpu.yaml, which starts without GPU workers)."""
+    if cfg.max_concurrent_trials:
+        return cfg.max_concurrent_trials
+    if fixed_resources is None:
+        return None
+    fits = [fixed_resources.get("CPU", 0) // (cfg.cpus_per_worker * cfg.workers_per_trial)]
+    if cfg.gpus_per_worker:
+        fits.append(fixed_resources.get("GPU", 0) // (cfg.gpus_per_worker * cfg.workers_per_trial))
+    return max(1, int(min(fits)))
 
 
 def check_storage(storage_uri: str, nodes: int) -> None:
@@ -271,16 +303,55 @@ def trial_config(base: dict, sampled: dict, output_uri: str) -> config_lib.RunCo
     return config_lib.config_from_dict(raw, source="trial config")
 
 
+def run_trial(params: dict, setup: dict) -> None:
+    """One trial, as Tune runs it: a Ray Train run of `train_loop_per_worker` on the trial's workers,
+    whose rank-0 reports reach Tune (ASHA) through TuneReportCallback. A worker that dies restarts the
+    worker group (Ray Train's FailureConfig), which resumes from the trial's last checkpoint."""
+    from ray import train as ray_train
+    from ray import tune
+    from ray.train.tensorflow import TensorflowTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = setup["base"]["tune"]
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "driver_started": time.time(),
+            "base": setup["base"],
+            "sampled": params["sampled"],
+            "output": storage.join(setup["trial_root"], trial_id),
+        },
+        scaling_config=ray_train.ScalingConfig(
+            num_workers=cfg["workers_per_trial"],
+            use_gpu=cfg["gpus_per_worker"] > 0,
+            resources_per_worker={"CPU": cfg["cpus_per_worker"], "GPU": cfg["gpus_per_worker"]},
+        ),
+        run_config=ray_train.RunConfig(
+            name=trial_id,
+            storage_path=setup["train_runs"],
+            storage_filesystem=storage.pyarrow_filesystem(setup["train_runs"]),
+            failure_config=ray_train.FailureConfig(max_failures=cfg["max_failures"]),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    """What every Ray Train worker of a trial runs: our training loop, reporting each epoch to Tune."""
+    """What every Ray Train worker of a trial runs: our training loop, reporting each epoch to Tune.
+    The first report also carries where the trial's start-up time went (PHASES)."""
+    entered = time.time()
     from ray import train as ray_train  # (this module's package already selected tf-keras)
 
     from pneumo_dist import data
     from pneumo_dist import train as train_lib
 
+    imported = time.time()
+
     context = ray_train.get_context()
-    output = storage.join(loop_config["trial_root"], context.get_trial_id() or "single")
-    config = trial_config(loop_config["base"], loop_config.get("sampled", {}), output)
+    output = loop_config["output"]
+    config = trial_config(loop_config["base"], loop_config["sampled"], output)
     # A restarted trial (a worker died) finds its own last complete checkpoint.
     resume = storage.exists(storage.join(output, train_lib.CHECKPOINTS, train_lib.STATE_NAME))
 
@@ -294,12 +365,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         view = json.dumps({"rank": rank, "history": history}).encode()
         storage.write_bytes(storage.join(output, "workers", f"rank-{rank}.json"), view)
         metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if len(history) == 1:
+            metrics.update(start_s=entered - loop_config["driver_started"], import_s=imported - entered)
+            metrics.update(strategy_s=strategy_ready - imported)
         ray_train.report({**metrics, "epoch": record["epoch"] + 1})
 
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
     train_lib.configure_process(config.train, threads=data.host_threads())  # before TensorFlow's first op
     strategy = train_lib.choose_strategy(train_cfg=config.train)
+    strategy_ready = time.time()
     train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True)
 
 
@@ -319,7 +394,9 @@ def trials_csv(trials: list[TrialSummary]) -> str:
     keys = sorted({key for trial in trials for key in trial.config})
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial_id", *keys, "best_val_auc", "epochs_run", "stopped_by_asha", "status"])
+    writer.writerow(
+        ["trial_id", *keys, "best_val_auc", "epochs_run", "stopped_by_asha", "status", "overhead_s", *PHASES]
+    )
     for t in sorted(trials, key=lambda t: -t.best_val_auc):
         writer.writerow(
             [
@@ -329,6 +406,8 @@ def trials_csv(trials: list[TrialSummary]) -> str:
                 t.epochs_run,
                 t.stopped_by_asha,
                 t.status,
+                f"{sum(t.phases.values()):.1f}",
+                *(f"{t.phases[p]:.1f}" if p in t.phases else "" for p in PHASES),
             ]
         )
     return out.getvalue()
@@ -353,7 +432,7 @@ def _summarize(result, config: config_lib.RunConfig, trial_root: str) -> TrialSu
     trial_id = (result.metrics or {}).get("trial_id", trial_id)
     output = storage.join(trial_root, trial_id)
     stopped_early = _read_state(output).get("stopped_early", False)
-    sampled = result.config.get("train_loop_config", {}).get("sampled", {})
+    sampled = result.config.get("sampled", {})
     return TrialSummary(
         trial_id=trial_id,
         config={k: (v.item() if isinstance(v, np.generic) else v) for k, v in sampled.items()},
@@ -362,7 +441,26 @@ def _summarize(result, config: config_lib.RunConfig, trial_root: str) -> TrialSu
         stopped_by_asha=result.error is None and epochs_run < config.train.epochs and not stopped_early,
         status="ERROR" if result.error else "TERMINATED",
         output_uri=output,
+        phases=trial_phases(history),
     )
+
+
+def trial_phases(history: list[dict]) -> dict:
+    """PHASES of one trial from its reports (one row per epoch, as Tune keeps them)."""
+    if not history:
+        return {}
+    first, last = history[0], history[-1]
+    phases = {key: first[key] for key in PHASES[:4] if _is_number(first.get(key))}
+    seconds = [row["seconds"] for row in history if _is_number(row.get("seconds"))]
+    if len(seconds) > 1:
+        phases["compile_s"] = max(0.0, seconds[0] - statistics.median(seconds[1:]))
+    if _is_number(last.get("export_s")):
+        phases["export_s"] = last["export_s"]
+    return phases
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not np.isnan(value)
 
 
 def _read_state(output: str) -> dict:

@@ -66,6 +66,7 @@ def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
         (["augment.horizontal_flip=maybe"], "augment.horizontal_flip='maybe': must be bool"),
         (["train.head_warmup_epochs=10", "train.epochs=3"], "head_warmup_epochs=10"),
         (["epochs=3"], "expected section.key=value"),
+        (["tune.search_alg=hyperopt"], "tune.search_alg='hyperopt': must be random or optuna"),
     ],
 )
 def test_bad_configs_fail_fast_naming_the_key(overrides, message):

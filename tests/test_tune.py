@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -102,7 +104,6 @@ def test_asha_search_stops_trials_early_finishes_and_exports_the_best(learnable_
         num_samples=4,
         grace_period=1,
         reduction_factor=2,
-        max_concurrent_trials=1,  # with deterministic trials, ASHA's decisions are reproducible
         search_space=SPACE,
         name="asha",
     )
@@ -167,7 +168,7 @@ def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(learnable_shards
         name="fail",
         evaluate_test=False,
     )
-    process = start_tune("--config", config, "--set", "train.epochs=3")
+    process = start_tune("--config", config, "--set", "train.epochs=2")
     trials = tmp_path / "tune" / "fail" / "trials"
     wait_for_file(process, trials, "*/checkpoints/state.json")  # the first epoch is checkpointed
     victims = train_worker_pids(process.pid)
@@ -177,8 +178,8 @@ def test_a_killed_worker_restarts_the_trial_from_its_checkpoint(learnable_shards
     assert process.returncode == 0, output[-4000:]
     (trial,) = trials.iterdir()
     state = json.loads((trial / "checkpoints" / "state.json").read_text())
-    assert [epoch["epoch"] for epoch in state["history"]] == [0, 1, 2]
-    # Resumed from the checkpoint, not restarted from scratch (which would also end with epochs 0-2):
+    assert [epoch["epoch"] for epoch in state["history"]] == [0, 1]
+    # Resumed from the checkpoint, not restarted from scratch (which would also end with epochs 0-1):
     # each restarted worker's own history (workers/rank-N.json, rewritten by the new processes) begins
     # after epoch 0, with the optimizer's step carried on from the checkpoint (4 steps per epoch).
     views = [json.loads(p.read_text()) for p in sorted((trial / "workers").iterdir())]
@@ -197,7 +198,6 @@ def test_an_interrupted_search_resumes(learnable_shards, tmp_path):
         learnable_shards,
         str(tmp_path / "tune"),
         num_samples=3,
-        max_concurrent_trials=1,
         grace_period=2,
         search_space=SPACE,
         name="resume",
@@ -244,12 +244,21 @@ def cluster_env(tmp_path) -> dict:
     return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
 
 
+@dataclass
+class LocalCluster:
+    address: str  # the dashboard's, for `ray job submit`
+    add_node: Callable[[], None]  # another node of 1 CPU joins
+
+
 @pytest.fixture
 def local_ray_cluster(cluster_env):
-    """A real Ray head started with `ray start`, on its own ports and temp dir; stopped by those alone."""
+    """A real Ray head of 1 CPU started with `ray start`, on its own ports and temp dir, which can grow by
+    nodes of 1 CPU; stopped by those alone."""
     import psutil
 
     temp_dir = Path("/tmp") / f"rt{os.getpid()}{free_port()}"  # short: Ray's socket paths have a length limit
+    # A joined node's own: nodes sharing one would delete each other's copies of a job's working dir.
+    node_temp_dir = Path(f"{temp_dir}n")
     port, dashboard_port = free_port(), free_port()
     command = [
         "ray",
@@ -258,13 +267,29 @@ def local_ray_cluster(cluster_env):
         f"--port={port}",
         f"--dashboard-port={dashboard_port}",
         "--dashboard-host=127.0.0.1",
-        "--num-cpus=2",
+        "--num-cpus=1",
         f"--temp-dir={temp_dir}",
         "--include-dashboard=true",
         f"--ray-client-server-port={free_port()}",
         f"--dashboard-agent-listen-port={free_port()}",  # Ray's default, 52365, may be taken
         "--disable-usage-stats",
     ]
+
+    def add_node() -> None:
+        node = [
+            "ray",
+            "start",
+            f"--address=127.0.0.1:{port}",
+            "--num-cpus=1",
+            f"--temp-dir={node_temp_dir}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            "--disable-usage-stats",
+        ]
+        subprocess.run(node, check=True, capture_output=True, timeout=180, env=cluster_env)
+
     try:
         subprocess.run(command, check=True, capture_output=True, timeout=180, env=cluster_env)
         address = f"http://127.0.0.1:{dashboard_port}"
@@ -278,10 +303,11 @@ def local_ray_cluster(cluster_env):
         ).returncode:
             assert time.monotonic() < deadline, "the Ray head never accepted a job"
             time.sleep(2)
-        yield address
+        yield LocalCluster(address, add_node)
     finally:
         # Stop exactly this cluster, also when it failed to come up: the processes whose command line
-        # names its temp dir, and their children (the agents rename themselves "ray::DashboardAgent").
+        # names one of its temp dirs, and their children (the agents rename themselves
+        # "ray::DashboardAgent").
         cmdlines = psutil.process_iter(["cmdline"])
         ours = {p for p in cmdlines if str(temp_dir) in " ".join(p.info["cmdline"] or [])}
         for process in list(ours):
@@ -295,16 +321,38 @@ def local_ray_cluster(cluster_env):
             with contextlib.suppress(psutil.Error):
                 process.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(node_temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_search_on_a_cluster(
+def training_intervals(experiment: Path) -> list[tuple[float, float]]:
+    """Each trial's (its workers started, its last report), in seconds since the epoch, from Tune's
+    result.json: a report's timestamp minus the trial's running time is when its driver started, and the
+    first report's start_s is how long the workers took to start after that."""
+    intervals = []
+    for results in experiment.glob("run_trial_*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        driver_started = rows[0]["timestamp"] - rows[0]["time_total_s"]
+        intervals.append((driver_started + rows[0]["start_s"], rows[-1]["timestamp"]))
+    return intervals
+
+
+def test_ray_job_submit_runs_the_search_on_a_cluster_that_grows(
     learnable_shards, tmp_path, local_ray_cluster, cluster_env
 ):
     # Without the cluster's token, or with another one, nobody can submit a job (i.e. run code).
     no_token = {k: v for k, v in cluster_env.items() if not k.startswith("RAY_AUTH_TOKEN")}
     for env in (no_token, no_token | {"RAY_AUTH_TOKEN": secrets.token_hex(32)}):
         refused = subprocess.run(
-            ["ray", "job", "submit", "--address", local_ray_cluster, "--", "touch", str(tmp_path / "ran")],
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                local_ray_cluster.address,
+                "--",
+                "touch",
+                str(tmp_path / "ran"),
+            ],
             capture_output=True,
             text=True,
             timeout=120,
@@ -321,13 +369,13 @@ def test_ray_job_submit_runs_the_search_on_a_cluster(
         name="job",
         evaluate_test=False,
     )
-    result = subprocess.run(
+    job = subprocess.Popen(
         [
             "ray",
             "job",
             "submit",
             "--address",
-            local_ray_cluster,
+            local_ray_cluster.address,
             "--working-dir",
             str(REPO),
             "--",
@@ -336,17 +384,25 @@ def test_ray_job_submit_runs_the_search_on_a_cluster(
             "--config",
             config,
             "--set",
-            "train.epochs=1",
+            "train.epochs=2",
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=SEARCH_TIMEOUT_S,
         env=cluster_env,
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "succeeded" in (result.stdout + result.stderr).lower()
-    assert "tune: Ray cluster" in result.stdout  # joined the cluster instead of starting its own
-    assert len(read_table(tmp_path / "tune" / "job" / "trials.csv")) == 2
+    # The head holds one trial's worker; once that trial trains, a node joins: the other trial, queued
+    # for its CPU (not held back by a concurrency limit computed at start), trains there meanwhile.
+    experiment = tmp_path / "tune" / "job"
+    wait_for_file(job, experiment / "trials", "*/config.yaml")
+    local_ray_cluster.add_node()
+    output, _ = job.communicate(timeout=SEARCH_TIMEOUT_S)
+    assert job.returncode == 0, output[-5000:]
+    assert "succeeded" in output.lower()
+    assert "tune: Ray cluster" in output  # joined the cluster instead of starting its own
+    assert len(read_table(experiment / "trials.csv")) == 2
+    (_, first_end), (second_start, _) = sorted(training_intervals(experiment))
+    assert second_start < first_end, "the second trial waited for the first instead of the new node"
 
 
 def test_workers_get_absolute_local_paths(monkeypatch, tmp_path):
@@ -375,3 +431,56 @@ def test_a_local_storage_folder_is_refused_on_a_cluster_of_several_nodes():
         tune.SearchError, match=r"tune.storage_uri=outputs/tune is a local folder, but .* 3 nodes"
     ):
         tune.check_storage("outputs/tune", nodes=3)
+
+
+def test_trials_run_as_many_at_once_as_fit_on_a_fixed_ray_and_queue_on_a_cluster():
+    from pneumo_dist import tune
+
+    def cfg(**values):
+        return config_lib.load_config(None, [f"tune.{k}={v}" for k, v in values.items()]).tune
+
+    assert tune.trial_concurrency(cfg(), {"CPU": 2.0}) == 2  # in-process: what this machine holds
+    assert tune.trial_concurrency(cfg(workers_per_trial=2), {"CPU": 2.0}) == 1
+    assert tune.trial_concurrency(cfg(gpus_per_worker=1), {"CPU": 16.0, "GPU": 4.0}) == 4
+    assert tune.trial_concurrency(cfg(cpus_per_worker=4), {"CPU": 2.0}) == 1  # queued, not zero
+    assert tune.trial_concurrency(cfg(), None) is None  # a cluster: the autoscaler sees every trial
+    assert tune.trial_concurrency(cfg(max_concurrent_trials=3), None) == 3
+    assert tune.trial_concurrency(cfg(max_concurrent_trials=3), {"CPU": 8.0}) == 3
+
+
+def test_the_search_algorithm_is_seeded_and_carries_the_concurrency_limit():
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pneumo_dist import tune
+
+    random = tune.search_algorithm(config_lib.load_config(None, ["tune.seed=7"]).tune, 2)
+    # (Tune ignores TuneConfig.max_concurrent_trials for a BasicVariantGenerator: the limit is its own.)
+    assert isinstance(random, BasicVariantGenerator) and random.max_concurrent == 2
+    assert tune.search_algorithm(config_lib.load_config(None, []).tune, None).max_concurrent == 0
+    optuna = config_lib.load_config(None, ["tune.search_alg=optuna", "tune.seed=7"]).tune
+    limited = tune.search_algorithm(optuna, 2)
+    assert isinstance(limited, ConcurrencyLimiter) and limited.max_concurrent == 2
+    assert isinstance(limited.searcher, OptunaSearch) and limited.searcher._seed == 7
+    assert isinstance(tune.search_algorithm(optuna, None), OptunaSearch)
+
+
+def test_a_trials_phases_come_from_its_reports():
+    from pneumo_dist import tune
+
+    history = [
+        {"epoch": 1, "seconds": 30.0, "start_s": 9.0, "import_s": 4.0, "strategy_s": 0.5, "setup_s": 6.0},
+        {"epoch": 2, "seconds": 10.0},
+        {"epoch": 3, "seconds": 12.0, "export_s": 3.0},
+    ]
+    phases = tune.trial_phases(history)
+    assert phases == {
+        "start_s": 9.0,
+        "import_s": 4.0,
+        "strategy_s": 0.5,
+        "setup_s": 6.0,
+        "compile_s": 19.0,  # 30 - median(10, 12)
+        "export_s": 3.0,
+    }
+    assert tune.trial_phases(history[:1]) == {k: history[0][k] for k in tune.PHASES[:4]}
+    assert tune.trial_phases([]) == {}
