@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from pneumo_dist import data, schema, storage, train
 
     bar: list[tqdm] = []
+    bar_epoch: list[int] = []  # (a disabled bar, when stderr is not a terminal, keeps no desc)
 
     def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
         # Called once per loop of train.steps_per_loop steps: `step` steps of the epoch are done.
-        if not bar or bar[0].desc != f"epoch {epoch + 1}":
+        if bar_epoch != [epoch]:
             bar[:] = [tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False, disable=None)]
+            bar_epoch[:] = [epoch]
         bar[0].update(step - bar[0].n)
         bar[0].set_postfix(loss=f"{loss:.4f}")
 

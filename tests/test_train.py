@@ -173,7 +173,7 @@ def test_train_job_local_debug_run_then_refuses_to_replace_it(learnable_shards, 
         "--max-steps",
         "2",
         "--epochs",
-        "1",
+        "2",  # a second epoch's progress bar too (a disabled bar, off a terminal, once crashed it)
         "--set",
         f"data.manifest_uri={learnable_shards}",
         "--set",
@@ -183,7 +183,7 @@ def test_train_job_local_debug_run_then_refuses_to_replace_it(learnable_shards, 
     )
     result = run_job(*args)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "epoch   1" in result.stdout and "exported to" in result.stdout
+    assert "epoch   2" in result.stdout and "exported to" in result.stdout
     assert (tmp_path / "o" / "export" / "export.json").exists()
     # The same command again must not delete that run: an error, and the run is still whole.
     again = run_job(*args)
