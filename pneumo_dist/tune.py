@@ -328,7 +328,9 @@ def run_trial(params: dict, setup: dict) -> None:
             resources_per_worker={"CPU": cfg["cpus_per_worker"], "GPU": cfg["gpus_per_worker"]},
         ),
         run_config=ray_train.RunConfig(
-            name=trial_id,
+            # A run of its own per attempt: a restarted trial (--resume) must not find the records of
+            # its interrupted run, which Ray Train would take as a run to restore, not to train.
+            name=f"{trial_id}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=setup["train_runs"],
             storage_filesystem=storage.pyarrow_filesystem(setup["train_runs"]),
             failure_config=ray_train.FailureConfig(max_failures=cfg["max_failures"]),
@@ -336,6 +338,11 @@ def run_trial(params: dict, setup: dict) -> None:
         ),
     )
     trainer.fit()
+    # Training ends with a finished state (all epochs, or early stopping): anything else is a run that was
+    # cut short (an interrupted search), which must stay unfinished for --resume, not count as done.
+    state = _read_state(storage.join(setup["trial_root"], trial_id))
+    if not state.get("finished"):
+        raise SearchError(f"trial {trial_id}: its Ray Train run ended before training finished")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -370,6 +377,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics.update(strategy_s=strategy_ready - imported)
         ray_train.report({**metrics, "epoch": record["epoch"] + 1})
 
+    state = _read_state(output)
+    if state.get("finished") and storage.exists(storage.join(output, train_lib.EXPORT, "export.json")):
+        # The trial had finished when the search was interrupted, before Tune recorded its results
+        # (--resume then starts it again): report its epochs again, train and export nothing.
+        for record in state["history"]:
+            metrics = {k: v for k, v in record.items() if _is_number(v)}
+            ray_train.report({**metrics, "epoch": record["epoch"] + 1})
+        return
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
     train_lib.configure_process(config.train, threads=data.host_threads())  # before TensorFlow's first op
