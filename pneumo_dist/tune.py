@@ -360,7 +360,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     output = loop_config["output"]
     config = trial_config(loop_config["base"], loop_config["sampled"], output)
     # A restarted trial (a worker died) finds its own last complete checkpoint.
-    resume = storage.exists(storage.join(output, train_lib.CHECKPOINTS, train_lib.STATE_NAME))
+    state = _read_state(output)
+    resume = bool(state)
 
     rank = context.get_world_rank()
     history: list[dict] = []
@@ -377,7 +378,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics.update(strategy_s=strategy_ready - imported)
         ray_train.report({**metrics, "epoch": record["epoch"] + 1})
 
-    state = _read_state(output)
     if state.get("finished") and storage.exists(storage.join(output, train_lib.EXPORT, "export.json")):
         # The trial had finished when the search was interrupted, before Tune recorded its results
         # (--resume then starts it again): report its epochs again, train and export nothing.
