@@ -12,6 +12,7 @@ import argparse
 import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
+from pneumo_dist.errors import PneumoDistError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from tqdm import tqdm
 
-    from pneumo_dist import data, images, predict, report, schema, storage
+    from pneumo_dist import predict, report, storage
 
     try:
         detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
@@ -65,13 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 on_batch=on_batch,
             )
-    except (
-        predict.DetectorError,
-        schema.ManifestError,
-        storage.StorageError,
-        data.StagingError,
-        images.BadImage,
-    ) as error:
+    except PneumoDistError as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 2
     print(f"{args.split} split, {summary['data']['count']} images ({summary['data']['positives']} PNEUMONIA)")

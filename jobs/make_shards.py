@@ -15,7 +15,8 @@ import tempfile
 
 from tqdm import tqdm
 
-from pneumo_dist import demo, schema, shards, sources, storage
+from pneumo_dist import demo, shards
+from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.images import DEFAULT_MAX_PIXELS
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 demo.write_demo_dataset(demo_root)
                 source = demo_root
             result = shards.make_shards(source, args.dst, options, args.overwrite, args.workers, on_progress)
-    except (shards.ShardError, sources.SourceError, storage.StorageError, schema.ManifestError) as error:
+    except PneumoDistError as error:
         close_bar()
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2

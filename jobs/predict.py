@@ -15,6 +15,7 @@ import os
 import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
+from pneumo_dist.errors import PneumoDistError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,6 +58,14 @@ def image_paths(inputs: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except PneumoDistError as error:  # bad images are reported per row instead (bad_inputs="report")
+        print(f"predict: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     paths = image_paths(args.inputs)
     if not paths:
         print("predict: error: no .jpeg/.jpg/.png images in " + ", ".join(args.inputs), file=sys.stderr)
@@ -67,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pneumo_dist import predict, storage
 
-    try:
-        detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
-    except (predict.DetectorError, storage.StorageError) as error:
-        print(f"predict: error: {error}", file=sys.stderr)
-        return 2
+    detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
     rows = []
     for start in tqdm(range(0, len(paths), args.batch_size), unit="batch", disable=None):
         batch = paths[start : start + args.batch_size]

@@ -12,6 +12,7 @@ import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
 from pneumo_dist import config as config_lib
+from pneumo_dist.errors import PneumoDistError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -27,21 +28,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except PneumoDistError as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.max_steps is not None:
         overrides.append(f"train.max_steps_per_epoch={args.max_steps}")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
-    try:
-        # Validated before TensorFlow is even imported: a typo costs a second, not a cluster start.
-        config = config_lib.load_config(args.config, overrides)
-    except (config_lib.ConfigError, OSError) as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 2
+    # Validated before TensorFlow is even imported: a typo costs a second, not a cluster start.
+    config = config_lib.load_config(args.config, overrides)
 
     from tqdm import tqdm
 
-    from pneumo_dist import data, schema, storage, train
+    from pneumo_dist import train
 
     bar: list[tqdm] = []
     bar_epoch: list[int] = []  # (a disabled bar, when stderr is not a terminal, keeps no desc)
@@ -65,18 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    try:
-        train.configure_process(config.train)  # before TensorFlow's first op
-        strategy = train.choose_strategy(local=args.local, train_cfg=config.train)
-        result = train.train(
-            config, strategy, resume=args.resume, on_step=on_step, on_epoch=on_epoch, overwrite=args.overwrite
-        )
-    except (train.TrainingError, schema.ManifestError, storage.StorageError, data.StagingError) as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 2
-    except config_lib.ConfigError as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 2
+    train.configure_process(config.train)  # before TensorFlow's first op
+    strategy = train.choose_strategy(local=args.local, train_cfg=config.train)
+    result = train.train(
+        config, strategy, resume=args.resume, on_step=on_step, on_epoch=on_epoch, overwrite=args.overwrite
+    )
     metrics = result.val_metrics
     print(
         f"\nbest epoch {result.best_epoch + 1} of {result.epochs_run}"

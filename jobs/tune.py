@@ -15,6 +15,7 @@ import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
 from pneumo_dist import config as config_lib
+from pneumo_dist.errors import PneumoDistError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -39,34 +40,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        # Validated (search space included) before Ray starts: a typo costs a second, not a cluster.
-        config = config_lib.load_config(args.config, args.set)
-    except (config_lib.ConfigError, OSError) as error:
+        return run(args)
+    except PneumoDistError as error:  # the test report on the best model included
         print(f"tune: error: {error}", file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    # Validated (search space included) before Ray starts: a typo costs a second, not a cluster.
+    config = config_lib.load_config(args.config, args.set)
     for warning in config.warnings():
         print(f"tune: warning: {warning}", file=sys.stderr)
 
-    from pneumo_dist import schema, storage, tune
+    from pneumo_dist import storage, tune
 
-    try:
-        where = tune.connect_ray(args.address, verbose=args.verbose)
-        cfg = config.tune
-        scheduler = (
-            f"ASHA (grace {cfg.grace_period}, reduction {cfg.reduction_factor})"
-            if cfg.scheduler == "asha"
-            else "no early stopping"
-        )
-        print(
-            f"tune: Ray {where}; search {tune.experiment_uri(config)}: {cfg.num_samples} trials x "
-            f"{config.train.epochs} epochs, {scheduler}"
-            + ("" if args.verbose else "; workers' logs in Ray's log folder (--verbose shows them)"),
-            flush=True,
-        )
-        result = tune.run_search(config, args.resume, args.verbose, in_process=where == "in-process")
-    except (tune.SearchError, storage.StorageError, schema.ManifestError) as error:
-        print(f"tune: error: {error}", file=sys.stderr)
-        return 2
+    where = tune.connect_ray(args.address, verbose=args.verbose)
+    cfg = config.tune
+    scheduler = (
+        f"ASHA (grace {cfg.grace_period}, reduction {cfg.reduction_factor})"
+        if cfg.scheduler == "asha"
+        else "no early stopping"
+    )
+    print(
+        f"tune: Ray {where}; search {tune.experiment_uri(config)}: {cfg.num_samples} trials x "
+        f"{config.train.epochs} epochs, {scheduler}"
+        + ("" if args.verbose else "; workers' logs in Ray's log folder (--verbose shows them)"),
+        flush=True,
+    )
+    result = tune.run_search(config, args.resume, args.verbose, in_process=where == "in-process")
     print("\ntrials (best first):")
     print(tune.trials_csv(result.trials), end="")
     print(f"table: {result.table_uri}")

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from pneumo_dist.errors import PneumoDistError
 
-class ConfigError(ValueError):
+
+class ConfigError(PneumoDistError, ValueError):
     """A config value is invalid; the message names the key."""
 
 
@@ -443,9 +445,15 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         try:
             raw = yaml.safe_load(storage.read_bytes(path)) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML: {problem}{where}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (data, augment, model, train)")
+    for name, values in raw.items():
+        if not isinstance(values, dict | None):
+            raise ConfigError(f"{path}: section {name!r} must be a mapping of keys to values")
     raw = {name: dict(values or {}) for name, values in raw.items()}
     for override in overrides:
         key, equals, value = override.partition("=")

@@ -21,11 +21,12 @@ import tensorflow as tf
 
 from pneumo_dist import schema, storage
 from pneumo_dist.config import ConfigError, DataConfig
+from pneumo_dist.errors import PneumoDistError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-class StagingError(Exception):
+class StagingError(PneumoDistError):
     """Shards could not be copied to local disk intact."""
 
 

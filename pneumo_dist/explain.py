@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.model import BACKBONE_NAME
 
 # Layer names of model.inference_model's wrapper around the classifier.
@@ -22,7 +23,7 @@ _STAGE_OUTPUTS = ("conv5_block3_out", "conv4_block6_out", "conv3_block4_out", "c
 MIN_MAP_CELLS = 7
 
 
-class NotExplainable(Exception):
+class NotExplainable(PneumoDistError):
     """The model is not laid out as pneumo-dist exports it, so Grad-CAM cannot find its layers."""
 
 

@@ -12,6 +12,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
+from pneumo_dist.errors import PneumoDistError
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 IMAGE_FORMATS = ("jpeg", "png")
 # The only decoders Pillow may use: a TIFF, GIF, WebP or EPS renamed .png is refused, and Pillow never
@@ -27,7 +29,7 @@ MAX_DECODED_BYTES = 256 * 2**20
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-class BadImage(Exception):
+class BadImage(PneumoDistError):
     """The bytes are not a usable image; the message says why."""
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from pneumo_dist import data, images, schema, storage
 from pneumo_dist.augment import augment_batch
 from pneumo_dist.config import AugmentConfig
+from pneumo_dist.errors import PneumoDistError
 
 EXPORT_MANIFEST = "export.json"
 MODEL_SUFFIX = ".keras"  # the only model format loaded: the HDF5 and SavedModel loaders can run code
@@ -38,7 +39,7 @@ TTA_AUGMENT = AugmentConfig(
 )
 
 
-class DetectorError(Exception):
+class DetectorError(PneumoDistError):
     """The model URI does not hold a usable pneumo-dist export; the message says what is wrong."""
 
 

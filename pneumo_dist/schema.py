@@ -9,6 +9,7 @@ import json
 import re
 
 from pneumo_dist import storage
+from pneumo_dist.errors import PneumoDistError
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")  # label 0, label 1
 SPLITS = ("train", "val", "test")
@@ -27,7 +28,7 @@ ORIGINAL_HEIGHT_KEY = "source/height"  # int64: pixels before resizing
 ORIGINAL_WIDTH_KEY = "source/width"  # int64
 
 
-class ManifestError(Exception):
+class ManifestError(PneumoDistError):
     """A manifest is missing, unreadable or of an unknown schema."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import pneumo_dist
 from pneumo_dist import images as imaging
 from pneumo_dist import schema, sources, storage
+from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.sources import SourceImage
 
 DEFAULT_STORED_SIZE_PX = 256
@@ -43,7 +44,7 @@ LOCK_NAME = "lock.json"
 _SIZE_SAMPLE = 8  # images encoded up front to estimate the bytes per record, hence the shard count
 
 
-class ShardError(Exception):
+class ShardError(PneumoDistError):
     """make_shards cannot go on; the message names the file, folder or option."""
 
 

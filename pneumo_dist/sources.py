@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from pneumo_dist import storage
+from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.images import has_image_extension
 from pneumo_dist.schema import CLASS_NAMES, SPLITS
 
@@ -25,7 +26,7 @@ _NORMAL_NAME = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+", re.IGNORECASE)
 _SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
-class SourceError(Exception):
+class SourceError(PneumoDistError):
     """The source cannot be converted as it is (wrong layout, unknown class, bad CSV row)."""
 
 

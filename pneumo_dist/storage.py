@@ -20,13 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pneumo_dist.errors import PneumoDistError
+
 GCS_SCHEME = "gs://"
 # Parallel transfers are network-bound, so more threads than cores pays off.
 DEFAULT_TRANSFER_THREADS = 16
 GCS_TIMEOUT_S = 120
 
 
-class StorageError(Exception):
+class StorageError(PneumoDistError):
     """A storage operation failed in a way the user can act on (missing file, bucket, credentials)."""
 
 

@@ -31,6 +31,7 @@ import tf_keras
 from pneumo_dist import augment, data, evaluate, storage
 from pneumo_dist import model as model_lib
 from pneumo_dist.config import RunConfig, TrainConfig, to_yaml
+from pneumo_dist.errors import PneumoDistError
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "state.json"
@@ -66,7 +67,7 @@ def step_kind(strategy: tf.distribute.Strategy, xla: bool) -> str:
     return STEP_SPLIT
 
 
-class TrainingError(Exception):
+class TrainingError(PneumoDistError):
     """The run cannot start or go on; the message says why."""
 
 

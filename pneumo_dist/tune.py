@@ -29,6 +29,7 @@ import numpy as np
 
 from pneumo_dist import config as config_lib
 from pneumo_dist import storage
+from pneumo_dist.errors import PneumoDistError
 
 TRIALS_FOLDER = "trials"
 TRAIN_RUNS_FOLDER = "ray-train"  # Ray Train's own records of each trial's run
@@ -51,7 +52,7 @@ METRIC = "val_auc"
 PHASES = ("start_s", "import_s", "strategy_s", "setup_s", "compile_s", "export_s")
 
 
-class SearchError(Exception):
+class SearchError(PneumoDistError):
     """The search cannot run as configured."""
 
 
@@ -104,9 +105,9 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> str:
         # (No runtime_env here: a submitted job's own, with its working_dir, must stay as it is.)
         ray.init(address=address or "auto", **quiet)
         return "cluster"
-    except ConnectionError:
+    except ConnectionError as error:
         if address not in (None, "auto"):
-            raise
+            raise SearchError(f"--address {address}: no Ray cluster to join there ({error})") from None
     ray.init(address="local", **quiet, **private)
     return "in-process"
 

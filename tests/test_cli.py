@@ -44,6 +44,35 @@ def test_user_errors_exit_2_with_one_line_naming_the_problem(tmp_path):
     assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
+def test_every_job_turns_a_users_mistake_into_one_line_and_exit_2(tmp_path):
+    nowhere = str(tmp_path / "nowhere")
+    (tmp_path / "broken.yaml").write_text("data: {manifest_uri: [\n")
+    (tmp_path / "list.yaml").write_text("data: [1, 2]\n")
+    cases = {  # arguments: what the one line must name
+        ("jobs/train.py", "--config", nowhere): nowhere,
+        ("jobs/tune.py", "--config", nowhere): nowhere,
+        ("jobs/train.py", "--config", str(tmp_path / "broken.yaml")): "is not valid YAML",
+        ("jobs/tune.py", "--config", str(tmp_path / "list.yaml")): "section 'data' must be a mapping",
+        ("jobs/train.py", "--local", "--set", f"data.manifest_uri={nowhere}"): nowhere,
+        ("jobs/evaluate.py", nowhere, "--data", nowhere): nowhere,
+        ("jobs/predict.py", "README.md", "--model", nowhere): nowhere,
+    }
+    # Started together: most of the time is TensorFlow's import, and CI has two cores.
+    running = {
+        args: subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for args in cases
+    }
+    for args, process in running.items():
+        _, stderr = process.communicate(timeout=300)
+        job = Path(args[0]).stem
+        assert process.returncode == 2, (args, stderr[-2000:])
+        assert "Traceback" not in stderr, (args, stderr[-2000:])
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith(f"{job}: error: ") and cases[args] in last, (args, last)
+
+
 def test_tf_keras_is_the_keras_after_importing_pneumo_dist():
     code = (
         "import pneumo_dist, tensorflow as tf, tf_keras; assert tf.keras.Model is tf_keras.Model; print('ok')"
