@@ -134,7 +134,7 @@ def run_search(
     trial_root = storage.join(experiment, TRIALS_FOLDER)
     filesystem = storage.pyarrow_filesystem(storage_root)
     setup = {
-        "base": _base_dict(config),
+        "base": base_for_workers(config),
         "trial_root": trial_root,
         "train_runs": storage.join(experiment, TRAIN_RUNS_FOLDER),
     }
@@ -429,7 +429,7 @@ def trials_csv(trials: list[TrialSummary]) -> str:
     return out.getvalue()
 
 
-def _base_dict(config: config_lib.RunConfig) -> dict:
+def base_for_workers(config: config_lib.RunConfig) -> dict:
     """The config as the workers get it, local paths made absolute: a Ray worker runs in another folder."""
     raw = json.loads(json.dumps(config.to_dict()))
     for section, key in LOCAL_PATH_KEYS:

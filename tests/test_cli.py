@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -2,13 +2,13 @@
 (No Docker engine or cloud here: `docker build` and `ray up` themselves are not run.)"""
 
 import re
-from pathlib import Path
 
 import pytest
 import ray
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 # GPUs that come with a Google Cloud machine type (g2, a2, a3 bundle theirs).
 BUNDLED_GPUS = {"g2-standard-8": 1, "a2-highgpu-1g": 1, "a3-highgpu-8g": 8, "n2-standard-8": 0}
 

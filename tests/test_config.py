@@ -37,6 +37,11 @@ def test_the_warm_up_warning_sees_the_search_space(tmp_path):
     assert "up to 3" in found
 
 
+def test_an_image_size_resnet50_cannot_take_is_refused():
+    with pytest.raises(ConfigError, match="data.image_size_px=8"):
+        config_lib.load_config(None, ["data.image_size_px=8"])
+
+
 def test_overrides_are_typed(tmp_path):
     config = config_lib.load_config(
         "configs/demo.yaml",

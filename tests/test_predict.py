@@ -13,7 +13,7 @@ from PIL import Image
 from pneumo_dist import images, report, schema, storage
 from pneumo_dist.predict import DetectorError, PneumoniaDetector
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
 
 
 @pytest.fixture(scope="module")

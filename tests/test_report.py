@@ -9,7 +9,8 @@ import pytest
 from pneumo_dist import report, storage
 from pneumo_dist.predict import PneumoniaDetector
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

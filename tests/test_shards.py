@@ -16,8 +16,9 @@ import pytest
 
 from pneumo_dist import schema, shards, sources, storage
 
+from .conftest import REPO
+
 SMALL = shards.ShardOptions(stored_size_px=32, min_shards=4)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def read_records(shard_uris: list[str]) -> list[dict]:

@@ -11,7 +11,7 @@ import tensorflow as tf
 from pneumo_dist import config as config_lib
 from pneumo_dist import data, train
 
-from .conftest import FROM_SCRATCH_OVERRIDES
+from .conftest import FROM_SCRATCH_OVERRIDES, REPO
 
 
 def make_run(shards: str, tmp_path, *overrides: str) -> train._Run:
@@ -138,8 +138,6 @@ def test_a_global_batch_larger_than_the_train_split_is_an_error_naming_both(demo
 
 
 def test_the_gpu_benchmark_runs_its_code_on_the_cpu(learnable_shards, monkeypatch, capsys):
-    from .conftest import REPO
-
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     import gpu_bench
 

@@ -12,9 +12,8 @@ import tf_keras
 from pneumo_dist import config as config_lib
 from pneumo_dist import data, storage, train
 
-from .conftest import FROM_SCRATCH_OVERRIDES
+from .conftest import FROM_SCRATCH_OVERRIDES, REPO
 
-REPO = Path(__file__).resolve().parents[1]
 FROM_SCRATCH = FROM_SCRATCH_OVERRIDES
 
 

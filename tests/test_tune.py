@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -391,21 +392,23 @@ def test_ray_job_submit_runs_the_search_on_a_cluster_that_grows(
     assert second_start < first_end, "the second trial waited for the first instead of the new node"
 
 
-def test_workers_get_absolute_local_paths(monkeypatch, tmp_path):
+def test_a_trial_gets_its_sampled_values_and_absolute_local_paths(monkeypatch, tmp_path):
     from pneumo_dist import tune
 
     monkeypatch.chdir(tmp_path)
     config = config_lib.load_config(
         None, ["data.manifest_uri=data/shards", "model.weights=w/notop.h5", "data.stage_dir=gs://b/stage"]
     )
-    base = tune._base_dict(config)
-    assert base["data"]["manifest_uri"] == str(tmp_path / "data" / "shards")
-    assert base["model"]["weights"] == str(tmp_path / "w" / "notop.h5")
-    assert base["data"]["stage_dir"] == "gs://b/stage" and base["data"]["cache_dir"] == ""
-    assert (
-        tune._base_dict(config_lib.load_config(None, ["model.weights=imagenet"]))["model"]["weights"]
-        == "imagenet"
-    )
+    sampled = {"train.learning_rate": np.float64(0.002), "model.dense_units": np.int64(64)}
+    trial = tune.trial_config(tune.base_for_workers(config), sampled, "gs://b/tune/trials/t1")
+    # A Ray worker runs in another folder: local paths arrive absolute, gs:// ones as they were.
+    assert trial.data.manifest_uri == str(tmp_path / "data" / "shards")
+    assert trial.model.weights == str(tmp_path / "w" / "notop.h5")
+    assert trial.data.stage_dir == "gs://b/stage" and trial.data.cache_dir == ""
+    assert trial.train.learning_rate == 0.002 and trial.model.dense_units == 64
+    assert trial.train.output_uri == "gs://b/tune/trials/t1" and trial.tune.search_space == {}
+    imagenet = config_lib.load_config(None, ["model.weights=imagenet"])
+    assert tune.trial_config(tune.base_for_workers(imagenet), {}, "out").model.weights == "imagenet"
 
 
 def test_a_local_storage_folder_is_refused_on_a_cluster_of_several_nodes():
