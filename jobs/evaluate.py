@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
-        parent = detector.uri.rsplit("/", 1)[0] if "/" in detector.uri else "."
-        out = args.out or storage.join(parent, f"eval-{args.split}")
+        out = args.out or storage.join(storage.parent(detector.uri), f"eval-{args.split}")
         with tqdm(desc=f"scoring {args.split}", unit="img", disable=None) as bar:
 
             def on_batch(done: int, total: int) -> None:

@@ -329,7 +329,7 @@ def stage(manifest_uri: str, stage_dir: str) -> Staged:
     """
     manifest_uri = schema.manifest_uri_of(manifest_uri)
     manifest = schema.load_manifest(manifest_uri)
-    remote_folder = manifest_uri.rsplit("/", 1)[0]
+    remote_folder = storage.parent(manifest_uri)
     local_folder = os.path.join(stage_dir, manifest["fingerprint"][:16])
     local_manifest = os.path.join(local_folder, schema.MANIFEST_NAME)
     os.makedirs(local_folder, exist_ok=True)

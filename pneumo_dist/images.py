@@ -16,6 +16,7 @@ from pneumo_dist.errors import PneumoDistError
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 IMAGE_FORMATS = ("jpeg", "png")
+DEFAULT_JPEG_QUALITY = 95  # shards and inference encode alike (predict.py re-encodes like the shards)
 # The only decoders Pillow may use: a TIFF, GIF, WebP or EPS renamed .png is refused, and Pillow never
 # hands a file to an external program (its EPS plugin runs Ghostscript).
 _PILLOW_FORMATS = ("JPEG", "PNG")
@@ -125,7 +126,7 @@ def resize_square(image: Image.Image, size_px: int) -> Image.Image:
     return image.resize((size_px, size_px), Image.Resampling.LANCZOS)
 
 
-def encode(image: Image.Image, image_format: str, jpeg_quality: int = 95) -> bytes:
+def encode(image: Image.Image, image_format: str, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     out = io.BytesIO()
     if image_format == "jpeg":
         image.save(out, format="JPEG", quality=jpeg_quality)
@@ -140,7 +141,7 @@ def to_stored_image(
     data: bytes,
     stored_size_px: int,
     image_format: str = "jpeg",
-    jpeg_quality: int = 95,
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[bytes, tuple[int, int]]:
     """Source bytes -> (encoded stored image, (original_height, original_width)). Raises BadImage."""
@@ -152,7 +153,7 @@ def pil_to_stored_image(
     image: Image.Image,
     stored_size_px: int,
     image_format: str = "jpeg",
-    jpeg_quality: int = 95,
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> bytes:
     """An already decoded PIL image (any mode) -> encoded stored image. Raises BadImage."""
@@ -166,7 +167,10 @@ def pil_to_stored_image(
 
 
 def array_to_stored_image(
-    pixels: np.ndarray, stored_size_px: int, image_format: str = "jpeg", jpeg_quality: int = 95
+    pixels: np.ndarray,
+    stored_size_px: int,
+    image_format: str = "jpeg",
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY,
 ) -> bytes:
     """A uint8 (H, W) or (H, W, 3) array (MedMNIST) -> encoded stored image."""
     channels_ok = pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] in (1, 3, 4))

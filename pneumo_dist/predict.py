@@ -69,7 +69,7 @@ class PneumoniaDetector:
         self.image_size_px = int(preprocessing["image_size_px"])
         self.stored_size_px = int(preprocessing["stored_size_px"])
         self.image_format = preprocessing["image_format"]
-        self.jpeg_quality = preprocessing.get("jpeg_quality") or 95
+        self.jpeg_quality = preprocessing.get("jpeg_quality") or images.DEFAULT_JPEG_QUALITY
         self._forward = tf.function(lambda x: self.model(x, training=False)[:, 0], reduce_retracing=True)
 
     @classmethod
@@ -243,7 +243,7 @@ def _refuse_unsafe_model(local: str, model_uri: str) -> None:
 def _export_folder(uri: str) -> str:
     uri = os.fspath(uri).rstrip("/")
     name = storage.basename(uri)
-    return uri.rsplit("/", 1)[0] if name == EXPORT_MANIFEST or name.endswith(".keras") else uri
+    return storage.parent(uri) if name == EXPORT_MANIFEST or name.endswith(".keras") else uri
 
 
 def _read_export_manifest(folder: str) -> dict:

@@ -12,19 +12,15 @@ import html
 import io
 import json
 import os
-import time
 from dataclasses import dataclass
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-matplotlib.use("Agg")  # files only: no display on a cluster node
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
-
-from pneumo_dist import data, evaluate, explain, schema, storage  # noqa: E402
-from pneumo_dist.config import DataConfig  # noqa: E402
-from pneumo_dist.predict import PneumoniaDetector  # noqa: E402
+from pneumo_dist import data, evaluate, explain, schema, storage
+from pneumo_dist.config import DataConfig
+from pneumo_dist.predict import PneumoniaDetector
 
 CASES = ("true_positive", "false_positive", "false_negative", "true_negative")
 PLOTS = ("roc.png", "pr.png", "confusion.png", "reliability.png", "gradcam.png")
@@ -144,7 +140,8 @@ def confident_cases(scores: Scores, threshold: float, per_case: int) -> dict[str
 def plot_roc(scores: Scores, report: dict) -> bytes:
     fpr, tpr, _ = roc_curve(scores.labels, scores.probabilities)
     auc = report["at_0.5"]["metrics"]["auc"]
-    figure, axes = plt.subplots(figsize=(5, 5))
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
     axes.plot(fpr, tpr, label=f"ROC, AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]")
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
@@ -162,7 +159,8 @@ def plot_roc(scores: Scores, report: dict) -> bytes:
 def plot_precision_recall(scores: Scores, report: dict) -> bytes:
     precision, recall, _ = precision_recall_curve(scores.labels, scores.probabilities)
     pr_auc = report["at_0.5"]["metrics"]["pr_auc"]
-    figure, axes = plt.subplots(figsize=(5, 5))
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
     axes.plot(recall, precision, label=f"PR, AP {pr_auc['value']:.3f}")
     axes.axhline(scores.labels.mean(), color="grey", linestyle=":", linewidth=1, label="prevalence")
     for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
@@ -178,7 +176,8 @@ def plot_precision_recall(scores: Scores, report: dict) -> bytes:
 
 
 def plot_confusion(report: dict) -> bytes:
-    figure, panels = plt.subplots(1, 2, figsize=(9, 4))
+    figure = Figure(figsize=(9, 4))
+    panels = figure.subplots(1, 2)
     for axes, name in zip(panels, ("at_0.5", "at_threshold"), strict=True):
         counts = report[name]["confusion"]
         matrix = np.array(
@@ -200,7 +199,8 @@ def plot_confusion(report: dict) -> bytes:
 
 def plot_reliability(report: dict) -> bytes:
     bins = [b for b in report["calibration"]["bins"] if b["count"]]
-    figure, axes = plt.subplots(figsize=(5, 5))
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
     axes.plot(
         [b["mean_probability"] for b in bins],
@@ -217,7 +217,8 @@ def plot_reliability(report: dict) -> bytes:
 def plot_grad_cam(examples: dict[str, list[tuple[np.ndarray, np.ndarray, float, str]]]) -> bytes:
     """examples: case -> [(pixels (S, S, 1), map (S, S), probability, source)]."""
     columns = max([len(rows) for rows in examples.values()] + [1])
-    figure, grid = plt.subplots(len(CASES), columns, figsize=(2.6 * columns, 2.9 * len(CASES)), squeeze=False)
+    figure = Figure(figsize=(2.6 * columns, 2.9 * len(CASES)))
+    grid = figure.subplots(len(CASES), columns, squeeze=False)
     for row, case in enumerate(CASES):
         for column in range(columns):
             axes = grid[row][column]
@@ -244,10 +245,11 @@ def _finish(axes, xlabel: str, ylabel: str, title: str) -> None:
     axes.grid(alpha=0.3)
 
 
-def _png(figure) -> bytes:
+def _png(figure: Figure) -> bytes:
+    # A Figure made without pyplot draws with Agg and is freed with its last reference: no display, no
+    # global backend switch, nothing to close.
     out = io.BytesIO()
     figure.savefig(out, format="png", dpi=110)
-    plt.close(figure)
     return out.getvalue()
 
 
@@ -389,7 +391,7 @@ def run_evaluation(
             == (detector.stored_size_px, detector.image_format),
         },
         "tta_views": tta_views,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_utc": storage.utc_timestamp(),
     } | metrics_report(scores, detector.threshold, resamples)
     if out_uri is None:
         return summary

@@ -80,6 +80,6 @@ def shard_uris(manifest: dict, manifest_uri: str, split: str) -> list[str]:
         present = ", ".join(manifest["splits"]) or "none"
         raise ManifestError(f"{manifest_uri_of(manifest_uri)} has no {split!r} split (present: {present})")
     manifest_uri = manifest_uri_of(manifest_uri)
-    folder = manifest_uri.rsplit("/", 1)[0]
+    folder = storage.parent(manifest_uri)
     entries = manifest["splits"][split]["shards"]
     return [storage.child(folder, shard["path"], manifest_uri) for shard in entries]

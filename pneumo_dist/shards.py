@@ -23,7 +23,6 @@ import struct
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ class ShardError(PneumoDistError):
 class ShardOptions:
     stored_size_px: int | None = None  # None: 256, or the native size of a .npz source
     image_format: str = "jpeg"
-    jpeg_quality: int = 95
+    jpeg_quality: int = imaging.DEFAULT_JPEG_QUALITY
     val_fraction: float = 0.15
     keep_val: bool = False
     seed: int = 0
@@ -524,7 +523,7 @@ def _destination_lock(destination: str):
     owner = {
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_utc": storage.utc_timestamp(),
     }
     try:
         storage.create_exclusive(uri, json.dumps(owner).encode())
@@ -605,7 +604,7 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
     total = sum(train.values())
     return {
         "schema_version": schema.MANIFEST_SCHEMA_VERSION,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_utc": storage.utc_timestamp(),
         "pneumo_dist_version": pneumo_dist.__version__,
         "fingerprint": fingerprint,
         "source": {"uri": source_uri, "format": listing.source_format},

@@ -212,7 +212,7 @@ def list_csv(uri: str, allow_outside_paths: bool = False) -> Listing:
     missing = {"path", "label"} - set(columns)
     if missing:
         raise SourceError(f"{uri}: header must name path and label (missing: {', '.join(sorted(missing))})")
-    folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    folder = storage.parent(uri)
     listing = Listing("csv", [])
     unparsed_patients = 0
     seen: set[str] = set()

@@ -15,6 +15,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,6 +76,17 @@ def join(base: str, *parts: str) -> str:
 
 def basename(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(uri: str) -> str:
+    """The folder holding `uri`, local or gs:// ("." for a bare local name)."""
+    uri = uri.rstrip("/")
+    return uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+
+def utc_timestamp() -> str:
+    """Now, as the files we write record it: 2026-11-27T08:00:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def child(folder: str, name: str, read_from: str) -> str:
@@ -262,7 +274,7 @@ def describe_files(uris: list[str]) -> dict[str, FileInfo]:
         if stat.S_ISREG(info.st_mode):
             found[uri] = FileInfo(uri, info.st_size, str(info.st_mtime_ns))
     wanted = {uri for uri in uris if is_gcs(uri)}
-    for folder in sorted({uri.rsplit("/", 1)[0] for uri in wanted}):
+    for folder in sorted({parent(uri) for uri in wanted}):
         found.update((info.uri, info) for info in list_files(folder) if info.uri in wanted)
     return found
 

@@ -585,7 +585,7 @@ class _Run:
                     "image_format": stored["format"],
                     "jpeg_quality": stored.get("jpeg_quality"),
                 },
-                "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "created_utc": storage.utc_timestamp(),
             }
             # Written last: an export without it is incomplete.
             storage.write_bytes(

@@ -130,7 +130,7 @@ def run_search(
     cfg = config.tune
     check_storage(cfg.storage_uri, sum(1 for node in ray.nodes() if node.get("Alive")))
     experiment = experiment_uri(config)
-    storage_root = experiment.rsplit("/", 1)[0]
+    storage_root = storage.parent(experiment)
     trial_root = storage.join(experiment, TRIALS_FOLDER)
     filesystem = storage.pyarrow_filesystem(storage_root)
     setup = {

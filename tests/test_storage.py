@@ -29,6 +29,13 @@ def test_write_read_exists_list_delete_round_trip(base):
     assert not storage.exists(uri)
 
 
+def test_parent_is_the_folder_holding_a_file_or_folder():
+    assert storage.parent("gs://bucket/data/manifest.json") == "gs://bucket/data"
+    assert storage.parent("gs://bucket/run/export/") == "gs://bucket/run"
+    assert storage.parent("/tmp/run/export") == "/tmp/run"
+    assert storage.parent("manifest.json") == "."
+
+
 def test_missing_file_raises_not_found_naming_it(base):
     uri = storage.join(base, "nope.bin")
     with pytest.raises(storage.StorageNotFound, match="nope.bin"):
