@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from tqdm import tqdm
 
-    from pneumo_dist import predict, report, storage
+    from pneumo_dist import evaluate, predict, storage
 
     try:
         detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            summary = report.run_evaluation(
+            summary = evaluate.run_evaluation(
                 detector,
                 args.data,
                 args.split,
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{args.split} split, {summary['data']['count']} images ({summary['data']['positives']} PNEUMONIA)")
     for name in ("at_0.5", "at_threshold"):
-        print(f"threshold {summary[name]['threshold']:.4f}: {report.headline(summary[name], '  ')}")
+        print(f"threshold {summary[name]['threshold']:.4f}: {evaluate.headline(summary[name], '  ')}")
     print(f"ECE {summary['calibration']['ece']:.4f}\nreport: {storage.join(out, 'report.html')}")
     return 0
 

@@ -1,164 +1,424 @@
-"""Metrics of a binary screening model from labels and probabilities (PNEUMONIA = positive class):
-point estimates, bootstrap confidence intervals, calibration.
+"""The evaluation report of an exported model on one split: scores, metrics with bootstrap intervals,
+calibration, plots, Grad-CAM examples, as JSON + CSV + PNG + one self-contained HTML page.
 
-Plain numpy in, plain floats out, so that every worker computes the same numbers from the same arrays.
+jobs/evaluate.py is the command line; each step here is a function of arrays, the I/O is at the end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import csv
+import html
+import io
+import json
+import os
+from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from matplotlib.figure import Figure
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-# The figures that get a confidence interval. Counts and the loss do not.
-INTERVAL_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "pr_auc", "ece")
-CALIBRATION_BINS = 10
+from pneumo_dist import data, explain, schema, storage
+from pneumo_dist import metrics as metrics_lib
+from pneumo_dist.config import DataConfig
+from pneumo_dist.predict import PneumoniaDetector
+
+CASES = ("true_positive", "false_positive", "false_negative", "true_negative")
+PLOTS = ("roc.png", "pr.png", "confusion.png", "reliability.png", "gradcam.png")
 
 
-def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """ROC-AUC, PR-AUC, loss, calibration error, and the confusion counts with accuracy / sensitivity /
-    specificity / precision / F1 at `threshold`."""
-    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
-    loss = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
-    return (
-        _ranking_metrics(labels, probabilities)
-        | {"loss": loss}
-        | _threshold_metrics(labels, probabilities, threshold)
+@dataclass(frozen=True)
+class Scores:
+    labels: np.ndarray  # 0 NORMAL, 1 PNEUMONIA
+    probabilities: np.ndarray  # P(PNEUMONIA)
+    sources: list[str]  # each record's source path, in the split's order
+
+
+def split_data_config(detector: PneumoniaDetector, manifest_uri: str, batch_size: int) -> DataConfig:
+    # A gs:// dataset is staged (downloaded once, verified); TensorFlow's own gs:// reader is not ours.
+    read_mode = "stage" if storage.is_gcs(manifest_uri) else "stream"
+    return DataConfig(
+        manifest_uri=manifest_uri,
+        image_size_px=detector.image_size_px,
+        global_batch_size=batch_size,
+        cache="none",
+        read_mode=read_mode,
     )
 
 
-def _ranking_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """The figures that do not depend on a threshold."""
-    positive = labels > 0.5
-    both_classes = 0 < positive.sum() < len(positive)
-    return {
-        "auc": float(roc_auc_score(positive, probabilities)) if both_classes else float("nan"),
-        "pr_auc": float(average_precision_score(positive, probabilities)) if both_classes else float("nan"),
-        "ece": expected_calibration_error(labels, probabilities),
+def score_split(
+    detector: PneumoniaDetector,
+    data_config: DataConfig,
+    dataset: data.Dataset,
+    split: str,
+    tta_views: int = 1,
+    on_batch=None,
+) -> Scores:
+    """Every record of `split`, once, in order. `on_batch(done, total)` reports progress."""
+    dataset.shards(split)  # a missing split raises here, naming the splits there are
+    total = dataset.records(split)
+    labels, probabilities, sources = [], [], []
+    for batch in data.eval_dataset(data_config, dataset, split, with_source=True):
+        probabilities.append(detector.probabilities(batch["image"], tta_views))
+        labels.append(batch["label"].numpy())
+        sources += [s.decode() for s in batch["source"].numpy()]
+        if on_batch:
+            on_batch(len(sources), total)
+    return Scores(np.concatenate(labels).astype(np.int64), np.concatenate(probabilities), sources)
+
+
+def split_images(
+    data_config: DataConfig, dataset: data.Dataset, split: str, indices: list[int]
+) -> dict[int, np.ndarray]:
+    """The prepared pixels of the records at `indices` (positions in the split's order)."""
+    wanted, found = set(indices), {}
+    position = 0
+    for batch in data.eval_dataset(data_config, dataset, split):
+        for image in batch["image"].numpy():
+            if position in wanted:
+                found[position] = image
+            position += 1
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def metrics_report(scores: Scores, threshold: float, resamples: int = 2000, seed: int = 0) -> dict:
+    """Point estimates with 95% intervals at 0.5 and at the operating threshold, plus calibration."""
+    operating_points = {"at_0.5": 0.5, "at_threshold": threshold}
+    intervals = metrics_lib.bootstrap_intervals(
+        scores.labels, scores.probabilities, list(operating_points.values()), resamples, seed=seed
+    )
+    report = {}
+    for (name, value), interval in zip(operating_points.items(), intervals, strict=True):
+        point = metrics_lib.binary_metrics(scores.labels, scores.probabilities, value)
+        report[name] = {
+            "threshold": value,
+            "metrics": {
+                m: {"value": point[m], "ci95": list(interval[m])} for m in metrics_lib.INTERVAL_METRICS
+            },
+            "confusion": {
+                k: point[k]
+                for k in ("true_positives", "false_positives", "true_negatives", "false_negatives")
+            },
+        }
+    report["calibration"] = {
+        "ece": metrics_lib.expected_calibration_error(scores.labels, scores.probabilities),
+        "bins": metrics_lib.reliability_bins(scores.labels, scores.probabilities),
     }
+    report["bootstrap"] = {"resamples": resamples, "seed": seed, "method": "class-stratified percentile"}
+    return report
 
 
-def _threshold_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
-    predicted = probabilities >= threshold
-    positive = labels > 0.5
-    true_pos = int(np.sum(predicted & positive))
-    true_neg = int(np.sum(~predicted & ~positive))
-    false_pos = int(np.sum(predicted & ~positive))
-    false_neg = int(np.sum(~predicted & positive))
-    precision = _ratio(true_pos, true_pos + false_pos)
-    sensitivity = _ratio(true_pos, true_pos + false_neg)
-    return {
-        "accuracy": _ratio(true_pos + true_neg, len(labels)),
-        "sensitivity": sensitivity,
-        "specificity": _ratio(true_neg, true_neg + false_pos),
-        "precision": precision,
-        "f1": _ratio(2 * precision * sensitivity, precision + sensitivity),
-        "threshold": float(threshold),
-        "count": int(len(labels)),
-        "true_positives": true_pos,
-        "false_positives": false_pos,
-        "true_negatives": true_neg,
-        "false_negatives": false_neg,
+def headline(operating_point: dict, separator: str = ", ") -> str:
+    """ "auc 0.991 [0.976, 1.000], accuracy ..." for one operating point of metrics_report."""
+    metrics = operating_point["metrics"]
+    return separator.join(
+        f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci95'][0]:.3f}, {metrics[m]['ci95'][1]:.3f}]"
+        for m in ("auc", "accuracy", "sensitivity", "specificity")
+    )
+
+
+def confident_cases(scores: Scores, threshold: float, per_case: int) -> dict[str, list[int]]:
+    """The record indices of the `per_case` most confident true/false positives/negatives."""
+    positive = scores.labels == 1
+    predicted = scores.probabilities >= threshold
+    order = np.argsort(-scores.probabilities, kind="stable")  # most PNEUMONIA first
+    members = {
+        "true_positive": positive & predicted,
+        "false_positive": ~positive & predicted,
+        "false_negative": positive & ~predicted,
+        "true_negative": ~positive & ~predicted,
     }
+    cases = {}
+    for case, mask in members.items():
+        ranked = [int(i) for i in order if mask[i]]
+        cases[case] = ranked[:per_case] if case.endswith("positive") else ranked[::-1][:per_case]
+    return cases
 
 
-def bootstrap_intervals(
-    labels: np.ndarray,
-    probabilities: np.ndarray,
-    thresholds: Sequence[float],
-    resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
-) -> list[dict[str, tuple[float, float]]]:
-    """Percentile bootstrap intervals of INTERVAL_METRICS at each threshold (one dict per threshold).
-
-    Class-stratified: each resample draws the positives from the positives and the negatives from the
-    negatives, so every resample has both classes (an AUC always exists) and the split's prevalence,
-    which the test set fixes by design, stays as it is.
-    """
-    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    positives, negatives = np.flatnonzero(labels > 0.5), np.flatnonzero(labels <= 0.5)
-    rng = np.random.default_rng(seed)
-    samples = [{name: np.empty(resamples) for name in INTERVAL_METRICS} for _ in thresholds]
-    for index in range(resamples):
-        chosen = np.concatenate(
-            [rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))]
-        ).astype(np.int64)
-        resampled_labels, resampled_probabilities = labels[chosen], probabilities[chosen]
-        ranking = _ranking_metrics(resampled_labels, resampled_probabilities)  # the same at every threshold
-        for threshold, sample in zip(thresholds, samples, strict=True):
-            metrics = ranking | _threshold_metrics(resampled_labels, resampled_probabilities, threshold)
-            for name in INTERVAL_METRICS:
-                sample[name][index] = metrics[name]
-    tail = (1.0 - confidence) / 2.0
-    return [{name: _percentiles(values, tail) for name, values in sample.items()} for sample in samples]
+# --- plots ----------------------------------------------------------------------------------------------
 
 
-def reliability_bins(
-    labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
-) -> list[dict[str, float]]:
-    """Equal-width bins of P(PNEUMONIA): how many predictions fell in each, their mean probability and
-    the fraction that were PNEUMONIA. A calibrated model has mean_probability ~ positive_fraction."""
-    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
-    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    which = np.minimum((probabilities * bins).astype(np.int64), bins - 1)  # p = 1.0 goes in the last bin
-    rows = []
-    for index in range(bins):
-        members = which == index
-        count = int(members.sum())
-        rows.append(
-            {
-                "low": index / bins,
-                "high": (index + 1) / bins,
-                "count": count,
-                "mean_probability": float(probabilities[members].mean()) if count else float("nan"),
-                "positive_fraction": float(labels[members].mean()) if count else float("nan"),
-            }
+def plot_roc(scores: Scores, report: dict) -> bytes:
+    fpr, tpr, _ = roc_curve(scores.labels, scores.probabilities)
+    auc = report["at_0.5"]["metrics"]["auc"]
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
+    axes.plot(fpr, tpr, label=f"ROC, AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]")
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
+        metrics = report[name]["metrics"]
+        axes.plot(
+            1 - metrics["specificity"]["value"],
+            metrics["sensitivity"]["value"],
+            marker,
+            label=f"threshold {report[name]['threshold']:.3f}",
         )
-    return rows
+    _finish(axes, "1 - specificity (false positive rate)", "sensitivity", "ROC")
+    return _png(figure)
 
 
-def expected_calibration_error(
-    labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
-) -> float:
-    """Sum over the reliability bins of (share of predictions) x |mean probability - positive fraction|."""
-    rows = reliability_bins(labels, probabilities, bins)
-    total = sum(row["count"] for row in rows)
-    return (
-        float(
-            sum(
-                row["count"] / total * abs(row["mean_probability"] - row["positive_fraction"])
-                for row in rows
-                if row["count"]
+def plot_precision_recall(scores: Scores, report: dict) -> bytes:
+    precision, recall, _ = precision_recall_curve(scores.labels, scores.probabilities)
+    pr_auc = report["at_0.5"]["metrics"]["pr_auc"]
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
+    axes.plot(recall, precision, label=f"PR, AP {pr_auc['value']:.3f}")
+    axes.axhline(scores.labels.mean(), color="grey", linestyle=":", linewidth=1, label="prevalence")
+    for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
+        metrics = report[name]["metrics"]
+        axes.plot(
+            metrics["sensitivity"]["value"],
+            metrics["precision"]["value"],
+            marker,
+            label=f"threshold {report[name]['threshold']:.3f}",
+        )
+    _finish(axes, "recall (sensitivity)", "precision", "Precision-recall")
+    return _png(figure)
+
+
+def plot_confusion(report: dict) -> bytes:
+    figure = Figure(figsize=(9, 4))
+    panels = figure.subplots(1, 2)
+    for axes, name in zip(panels, ("at_0.5", "at_threshold"), strict=True):
+        counts = report[name]["confusion"]
+        matrix = np.array(
+            [
+                [counts["true_negatives"], counts["false_positives"]],
+                [counts["false_negatives"], counts["true_positives"]],
+            ]
+        )
+        axes.imshow(matrix, cmap="Blues")
+        for (row, column), count in np.ndenumerate(matrix):
+            color = "white" if count > matrix.max() / 2 else "black"
+            axes.text(column, row, str(count), ha="center", va="center", color=color, fontsize=14)
+        axes.set_xticks([0, 1], [f"pred {c}" for c in schema.CLASS_NAMES])
+        axes.set_yticks([0, 1], [f"true {c}" for c in schema.CLASS_NAMES])
+        axes.set_title(f"threshold {report[name]['threshold']:.3f}")
+    figure.tight_layout()
+    return _png(figure)
+
+
+def plot_reliability(report: dict) -> bytes:
+    bins = [b for b in report["calibration"]["bins"] if b["count"]]
+    figure = Figure(figsize=(5, 5))
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
+    axes.plot(
+        [b["mean_probability"] for b in bins],
+        [b["positive_fraction"] for b in bins],
+        "o-",
+        label=f"model, ECE {report['calibration']['ece']:.3f}",
+    )
+    for b in bins:
+        axes.annotate(str(b["count"]), (b["mean_probability"], b["positive_fraction"]), fontsize=7)
+    _finish(axes, "mean predicted P(PNEUMONIA)", "fraction PNEUMONIA", "Reliability (count per bin)")
+    return _png(figure)
+
+
+def plot_grad_cam(examples: dict[str, list[tuple[np.ndarray, np.ndarray, float, str]]]) -> bytes:
+    """examples: case -> [(pixels (S, S, 1), map (S, S), probability, source)]."""
+    columns = max([len(rows) for rows in examples.values()] + [1])
+    figure = Figure(figsize=(2.6 * columns, 2.9 * len(CASES)))
+    grid = figure.subplots(len(CASES), columns, squeeze=False)
+    for row, case in enumerate(CASES):
+        for column in range(columns):
+            axes = grid[row][column]
+            axes.axis("off")
+            if column >= len(examples.get(case, [])):
+                continue
+            pixels, heat, probability, source = examples[case][column]
+            axes.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255)
+            axes.imshow(heat, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+            axes.set_title(
+                f"{case.replace('_', ' ')}\np={probability:.3f} {os.path.basename(source)[-24:]}", fontsize=7
             )
+    figure.tight_layout()
+    return _png(figure)
+
+
+def _finish(axes, xlabel: str, ylabel: str, title: str) -> None:
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.set_xlim(-0.01, 1.01)
+    axes.set_ylim(-0.01, 1.01)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.grid(alpha=0.3)
+
+
+def _png(figure: Figure) -> bytes:
+    # A Figure made without pyplot draws with Agg and is freed with its last reference: no display, no
+    # global backend switch, nothing to close.
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=110)
+    return out.getvalue()
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+
+def predictions_csv(scores: Scores, threshold: float) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["source", "label", "probability", "predicted"])
+    for source, label, probability in zip(scores.sources, scores.labels, scores.probabilities, strict=True):
+        predicted = schema.CLASS_NAMES[int(probability >= threshold)]
+        writer.writerow([source, schema.CLASS_NAMES[label], f"{probability:.6f}", predicted])
+    return out.getvalue().encode()
+
+
+def html_page(summary: dict, plots: dict[str, bytes]) -> bytes:
+    """One file with everything in it: the PNGs are inlined, so it can be mailed or attached."""
+    model, dataset = summary["model"], summary["data"]
+    rows = []
+    for metric in metrics_lib.INTERVAL_METRICS:
+        cells = []
+        for name in ("at_0.5", "at_threshold"):
+            figure = summary[name]["metrics"][metric]
+            cells.append(
+                f"<td>{figure['value']:.3f}</td><td>[{figure['ci95'][0]:.3f}, {figure['ci95'][1]:.3f}]</td>"
+            )
+        rows.append(f"<tr><th>{metric}</th>{''.join(cells)}</tr>")
+    warning = ""
+    if dataset["split"] != "test":
+        warning = (
+            f"<p class=warn>These are <b>{dataset['split']}</b> figures. Validation figures flatter on chest "
+            "X-rays (the test images differ from the training pool): judge a model on the test split.</p>"
         )
-        if total
-        else float("nan")
+    images = "".join(
+        f"<figure><img src='data:image/png;base64,{base64.b64encode(content).decode()}' alt='{name}'>"
+        f"<figcaption>{name}</figcaption></figure>"
+        for name, content in plots.items()
     )
+    if not dataset["preprocessing_matches_training"]:
+        warning += (
+            "<p class=warn>These shards were stored at another size or encoding than the training "
+            "shards: the model sees slightly different pixels than in training.</p>"
+        )
+    fields = {**model, **dataset, "created_utc": summary["created_utc"]}
+    escaped = {key: html.escape(str(value)) for key, value in fields.items()}
+    bootstrap, calibration = summary["bootstrap"], summary["calibration"]
+    source = "chosen on the validation split for sensitivity &ge; " + escaped["target_sensitivity"]
+    if model["threshold_source"] != "validation":
+        source = "given by the user"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>pneumo-dist evaluation: {escaped["split"]}</title>
+<style>{_CSS}</style></head><body>
+<h1>Evaluation on the {escaped["split"]} split</h1>
+{warning}
+<p>Model <code>{escaped["uri"]}</code> (version {escaped["version"]}), {escaped["image_size_px"]} px.
+Data <code>{escaped["manifest_uri"]}</code>: {dataset["count"]} images, {dataset["positives"]} PNEUMONIA,
+{dataset["negatives"]} NORMAL. Test-time augmentation: {summary["tta_views"]} view(s).</p>
+<p>Operating threshold {model["threshold"]:.4f}, {source}. Intervals: 95%, {bootstrap["method"]}
+bootstrap, {bootstrap["resamples"]} resamples.</p>
+<table><tr><th></th><th colspan=2>threshold 0.5</th>
+<th colspan=2>threshold {model["threshold"]:.4f}</th></tr>
+{"".join(rows)}</table>
+<p>Expected calibration error ({len(calibration["bins"])} bins): {calibration["ece"]:.4f}.
+Grad-CAM maps show the evidence for the predicted class at the operating threshold.</p>
+{images}
+<p>Generated {escaped["created_utc"]} by pneumo-dist; numbers in metrics.json, per-image scores in
+predictions.csv.</p></body></html>
+""".encode()
 
 
-def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity is at least `target` (so specificity is as high as it can
-    be at that sensitivity)."""
-    positives = np.sort(np.asarray(probabilities)[np.asarray(labels).reshape(-1) > 0.5])
-    if len(positives) == 0:
-        return 0.5
-    # Predicting positive at p >= t catches the positives with p >= t: keep the top ceil(target * n).
-    needed = int(np.ceil(target * len(positives) - 1e-9))
-    return float(positives[len(positives) - needed]) if needed > 0 else float(positives[-1]) + 1e-6
+_CSS = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto} td,th{padding:2px 10px;text-align:right}"
+    " .warn{background:#fff3cd;padding:8px} figure{display:inline-block;margin:6px} img{max-width:100%}"
+)
 
 
-def _percentiles(values: np.ndarray, tail: float) -> tuple[float, float]:
-    finite = values[np.isfinite(values)]  # precision is undefined where a resample predicts no positive
-    if not len(finite):
-        return (float("nan"), float("nan"))
-    low, high = np.quantile(finite, [tail, 1.0 - tail])
-    return (float(low), float(high))
+def write_report(out_uri: str, summary: dict, plots: dict[str, bytes], predictions: bytes) -> None:
+    """Write every file to a local folder or gs:// prefix; report.html last, so that its presence
+    means the report is complete."""
+    files = {
+        **plots,
+        "predictions.csv": predictions,
+        "metrics.json": json.dumps(_json_safe(summary), indent=1).encode(),
+    }
+    for name, content in files.items():
+        storage.write_bytes(storage.join(out_uri, name), content)
+    storage.write_bytes(storage.join(out_uri, "report.html"), html_page(summary, plots))
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return float(numerator / denominator) if denominator else float("nan")
+def _json_safe(value):
+    """NaN (e.g. precision when nothing is predicted positive) -> null: strict JSON has no NaN."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+# --- the whole evaluation -------------------------------------------------------------------------------
+
+
+def run_evaluation(
+    detector: PneumoniaDetector,
+    manifest_uri: str,
+    split: str,
+    out_uri: str | None,
+    tta_views: int = 1,
+    resamples: int = 2000,
+    gradcam_per_case: int = 3,
+    batch_size: int = 64,
+    on_batch=None,
+) -> dict:
+    """Score `split`, compute the figures and, when out_uri is given, write the report there."""
+    data_config = split_data_config(detector, manifest_uri, batch_size)
+    dataset = data.open_dataset(data_config)
+    scores = score_split(detector, data_config, dataset, split, tta_views, on_batch)
+    stored = dataset.manifest["image"]
+    summary = {
+        "model": {
+            "uri": detector.uri,
+            "version": detector.version,
+            "image_size_px": detector.image_size_px,
+            "threshold": detector.threshold,
+            "threshold_source": detector.threshold_source,
+            "target_sensitivity": detector.export.get("target_sensitivity", "unknown"),
+        },
+        "data": {
+            "manifest_uri": manifest_uri,
+            "split": split,
+            "count": len(scores.labels),
+            "positives": int(scores.labels.sum()),
+            "negatives": int(len(scores.labels) - scores.labels.sum()),
+            # False: these shards were stored differently from the training ones (size or encoding), so
+            # the model sees slightly different pixels than a PneumoniaDetector.predict of the sources.
+            "preprocessing_matches_training": (stored["stored_size_px"], stored["format"])
+            == (detector.stored_size_px, detector.image_format),
+        },
+        "tta_views": tta_views,
+        "created_utc": storage.utc_timestamp(),
+    } | metrics_report(scores, detector.threshold, resamples)
+    if out_uri is None:
+        return summary
+    plots = {
+        "roc.png": plot_roc(scores, summary),
+        "pr.png": plot_precision_recall(scores, summary),
+        "confusion.png": plot_confusion(summary),
+        "reliability.png": plot_reliability(summary),
+    }
+    if gradcam_per_case > 0:
+        cases = confident_cases(scores, detector.threshold, gradcam_per_case)
+        pixels = split_images(data_config, dataset, split, [i for chosen in cases.values() for i in chosen])
+        examples = {}
+        for case, chosen in cases.items():
+            if not chosen:
+                continue
+            batch = np.stack([pixels[i] for i in chosen])
+            # The evidence for what the model decided: PNEUMONIA for predicted positives, else NORMAL.
+            maps = explain.grad_cam(detector.model, batch, class_index=int(case.endswith("positive")))
+            examples[case] = [
+                (pixels[i], heat, float(scores.probabilities[i]), scores.sources[i])
+                for i, heat in zip(chosen, maps, strict=True)
+            ]
+        summary["gradcam"] = {case: [scores.sources[i] for i in chosen] for case, chosen in cases.items()}
+        plots["gradcam.png"] = plot_grad_cam(examples)
+    write_report(out_uri, summary, plots, predictions_csv(scores, detector.threshold))
+    return summary

@@ -28,7 +28,8 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from pneumo_dist import augment, data, evaluate, storage
+from pneumo_dist import augment, data, storage
+from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import model as model_lib
 from pneumo_dist.config import RunConfig, TrainConfig, to_yaml
 from pneumo_dist.errors import PneumoDistError
@@ -328,7 +329,7 @@ class _Run:
                         tf.summary.scalar("loop_train_loss", loop_loss / steps)
             seconds = time.perf_counter() - start
             labels, probabilities = self.predict("val")
-            metrics = evaluate.binary_metrics(labels, probabilities)
+            metrics = metrics_lib.binary_metrics(labels, probabilities)
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / self.steps_per_epoch,
@@ -535,8 +536,8 @@ class _Run:
         self.classifier.load_weights(os.path.join(folder, BEST_WEIGHTS))
         labels, probabilities = self.predict("val")
         target = self.train_cfg.target_sensitivity
-        threshold = evaluate.threshold_for_sensitivity(labels, probabilities, target)
-        at_threshold = evaluate.binary_metrics(labels, probabilities, threshold)
+        threshold = metrics_lib.threshold_for_sensitivity(labels, probabilities, target)
+        at_threshold = metrics_lib.binary_metrics(labels, probabilities, threshold)
         export_dir = os.path.join(self.work, EXPORT)
         if os.path.isdir(export_dir):
             shutil.rmtree(export_dir)  # a previous, possibly partial export
@@ -551,7 +552,7 @@ class _Run:
                     "split": "val",
                     "note": "validation figures, not test figures: run evaluate.py on the test split",
                     "best_epoch": state["best_epoch"],
-                    "at_0.5": evaluate.binary_metrics(labels, probabilities, 0.5),
+                    "at_0.5": metrics_lib.binary_metrics(labels, probabilities, 0.5),
                     "at_threshold": at_threshold,
                     "history": state["history"],
                 },

@@ -73,7 +73,7 @@ class SearchResult:
     trials: list[TrialSummary]
     best: TrialSummary | None
     best_export_uri: str | None
-    test_metrics: dict | None  # report.run_evaluation's figures for the best trial on the test split
+    test_metrics: dict | None  # evaluate.run_evaluation's figures for the best trial on the test split
     table_uri: str
 
 
@@ -396,14 +396,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def report_on_test(export_uri: str, config: config_lib.RunConfig) -> dict | None:
     """evaluate.py's report of an exported model on the test split, written to EXPORT/report/;
-    returns its figures (report.run_evaluation), or None when the dataset has no test split."""
-    from pneumo_dist import predict, report, schema
+    returns its figures (evaluate.run_evaluation), or None when the dataset has no test split."""
+    from pneumo_dist import evaluate, predict, schema
 
     manifest_uri = schema.manifest_uri_of(config.data.manifest_uri)
     if "test" not in schema.load_manifest(manifest_uri)["splits"]:
         return None
     detector = predict.PneumoniaDetector.load(export_uri)
-    return report.run_evaluation(detector, manifest_uri, "test", storage.join(export_uri, "report"))
+    return evaluate.run_evaluation(detector, manifest_uri, "test", storage.join(export_uri, "report"))
 
 
 def trials_csv(trials: list[TrialSummary]) -> str:

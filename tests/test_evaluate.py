@@ -1,102 +1,122 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
-from sklearn import metrics as skm
 
-from pneumo_dist import evaluate
+from pneumo_dist import evaluate, storage
+from pneumo_dist.predict import PneumoniaDetector
 
+from .conftest import REPO
 
-@pytest.fixture
-def scores():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 400)
-    probabilities = np.clip(labels * 0.3 + rng.uniform(0, 0.7, 400), 0, 1)
-    return labels, probabilities
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def test_metrics_equal_scikit_learn(scores):
-    labels, probabilities = scores
-    ours = evaluate.binary_metrics(labels, probabilities, threshold=0.5)
-    predicted = probabilities >= 0.5
-    assert ours["auc"] == pytest.approx(skm.roc_auc_score(labels, probabilities))
-    assert ours["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probabilities))
-    assert ours["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted))
-    assert ours["sensitivity"] == pytest.approx(skm.recall_score(labels, predicted))
-    assert ours["specificity"] == pytest.approx(skm.recall_score(labels, predicted, pos_label=0))
-    assert ours["precision"] == pytest.approx(skm.precision_score(labels, predicted))
-    assert ours["f1"] == pytest.approx(skm.f1_score(labels, predicted))
-    assert ours["loss"] == pytest.approx(skm.log_loss(labels, probabilities))
+@pytest.fixture(scope="module")
+def export(trained) -> str:
+    return str(Path(trained[2]) / "export")
 
 
-@pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 1.0])
-def test_threshold_reaches_the_target_sensitivity_and_no_higher_threshold_does(scores, target):
-    labels, probabilities = scores
-    threshold = evaluate.threshold_for_sensitivity(labels, probabilities, target)
-    assert evaluate.binary_metrics(labels, probabilities, threshold)["sensitivity"] >= target
-    assert evaluate.binary_metrics(labels, probabilities, threshold + 1e-6)["sensitivity"] < target
+@pytest.fixture(scope="module")
+def local_report(export, learnable_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "eval-test"
+    detector = PneumoniaDetector.load(export)
+    summary = evaluate.run_evaluation(detector, learnable_shards, "test", str(out), resamples=200)
+    return summary, out
 
 
-def test_one_class_gives_nan_auc_not_an_exception():
-    assert np.isnan(evaluate.binary_metrics(np.ones(5), np.full(5, 0.7))["auc"])
+def strict_json(text: str) -> dict:
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
-def test_confusion_counts_equal_scikit_learn(scores):
-    labels, probabilities = scores
-    ours = evaluate.binary_metrics(labels, probabilities, threshold=0.6)
-    true_neg, false_pos, false_neg, true_pos = skm.confusion_matrix(labels, probabilities >= 0.6).ravel()
-    assert (ours["true_negatives"], ours["false_positives"]) == (true_neg, false_pos)
-    assert (ours["false_negatives"], ours["true_positives"]) == (false_neg, true_pos)
+def test_report_files_are_written_and_not_empty(local_report):
+    _, out = local_report
+    for name in evaluate.PLOTS:
+        assert (out / name).read_bytes().startswith(PNG_SIGNATURE), name
+        assert (out / name).stat().st_size > 5_000, name
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(evaluate.PLOTS)  # self-contained
+    assert "Evaluation on the test split" in page and "class=warn" not in page
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "source,label,probability,predicted" and len(rows) == 1 + 40
 
 
-def test_calibration_error_by_hand():
-    # Bin 0.1-0.2: two predictions of 0.15, one positive -> |0.15 - 0.5| = 0.35, weight 2/4.
-    # Bin 0.9-1.0: 0.95 and 1.0 (the top edge belongs to the last bin), both positive -> 0.025, weight 2/4.
-    labels = np.array([0, 1, 1, 1])
-    probabilities = np.array([0.15, 0.15, 0.95, 1.0])
-    assert evaluate.expected_calibration_error(labels, probabilities) == pytest.approx(
-        0.5 * 0.35 + 0.5 * 0.025
+def test_metrics_json_has_every_figure_with_its_interval(local_report, export):
+    summary, out = local_report
+    written = strict_json((out / "metrics.json").read_text())
+    assert written["data"]["count"] == 40 and written["data"]["positives"] == 20
+    assert written["model"]["threshold"] == json.loads(Path(export, "export.json").read_text())["threshold"]
+    assert written["data"]["preprocessing_matches_training"] is True
+    for name in ("at_0.5", "at_threshold"):
+        for metric, figure in written[name]["metrics"].items():
+            if figure["value"] is not None:
+                low, high = figure["ci95"]
+                assert low <= figure["value"] <= high, (name, metric)
+        confusion = written[name]["confusion"]
+        assert sum(confusion.values()) == 40
+    assert written["at_0.5"]["metrics"]["auc"]["value"] > 0.8  # the trained model separates the classes
+    assert 0 <= written["calibration"]["ece"] <= 1
+    assert set(written["gradcam"]) == set(evaluate.CASES)
+
+
+def test_report_reads_and_writes_gcs(export, learnable_shards, bucket):
+    storage.copy_tree(export, f"{bucket}/run/export")
+    storage.copy_tree(learnable_shards, f"{bucket}/shards")
+    detector = PneumoniaDetector.load(f"{bucket}/run/export")
+    summary = evaluate.run_evaluation(
+        detector, f"{bucket}/shards", "val", f"{bucket}/run/eval-val", resamples=100, gradcam_per_case=1
     )
-    bins = evaluate.reliability_bins(labels, probabilities)
-    assert [b["count"] for b in bins] == [0, 2, 0, 0, 0, 0, 0, 0, 0, 2]
-    assert bins[9]["mean_probability"] == pytest.approx(0.975) and bins[9]["positive_fraction"] == 1.0
+    names = {storage.basename(f.uri) for f in storage.list_files(f"{bucket}/run/eval-val")}
+    assert {"report.html", "metrics.json", "predictions.csv", *evaluate.PLOTS} <= names
+    page = storage.read_bytes(f"{bucket}/run/eval-val/report.html").decode()
+    assert "These are <b>val</b> figures" in page  # validation figures are labelled as such
+    assert summary["data"]["split"] == "val"
 
 
-def test_a_calibrated_model_has_a_small_calibration_error():
-    rng = np.random.default_rng(1)
-    probabilities = rng.uniform(0, 1, 20_000)
-    labels = rng.uniform(0, 1, 20_000) < probabilities  # P(positive | p) = p
-    assert evaluate.expected_calibration_error(labels, probabilities) < 0.02
-    assert evaluate.expected_calibration_error(labels, np.clip(probabilities * 0.5, 0, 1)) > 0.2
+def test_confident_cases_are_the_most_confident_of_each_kind():
+    scores = evaluate.Scores(
+        labels=np.array([1, 1, 1, 0, 0, 0, 1, 0]),
+        probabilities=np.array([0.99, 0.7, 0.2, 0.9, 0.6, 0.01, 0.05, 0.3]),
+        sources=[str(i) for i in range(8)],
+    )
+    cases = evaluate.confident_cases(scores, threshold=0.5, per_case=2)
+    assert cases == {
+        "true_positive": [0, 1],
+        "false_positive": [3, 4],
+        "false_negative": [6, 2],
+        "true_negative": [5, 7],
+    }
 
 
-def test_intervals_contain_the_point_estimate(scores):
-    labels, probabilities = scores
-    for threshold, intervals in zip(
-        (0.5, 0.7),
-        evaluate.bootstrap_intervals(labels, probabilities, [0.5, 0.7], resamples=500),
-        strict=True,
-    ):
-        point = evaluate.binary_metrics(labels, probabilities, threshold)
-        for name, (low, high) in intervals.items():
-            assert low <= point[name] <= high, (threshold, name, low, point[name], high)
+def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable_shards, tmp_path):
+    out = tmp_path / "report"
+    command = [sys.executable, str(REPO / "jobs" / "evaluate.py"), export, "--data", learnable_shards]
+    run = subprocess.run(
+        [*command, "--out", str(out), "--bootstrap", "100", "--tta", "2", "--gradcam", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "test split, 40 images (20 PNEUMONIA)" in run.stdout and "auc" in run.stdout
+    assert strict_json((out / "metrics.json").read_text())["tta_views"] == 2
 
 
-def test_intervals_narrow_with_more_data():
-    def width(count: int) -> dict:
-        rng = np.random.default_rng(2)
-        labels = rng.integers(0, 2, count)
-        probabilities = np.clip(labels * 0.3 + rng.uniform(0, 0.7, count), 0, 1)
-        (intervals,) = evaluate.bootstrap_intervals(labels, probabilities, [0.5], resamples=300)
-        return {name: high - low for name, (low, high) in intervals.items()}
-
-    small, large = width(100), width(2000)
-    for name in evaluate.INTERVAL_METRICS:
-        assert large[name] < small[name] / 2, name  # ~ 1 / sqrt(20) as wide
-
-
-def test_bootstrap_is_reproducible_and_keeps_both_classes():
-    labels = np.array([1] * 3 + [0] * 47)  # few positives: unstratified resamples would often have none
-    probabilities = np.linspace(0, 1, 50)
-    first = evaluate.bootstrap_intervals(labels, probabilities, [0.5], resamples=200, seed=7)
-    again = evaluate.bootstrap_intervals(labels, probabilities, [0.5], resamples=200, seed=7)
-    np.testing.assert_equal(first, again)
-    assert all(np.isfinite(first[0]["auc"]))
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--split", "holdout"], "has no 'holdout' split"),
+        (["--data", "/nonexistent/shards"], "no manifest at /nonexistent/shards/manifest.json"),
+    ],
+    ids=["missing-split", "missing-data"],
+)
+def test_evaluate_job_bad_arguments_exit_2_with_one_line(export, learnable_shards, arguments, message):
+    command = [sys.executable, str(REPO / "jobs" / "evaluate.py"), export, "--data", learnable_shards]
+    run = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert message in run.stderr.strip().splitlines()[-1]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_dist import images, report, schema, storage
+from pneumo_dist import evaluate, images, schema, storage
 from pneumo_dist.predict import DetectorError, PneumoniaDetector
 
 from .conftest import REPO
@@ -32,10 +32,10 @@ def source_root(learnable_shards) -> Path:
 
 
 def test_detector_probabilities_equal_the_evaluators(detector, learnable_shards, source_root):
-    config = report.split_data_config(detector, learnable_shards, batch_size=16)
+    config = evaluate.split_data_config(detector, learnable_shards, batch_size=16)
     from pneumo_dist import data
 
-    scores = report.score_split(detector, config, data.open_dataset(config), "test")
+    scores = evaluate.score_split(detector, config, data.open_dataset(config), "test")
     predictions = detector.predict_batch([source_root / s for s in scores.sources], batch_size=7)
     ours = np.array([p.probability for p in predictions])
     np.testing.assert_allclose(ours, scores.probabilities, rtol=0, atol=1e-6)

@@ -50,9 +50,9 @@ def test_exported_model_reloads_and_gives_the_validation_predictions(trained):
     for batch in data.eval_dataset(config.data, dataset, "val"):
         probabilities.append(detector(np.asarray(batch["image"], np.float32))[:, 0].numpy())
         labels.append(batch["label"].numpy())
-    from pneumo_dist import evaluate
+    from pneumo_dist import metrics
 
-    auc = evaluate.binary_metrics(np.concatenate(labels), np.concatenate(probabilities))["auc"]
+    auc = metrics.binary_metrics(np.concatenate(labels), np.concatenate(probabilities))["auc"]
     assert auc == pytest.approx(result.best_val_auc, abs=1e-6)
 
 

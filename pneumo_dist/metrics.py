@@ -1,0 +1,164 @@
+"""Metrics of a binary screening model from labels and probabilities (PNEUMONIA = positive class):
+point estimates, bootstrap confidence intervals, calibration.
+
+Plain numpy in, plain floats out, so that every worker computes the same numbers from the same arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+# The figures that get a confidence interval. Counts and the loss do not.
+INTERVAL_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "pr_auc", "ece")
+CALIBRATION_BINS = 10
+
+
+def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """ROC-AUC, PR-AUC, loss, calibration error, and the confusion counts with accuracy / sensitivity /
+    specificity / precision / F1 at `threshold`."""
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped)))
+    return (
+        _ranking_metrics(labels, probabilities)
+        | {"loss": loss}
+        | _threshold_metrics(labels, probabilities, threshold)
+    )
+
+
+def _ranking_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """The figures that do not depend on a threshold."""
+    positive = labels > 0.5
+    both_classes = 0 < positive.sum() < len(positive)
+    return {
+        "auc": float(roc_auc_score(positive, probabilities)) if both_classes else float("nan"),
+        "pr_auc": float(average_precision_score(positive, probabilities)) if both_classes else float("nan"),
+        "ece": expected_calibration_error(labels, probabilities),
+    }
+
+
+def _threshold_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+    predicted = probabilities >= threshold
+    positive = labels > 0.5
+    true_pos = int(np.sum(predicted & positive))
+    true_neg = int(np.sum(~predicted & ~positive))
+    false_pos = int(np.sum(predicted & ~positive))
+    false_neg = int(np.sum(~predicted & positive))
+    precision = _ratio(true_pos, true_pos + false_pos)
+    sensitivity = _ratio(true_pos, true_pos + false_neg)
+    return {
+        "accuracy": _ratio(true_pos + true_neg, len(labels)),
+        "sensitivity": sensitivity,
+        "specificity": _ratio(true_neg, true_neg + false_pos),
+        "precision": precision,
+        "f1": _ratio(2 * precision * sensitivity, precision + sensitivity),
+        "threshold": float(threshold),
+        "count": int(len(labels)),
+        "true_positives": true_pos,
+        "false_positives": false_pos,
+        "true_negatives": true_neg,
+        "false_negatives": false_neg,
+    }
+
+
+def bootstrap_intervals(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    thresholds: Sequence[float],
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> list[dict[str, tuple[float, float]]]:
+    """Percentile bootstrap intervals of INTERVAL_METRICS at each threshold (one dict per threshold).
+
+    Class-stratified: each resample draws the positives from the positives and the negatives from the
+    negatives, so every resample has both classes (an AUC always exists) and the split's prevalence,
+    which the test set fixes by design, stays as it is.
+    """
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    positives, negatives = np.flatnonzero(labels > 0.5), np.flatnonzero(labels <= 0.5)
+    rng = np.random.default_rng(seed)
+    samples = [{name: np.empty(resamples) for name in INTERVAL_METRICS} for _ in thresholds]
+    for index in range(resamples):
+        chosen = np.concatenate(
+            [rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))]
+        ).astype(np.int64)
+        resampled_labels, resampled_probabilities = labels[chosen], probabilities[chosen]
+        ranking = _ranking_metrics(resampled_labels, resampled_probabilities)  # the same at every threshold
+        for threshold, sample in zip(thresholds, samples, strict=True):
+            metrics = ranking | _threshold_metrics(resampled_labels, resampled_probabilities, threshold)
+            for name in INTERVAL_METRICS:
+                sample[name][index] = metrics[name]
+    tail = (1.0 - confidence) / 2.0
+    return [{name: _percentiles(values, tail) for name, values in sample.items()} for sample in samples]
+
+
+def reliability_bins(
+    labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
+) -> list[dict[str, float]]:
+    """Equal-width bins of P(PNEUMONIA): how many predictions fell in each, their mean probability and
+    the fraction that were PNEUMONIA. A calibrated model has mean_probability ~ positive_fraction."""
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    which = np.minimum((probabilities * bins).astype(np.int64), bins - 1)  # p = 1.0 goes in the last bin
+    rows = []
+    for index in range(bins):
+        members = which == index
+        count = int(members.sum())
+        rows.append(
+            {
+                "low": index / bins,
+                "high": (index + 1) / bins,
+                "count": count,
+                "mean_probability": float(probabilities[members].mean()) if count else float("nan"),
+                "positive_fraction": float(labels[members].mean()) if count else float("nan"),
+            }
+        )
+    return rows
+
+
+def expected_calibration_error(
+    labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS
+) -> float:
+    """Sum over the reliability bins of (share of predictions) x |mean probability - positive fraction|."""
+    rows = reliability_bins(labels, probabilities, bins)
+    total = sum(row["count"] for row in rows)
+    return (
+        float(
+            sum(
+                row["count"] / total * abs(row["mean_probability"] - row["positive_fraction"])
+                for row in rows
+                if row["count"]
+            )
+        )
+        if total
+        else float("nan")
+    )
+
+
+def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity is at least `target` (so specificity is as high as it can
+    be at that sensitivity)."""
+    positives = np.sort(np.asarray(probabilities)[np.asarray(labels).reshape(-1) > 0.5])
+    if len(positives) == 0:
+        return 0.5
+    # Predicting positive at p >= t catches the positives with p >= t: keep the top ceil(target * n).
+    needed = int(np.ceil(target * len(positives) - 1e-9))
+    return float(positives[len(positives) - needed]) if needed > 0 else float(positives[-1]) + 1e-6
+
+
+def _percentiles(values: np.ndarray, tail: float) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]  # precision is undefined where a resample predicts no positive
+    if not len(finite):
+        return (float("nan"), float("nan"))
+    low, high = np.quantile(finite, [tail, 1.0 - tail])
+    return (float(low), float(high))
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else float("nan")

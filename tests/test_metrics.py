@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from pneumo_dist import metrics
+
+
+@pytest.fixture
+def scores():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    probabilities = np.clip(labels * 0.3 + rng.uniform(0, 0.7, 400), 0, 1)
+    return labels, probabilities
+
+
+def test_metrics_equal_scikit_learn(scores):
+    labels, probabilities = scores
+    ours = metrics.binary_metrics(labels, probabilities, threshold=0.5)
+    predicted = probabilities >= 0.5
+    assert ours["auc"] == pytest.approx(skm.roc_auc_score(labels, probabilities))
+    assert ours["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probabilities))
+    assert ours["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted))
+    assert ours["sensitivity"] == pytest.approx(skm.recall_score(labels, predicted))
+    assert ours["specificity"] == pytest.approx(skm.recall_score(labels, predicted, pos_label=0))
+    assert ours["precision"] == pytest.approx(skm.precision_score(labels, predicted))
+    assert ours["f1"] == pytest.approx(skm.f1_score(labels, predicted))
+    assert ours["loss"] == pytest.approx(skm.log_loss(labels, probabilities))
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 1.0])
+def test_threshold_reaches_the_target_sensitivity_and_no_higher_threshold_does(scores, target):
+    labels, probabilities = scores
+    threshold = metrics.threshold_for_sensitivity(labels, probabilities, target)
+    assert metrics.binary_metrics(labels, probabilities, threshold)["sensitivity"] >= target
+    assert metrics.binary_metrics(labels, probabilities, threshold + 1e-6)["sensitivity"] < target
+
+
+def test_one_class_gives_nan_auc_not_an_exception():
+    assert np.isnan(metrics.binary_metrics(np.ones(5), np.full(5, 0.7))["auc"])
+
+
+def test_confusion_counts_equal_scikit_learn(scores):
+    labels, probabilities = scores
+    ours = metrics.binary_metrics(labels, probabilities, threshold=0.6)
+    true_neg, false_pos, false_neg, true_pos = skm.confusion_matrix(labels, probabilities >= 0.6).ravel()
+    assert (ours["true_negatives"], ours["false_positives"]) == (true_neg, false_pos)
+    assert (ours["false_negatives"], ours["true_positives"]) == (false_neg, true_pos)
+
+
+def test_calibration_error_by_hand():
+    # Bin 0.1-0.2: two predictions of 0.15, one positive -> |0.15 - 0.5| = 0.35, weight 2/4.
+    # Bin 0.9-1.0: 0.95 and 1.0 (the top edge belongs to the last bin), both positive -> 0.025, weight 2/4.
+    labels = np.array([0, 1, 1, 1])
+    probabilities = np.array([0.15, 0.15, 0.95, 1.0])
+    assert metrics.expected_calibration_error(labels, probabilities) == pytest.approx(
+        0.5 * 0.35 + 0.5 * 0.025
+    )
+    bins = metrics.reliability_bins(labels, probabilities)
+    assert [b["count"] for b in bins] == [0, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert bins[9]["mean_probability"] == pytest.approx(0.975) and bins[9]["positive_fraction"] == 1.0
+
+
+def test_a_calibrated_model_has_a_small_calibration_error():
+    rng = np.random.default_rng(1)
+    probabilities = rng.uniform(0, 1, 20_000)
+    labels = rng.uniform(0, 1, 20_000) < probabilities  # P(positive | p) = p
+    assert metrics.expected_calibration_error(labels, probabilities) < 0.02
+    assert metrics.expected_calibration_error(labels, np.clip(probabilities * 0.5, 0, 1)) > 0.2
+
+
+def test_intervals_contain_the_point_estimate(scores):
+    labels, probabilities = scores
+    for threshold, intervals in zip(
+        (0.5, 0.7),
+        metrics.bootstrap_intervals(labels, probabilities, [0.5, 0.7], resamples=500),
+        strict=True,
+    ):
+        point = metrics.binary_metrics(labels, probabilities, threshold)
+        for name, (low, high) in intervals.items():
+            assert low <= point[name] <= high, (threshold, name, low, point[name], high)
+
+
+def test_intervals_narrow_with_more_data():
+    def width(count: int) -> dict:
+        rng = np.random.default_rng(2)
+        labels = rng.integers(0, 2, count)
+        probabilities = np.clip(labels * 0.3 + rng.uniform(0, 0.7, count), 0, 1)
+        (intervals,) = metrics.bootstrap_intervals(labels, probabilities, [0.5], resamples=300)
+        return {name: high - low for name, (low, high) in intervals.items()}
+
+    small, large = width(100), width(2000)
+    for name in metrics.INTERVAL_METRICS:
+        assert large[name] < small[name] / 2, name  # ~ 1 / sqrt(20) as wide
+
+
+def test_bootstrap_is_reproducible_and_keeps_both_classes():
+    labels = np.array([1] * 3 + [0] * 47)  # few positives: unstratified resamples would often have none
+    probabilities = np.linspace(0, 1, 50)
+    first = metrics.bootstrap_intervals(labels, probabilities, [0.5], resamples=200, seed=7)
+    again = metrics.bootstrap_intervals(labels, probabilities, [0.5], resamples=200, seed=7)
+    np.testing.assert_equal(first, again)
+    assert all(np.isfinite(first[0]["auc"]))
