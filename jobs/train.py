@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         bar[0].update(step - bar[0].n)
         bar[0].set_postfix(loss=f"{loss:.4f}")
 
-    def on_epoch(record: dict, checkpoint_dir: str | None) -> None:
+    def on_epoch(record: dict) -> None:
         if bar:
             bar[0].close()
         print(

@@ -169,7 +169,7 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     resume: bool = False,
     on_step: Callable[[int, int, int, float], None] | None = None,
-    on_epoch: Callable[[dict, str | None], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
     """Train, validate every epoch, checkpoint, stop early, export the best model; returns the result.
@@ -178,8 +178,8 @@ def train(
     (replace its checkpoints, export and logs): a new run never silently deletes an earlier one.
 
     `on_step(epoch, steps_done, steps, loss)` (once per loop of train.steps_per_loop steps, with the
-    loop's mean loss) and `on_epoch(record, checkpoint_dir)` are for progress displays and Ray's
-    reporting; `checkpoint_dir` is a local folder holding this epoch's checkpoint (chief only).
+    loop's mean loss) and `on_epoch(record)` (once the epoch's checkpoint is written) are for progress
+    displays and Ray's reporting.
     """
     config.validate()
     configure_process(config.train)
@@ -352,7 +352,7 @@ class _Run:
             patience = cfg.early_stopping_patience
             state["stopped_early"] = bool(patience) and state["epochs_since_best"] >= patience
             state["finished"] = state["next_epoch"] >= cfg.epochs or state["stopped_early"]
-            checkpoint_dir = self._save_checkpoint(epoch, state, improved)
+            self._save_checkpoint(epoch, state, improved)
             if writer:
                 with writer.as_default(step=epoch):
                     for key, value in record.items():
@@ -366,7 +366,7 @@ class _Run:
                 result = self._export(state)
                 record["export_s"] = time.perf_counter() - export_started
             if on_epoch:
-                on_epoch(record, checkpoint_dir if self.chief else None)
+                on_epoch(record)
         if writer:
             writer.close()  # before the caller deletes a temporary working folder
         return result
@@ -464,7 +464,7 @@ class _Run:
 
     # --- checkpoints --------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, epoch: int, state: dict, improved: bool) -> str:
+    def _save_checkpoint(self, epoch: int, state: dict, improved: bool) -> None:
         folder = os.path.join(self.work, CHECKPOINTS)
         os.makedirs(folder, exist_ok=True)
         if improved:
@@ -482,7 +482,7 @@ class _Run:
         prefix = self.checkpoint.write(os.path.join(folder, f"ckpt-{epoch}"))
         state["checkpoint"] = os.path.basename(prefix)
         if not self.chief:
-            return folder
+            return
         files = [name for name in os.listdir(folder) if name.startswith(f"ckpt-{epoch}.")]
         if improved:
             files.append(BEST_WEIGHTS)
@@ -495,7 +495,6 @@ class _Run:
         if storage.is_gcs(self.output):
             storage.write_bytes(storage.join(remote, STATE_NAME), state_bytes)
         self._drop_old_checkpoints(folder, remote, epoch)
-        return folder
 
     def _drop_old_checkpoints(self, folder: str, remote: str, epoch: int) -> None:
         keep = {f"ckpt-{e}." for e in range(epoch - self.train_cfg.checkpoints_to_keep + 1, epoch + 1)}

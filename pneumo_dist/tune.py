@@ -367,7 +367,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank = context.get_world_rank()
     history: list[dict] = []
 
-    def on_epoch(record: dict, checkpoint_dir: str | None) -> None:
+    def on_epoch(record: dict) -> None:
         # Each worker's own view of the validation metrics (the same on every worker, by design), written
         # before the report: Tune may end the workers as soon as it has the last one.
         history.append(record)

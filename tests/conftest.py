@@ -210,7 +210,5 @@ def trained(learnable_shards, tmp_path_factory):
         ],
     )
     epochs_seen = []
-    result = train.train(
-        config, train.choose_strategy(local=True), on_epoch=lambda r, d: epochs_seen.append(r)
-    )
+    result = train.train(config, train.choose_strategy(local=True), on_epoch=epochs_seen.append)
     return config, result, output, epochs_seen

@@ -77,7 +77,7 @@ def test_the_host_reads_the_loss_once_per_loop_and_the_loop_length_changes_nothi
     )
     initial = run.checkpoint.write(str(tmp_path / "initial"))
     history = []
-    run.fit(resume=False, on_step=None, on_epoch=lambda record, _: history.append(record))
+    run.fit(resume=False, on_step=None, on_epoch=history.append)
     assert calls == [4, 2] and run.host_reads == 2
     looped = [v.numpy() for v in run.classifier.variables]
     # The same 6 steps from the same state and data, one per call: the same loss and weights.

@@ -86,7 +86,7 @@ def test_resume_on_gcs_continues_at_the_saved_epoch_and_optimizer_step(learnable
         make_config(learnable_shards, output, "train.epochs=3", quick),
         train.choose_strategy(local=True),
         resume=True,
-        on_epoch=lambda record, _: seen.append(record),
+        on_epoch=seen.append,
     )
     assert [r["epoch"] for r in seen] == [2]  # only the new epoch ran
     assert seen[0]["step"] == 9  # the optimizer's step was restored
