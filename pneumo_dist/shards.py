@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import re
 import socket
-import struct
 import sys
 import tempfile
 import threading
@@ -27,12 +26,11 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import google_crc32c
 import numpy as np
 
 import pneumo_dist
 from pneumo_dist import images as imaging
-from pneumo_dist import schema, sources, storage
+from pneumo_dist import schema, sources, storage, tfrecord
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.sources import SourceImage
 
@@ -308,8 +306,8 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
                         ) from None
                     skipped.append({"source": image.source, "reason": str(error)})
                     continue
-                record = _frame_tfrecord(
-                    _encode_example(_features(image, encoded, sha256, height, width, options))
+                record = tfrecord.frame(
+                    tfrecord.encode_example(_features(image, encoded, sha256, height, width, options))
                 )
                 out.write(record)
                 digest.update(record)
@@ -369,61 +367,6 @@ def _features(image: SourceImage, encoded: bytes, sha256: str, height: int, widt
         schema.ORIGINAL_HEIGHT_KEY: int(height),
         schema.ORIGINAL_WIDTH_KEY: int(width),
     }
-
-
-# --- TFRecord and tf.train.Example, written without TensorFlow ---------------------------------------
-# Importing TensorFlow costs each worker process seconds and hundreds of MB; the two formats are small
-# and stable, and tests read our output back with tf.data and tf.train.Example.
-
-
-def _varint(value: int) -> bytes:
-    if 0 <= value < 0x80:
-        return _SMALL_VARINTS[value]  # most tags, lengths and labels: keeps the per-record cost low
-    value &= (1 << 64) - 1  # negative int64s are ten-byte two's complement varints
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-_SMALL_VARINTS = [bytes((value,)) for value in range(0x80)]
-
-
-def _length_delimited(field_number: int, payload: bytes) -> bytes:
-    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _encode_example(features: dict[str, bytes | int]) -> bytes:
-    """tf.train.Example{features{feature{key: Feature}}}; bytes -> bytes_list (1), int -> int64_list (3)."""
-    entries = b""
-    for key in sorted(features):
-        value = features[key]
-        if isinstance(value, bytes):
-            feature = _length_delimited(1, _length_delimited(1, value))
-        else:
-            feature = _length_delimited(3, _length_delimited(1, _varint(value)))
-        entries += _length_delimited(1, _length_delimited(1, key.encode()) + _length_delimited(2, feature))
-    return _length_delimited(1, entries)
-
-
-def _masked_crc32c(data: bytes) -> int:
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _frame_tfrecord(record: bytes) -> bytes:
-    length = struct.pack("<Q", len(record))
-    return (
-        length
-        + struct.pack("<I", _masked_crc32c(length))
-        + record
-        + struct.pack("<I", _masked_crc32c(record))
-    )
 
 
 # --- state on the destination -----------------------------------------------------------------------

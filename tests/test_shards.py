@@ -66,24 +66,6 @@ def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root,
     assert sorted(seen) == sorted(listing)  # every image exactly once
 
 
-def test_example_encoding_matches_tensorflow():
-    import tensorflow as tf
-
-    features = {"b": b"\x00\xffbytes", "empty": b"", "i": 300, "neg": -5, "big": 2**62, "zero": 0}
-    ours = tf.train.Example.FromString(shards._encode_example(features))
-    expected = tf.train.Example(
-        features=tf.train.Features(
-            feature={
-                k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-                if isinstance(v, bytes)
-                else tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
-                for k, v in features.items()
-            }
-        )
-    )
-    assert ours == expected
-
-
 def test_manifest_describes_counts_checksums_and_options(tiny_demo_root, tmp_path):
     result = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=2)
     manifest = schema.load_manifest(str(tmp_path / "ds"))
