@@ -5,6 +5,14 @@ ratios to the full budget, each trial's validation AUC per epoch (what ASHA comp
 the mean per-trial start-up and export overhead by phase.
 
     python bench/asha_bench.py [--manifest data/mnist-shards] [--samples 18] [--epochs 9] [--max-steps 20]
+    python bench/asha_bench.py --replay outputs/asha-bench/fifo-random-<time>   # no training
+
+After the full budget, ASHA is replayed on its learning curves (Ray's own ASHAScheduler deciding, the
+trials started in order, `--concurrency` at a time, every epoch equally long) for several grace periods
+and reduction factors, in the order the trials ran and over 200 random orders, and synchronous
+successive halving beside it: what each setting would have spent and found on exactly these trials,
+without the run-to-run noise of training them again. `--replay` does only that, for a finished
+full-budget experiment folder.
 
 Default data: PneumoniaMNIST from ../shared/data at its native 28 px (sharded on first use), trained
 from scratch on the CPU with configs/mnist.yaml and its tune settings (the shipped defaults unless
@@ -49,13 +57,18 @@ def main() -> None:
     parser.add_argument("--reduction", type=int, help="tune.reduction_factor (default: the config's)")
     parser.add_argument("--arms", default=",".join(ARMS), help="which searches, comma-separated")
     parser.add_argument("--storage", default=str(REPO / "outputs" / "asha-bench"))
+    parser.add_argument("--replay", help="a full-budget experiment folder: replay ASHA on it, train nothing")
+    parser.add_argument("--concurrency", type=int, default=2, help="trials at a time in the replay")
     args = parser.parse_args()
+    if args.replay:
+        print_replays(experiment_curves(args.replay), args.concurrency)
+        return
     if not os.path.exists(os.path.join(args.manifest, "manifest.json")):
         options = shards.ShardOptions(keep_val=True, image_format="png")
         shards.make_shards(str(SHARED_NPZ), args.manifest, options)
 
     in_process = tune.connect_ray() == "in-process"
-    figures = {}
+    figures, curves = {}, {}
     for name in args.arms.split(","):
         scheduler, search_alg = ARMS[name]
         overrides = [
@@ -76,6 +89,7 @@ def main() -> None:
         config = config_lib.load_config(str(REPO / "configs" / "mnist.yaml"), overrides)
         start = time.perf_counter()
         result = tune.run_search(config, in_process=in_process)
+        curves[name] = {t.trial_id: trial_aucs(t) for t in result.trials}
         figures[name] = {
             "trial_epochs": sum(t.epochs_run for t in result.trials),
             "best_auc": max(t.best_val_auc for t in result.trials),
@@ -111,11 +125,119 @@ def main() -> None:
             + ", ".join(f"{p} {s:.1f}" for p, s in means.items())
             + f"; total {sum(means.values()):.1f}"
         )
+    if "full budget" in curves:
+        print_replays(curves["full budget"], args.concurrency)
 
 
 def trial_aucs(trial: tune.TrialSummary) -> list[float]:
-    state = json.loads(storage.read_bytes(storage.join(trial.output_uri, "checkpoints", "state.json")))
+    return state_aucs(trial.output_uri)
+
+
+def state_aucs(trial_uri: str) -> list[float]:
+    state = json.loads(storage.read_bytes(storage.join(trial_uri, "checkpoints", "state.json")))
     return [record["val_auc"] for record in state["history"]]
+
+
+def experiment_curves(experiment: str) -> dict[str, list[float]]:
+    """{trial id: validation AUC per epoch} of every trial of a finished search."""
+    trials = Path(experiment) / tune.TRIALS_FOLDER
+    return {path.name: state_aucs(str(path)) for path in sorted(trials.iterdir()) if path.is_dir()}
+
+
+def replay_asha(curves: dict[str, list[float]], grace: int, rf: int, concurrency: int, order=None):
+    """ASHA on recorded learning curves: Ray's ASHAScheduler decides after each epoch, as in a search
+    whose trials start in id order (or `order`), `concurrency` at a time, every epoch equally long (a trial
+    ASHA stops frees its slot at once). -> (trial-epochs run, best validation AUC seen)."""
+    import heapq
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    epochs = max(len(aucs) for aucs in curves.values())
+    scheduler = ASHAScheduler(
+        time_attr="epoch", metric="auc", mode="max", max_t=epochs, grace_period=grace, reduction_factor=rf
+    )
+    waiting = list(order or sorted(curves))
+    running: list[tuple[int, str, int]] = []  # (time the epoch ends, trial id, epoch)
+    spent, best, now = 0, float("-inf"), 0
+
+    def start(trial_id: str, at: int) -> None:
+        scheduler.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+        heapq.heappush(running, (at + 1, trial_id, 1))
+
+    while waiting and len(running) < concurrency:
+        start(waiting.pop(0), now)
+    while running:
+        now, trial_id, epoch = heapq.heappop(running)
+        auc = curves[trial_id][epoch - 1]
+        spent, best = spent + 1, max(best, auc)
+        trial = SimpleNamespace(trial_id=trial_id)
+        result = {"epoch": epoch, "auc": auc}
+        decision = scheduler.on_trial_result(None, trial, result)
+        if decision == TrialScheduler.CONTINUE and epoch < len(curves[trial_id]):
+            heapq.heappush(running, (now + 1, trial_id, epoch + 1))
+        else:  # stopped, or ran its epochs: Tune tells the scheduler either way
+            scheduler.on_trial_complete(None, trial, result)
+            if waiting:
+                start(waiting.pop(0), now)
+    return spent, best
+
+
+def print_replays(curves: dict[str, list[float]], concurrency: int, orders: int = 200) -> None:
+    """The replay in the order the trials ran, and over `orders` random orders: async ASHA favours the
+    trials that reach a rung first, so one order alone says little about a setting."""
+    import random
+
+    full_epochs = sum(len(aucs) for aucs in curves.values())
+    full_best = max(max(aucs) for aucs in curves.values())
+    shuffled = [random.Random(seed).sample(sorted(curves), len(curves)) for seed in range(orders)]
+    print(
+        f"\nASHA replayed on the full budget's curves ({len(curves)} trials, {full_epochs} trial-epochs, "
+        f"best val AUC {full_best:.4f}; {concurrency} trials at a time). Trial-epochs / full and full - best "
+        f"in the order run; over {orders} random orders: mean trial-epochs / full, share of orders within "
+        "0.005 of the full budget's best, the largest shortfall:"
+    )
+    for grace in (1, 2, 3):
+        for rf in (2, 3, 4):
+            spent, best = replay_asha(curves, grace, rf, concurrency)
+            runs = [replay_asha(curves, grace, rf, concurrency, order) for order in shuffled]
+            ratios = [n / full_epochs for n, _ in runs]
+            gaps = [full_best - b for _, b in runs]
+            print(
+                f"  grace {grace}, reduction {rf}: {spent / full_epochs:.2f}, {full_best - best:+.4f}; "
+                f"random orders {statistics.mean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), "
+                f"within 0.005 {sum(g <= 0.005 for g in gaps) / len(gaps):.0%}, "
+                f"largest shortfall {max(gaps):.4f}"
+            )
+    print("Synchronous successive halving (pauses and restarts trials at each rung) on the same curves:")
+    for grace in (1, 2, 3):
+        for rf in (2, 3, 4):
+            spent, best = replay_sync_halving(curves, grace, rf)
+            print(
+                f"  grace {grace}, reduction {rf}: trial-epochs / full {spent / full_epochs:.2f}, "
+                f"full - best {full_best - best:+.4f}"
+            )
+
+
+def replay_sync_halving(curves: dict[str, list[float]], grace: int, rf: int) -> tuple[int, float]:
+    """Synchronous successive halving on recorded curves: every trial runs `grace` epochs, the best
+    1/rf of them continue to grace * rf, and so on to the last epoch (one bracket of Ray's
+    HyperBandScheduler, which pauses trials at each rung and restarts them). Order-independent.
+    -> (trial-epochs run, best validation AUC seen)."""
+    epochs = max(len(aucs) for aucs in curves.values())
+    alive, reached, spent, best = sorted(curves), 0, 0, float("-inf")
+    rung = grace
+    while alive:
+        rung = min(rung, epochs)
+        for trial_id in alive:
+            spent += rung - reached
+            best = max(best, *curves[trial_id][reached:rung])
+        if rung == epochs:
+            break
+        keep = max(1, len(alive) // rf)
+        alive = sorted(alive, key=lambda t: curves[t][rung - 1], reverse=True)[:keep]
+        reached, rung = rung, rung * rf
+    return spent, best
 
 
 def best_so_far(trials: list[tune.TrialSummary]) -> list[tuple[int, float]]:
