@@ -118,7 +118,9 @@ def test_predict_batch_can_report_bad_inputs_and_score_the_rest(detector, source
     bad = results[1]
     assert "not a readable image" in bad.error and bad.label is None and bad.probability is None
     scored = [r.probability for r in results if not r.error]
-    assert scored == pytest.approx([r.probability for r in detector.predict_batch(good)], abs=1e-6)
+    # Batches of 2 and of 3: oneDNN picks its kernels by batch shape, which moves the 7th decimal
+    # (2.4e-6 seen in CI); a mixed-up or shifted image would move the first ones.
+    assert scored == pytest.approx([r.probability for r in detector.predict_batch(good)], abs=1e-5)
     with pytest.raises(ValueError, match="bad_inputs"):
         detector.predict_batch(good, bad_inputs="skip")
 
