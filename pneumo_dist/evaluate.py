@@ -147,14 +147,7 @@ def plot_roc(scores: Scores, report: dict) -> bytes:
     axes = figure.subplots()
     axes.plot(fpr, tpr, label=f"ROC, AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]")
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
-        metrics = report[name]["metrics"]
-        axes.plot(
-            1 - metrics["specificity"]["value"],
-            metrics["sensitivity"]["value"],
-            marker,
-            label=f"threshold {report[name]['threshold']:.3f}",
-        )
+    _mark_operating_points(axes, report, lambda m: (1 - m["specificity"]["value"], m["sensitivity"]["value"]))
     _finish(axes, "1 - specificity (false positive rate)", "sensitivity", "ROC")
     return _png(figure)
 
@@ -166,14 +159,7 @@ def plot_precision_recall(scores: Scores, report: dict) -> bytes:
     axes = figure.subplots()
     axes.plot(recall, precision, label=f"PR, AP {pr_auc['value']:.3f}")
     axes.axhline(scores.labels.mean(), color="grey", linestyle=":", linewidth=1, label="prevalence")
-    for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
-        metrics = report[name]["metrics"]
-        axes.plot(
-            metrics["sensitivity"]["value"],
-            metrics["precision"]["value"],
-            marker,
-            label=f"threshold {report[name]['threshold']:.3f}",
-        )
+    _mark_operating_points(axes, report, lambda m: (m["sensitivity"]["value"], m["precision"]["value"]))
     _finish(axes, "recall (sensitivity)", "precision", "Precision-recall")
     return _png(figure)
 
@@ -236,6 +222,13 @@ def plot_grad_cam(examples: dict[str, list[tuple[np.ndarray, np.ndarray, float, 
             )
     figure.tight_layout()
     return _png(figure)
+
+
+def _mark_operating_points(axes, report: dict, point) -> None:
+    """The model at 0.5 and at its operating threshold, each a marker at `point(metrics) -> (x, y)`."""
+    for name, marker in (("at_0.5", "o"), ("at_threshold", "s")):
+        x, y = point(report[name]["metrics"])
+        axes.plot(x, y, marker, label=f"threshold {report[name]['threshold']:.3f}")
 
 
 def _finish(axes, xlabel: str, ylabel: str, title: str) -> None:
