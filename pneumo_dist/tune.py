@@ -379,7 +379,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics.update(strategy_s=strategy_ready - imported)
         ray_train.report({**metrics, "epoch": record["epoch"] + 1})
 
-    if state.get("finished") and storage.exists(storage.join(output, train_lib.EXPORT, "export.json")):
+    export_manifest = storage.join(output, train_lib.EXPORT, train_lib.EXPORT_MANIFEST)
+    if state.get("finished") and storage.exists(export_manifest):
         # The trial had finished when the search was interrupted, before Tune recorded its results
         # (--resume then starts it again): report its epochs again, train and export nothing.
         for record in state["history"]:
