@@ -1,14 +1,17 @@
 """Ray at the edge: multi-worker training on Ray Train and the Ray Tune search with ASHA.
 
-Ray Train V2, the way Ray documents Tune + Train: each trial is a light Tune function (`run_trial`, no
-CPU) that fits a `TensorflowTrainer`; its workers run `train.train`
-(MultiWorkerMirroredStrategy when a trial has several workers) and report validation metrics every
-epoch, which `TuneReportCallback` hands to Tune, and ASHA stops weak trials. Checkpoints live in each
-trial's own output folder (train.py), so a trial whose worker died (Ray Train's FailureConfig) or whose
-search was interrupted (`--resume`) restarts from its last complete checkpoint.
+Each trial is a Tune function (`run_trial`) whose reports, one per epoch, ASHA uses to stop weak trials.
+A trial of one worker trains in that function's own process, which holds the worker's CPUs and GPUs:
+Ray Train would add a controller and a worker group to start (~35 s a trial on 2 cores, BENCHMARKS.md)
+for nothing to coordinate. A trial of several workers is, the way Ray documents Tune + Train V2, a
+light Tune function (no CPU) that fits a `TensorflowTrainer`; its workers run `train.train` under
+MultiWorkerMirroredStrategy and their rank-0 reports reach Tune through `TuneReportCallback`.
+Checkpoints live in each trial's own output folder (train.py), so a trial whose worker died (Ray
+Train's FailureConfig, or Tune's for a one-worker trial) or whose search was interrupted (`--resume`)
+restarts from its last complete checkpoint.
 
-The trial's driver asks for no CPU on purpose: with Tune's default of one CPU per trial, two
-concurrent trials on a 2-CPU machine hold both CPUs and their workers never start
+The driver of a multi-worker trial asks for no CPU on purpose: with Tune's default of one CPU per
+trial, two concurrent trials on a 2-CPU machine hold both CPUs and their workers never start
 (WorkerGroupStartupTimeoutError, retried for ever). The hang of ray-project/ray#54305 (a stopped trial's
 placement group never released) is fixed in the Ray we require (PR #58515); tests/test_tune.py runs
 ASHA searches that stop trials.
@@ -23,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,9 +37,9 @@ from pneumo_dist.errors import PneumoDistError
 
 TRIALS_FOLDER = "trials"
 TRAIN_RUNS_FOLDER = "ray-train"  # Ray Train's own records of each trial's run
-# What a trial's driver (run_trial) reserves: no CPU (it only waits for its Ray Train run; even a
-# hundredth of a CPU per driver leaves 1.96 of 2 CPUs, where a second 1-CPU worker group no longer fits),
-# and a little memory, as Ray wants a resource to place it by.
+# What the function (run_trial) of a multi-worker trial reserves: no CPU (it only waits for its Ray Train
+# run; even a hundredth of a CPU per trial leaves 1.96 of 2 CPUs, where a second 1-CPU worker group no
+# longer fits), and a little memory, as Ray wants a resource to place it by.
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 # Config values that may be local paths, relative to where the job was started.
 LOCAL_PATH_KEYS = (
@@ -139,7 +143,7 @@ def run_search(
         "train_runs": storage.join(experiment, TRAIN_RUNS_FOLDER),
     }
     concurrency = trial_concurrency(cfg, ray.cluster_resources() if in_process else None)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), DRIVER_RESOURCES)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(cfg))
     if resume:
         if not tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
             raise SearchError(f"--resume: no search to resume at {experiment}")
@@ -304,10 +308,20 @@ def trial_config(base: dict, sampled: dict, output_uri: str) -> config_lib.RunCo
     return config_lib.config_from_dict(raw, source="trial config")
 
 
+def trial_resources(cfg: config_lib.TuneConfig) -> dict:
+    """What Tune reserves for a trial's function: a one-worker trial trains there, so the worker's
+    CPUs and GPUs; a multi-worker trial's function only waits for its Ray Train run (DRIVER_RESOURCES)."""
+    if cfg.workers_per_trial > 1:
+        return DRIVER_RESOURCES
+    return {"CPU": cfg.cpus_per_worker, "GPU": cfg.gpus_per_worker}
+
+
 def run_trial(params: dict, setup: dict) -> None:
-    """One trial, as Tune runs it: a Ray Train run of `train_loop_per_worker` on the trial's workers,
-    whose rank-0 reports reach Tune (ASHA) through TuneReportCallback. A worker that dies restarts the
-    worker group (Ray Train's FailureConfig), which resumes from the trial's last checkpoint."""
+    """One trial, as Tune runs it. One worker: it trains here and reports to Tune (ASHA) itself; Tune
+    restarts it after a failure (tune.max_failures), from its last checkpoint. Several workers: a Ray
+    Train run of `train_loop_per_worker` on the trial's workers, whose rank-0 reports reach Tune through
+    TuneReportCallback; a worker that dies restarts the worker group (Ray Train's FailureConfig), which
+    resumes from the trial's last checkpoint."""
     from ray import train as ray_train
     from ray import tune
     from ray.train.tensorflow import TensorflowTrainer
@@ -315,56 +329,62 @@ def run_trial(params: dict, setup: dict) -> None:
 
     cfg = setup["base"]["tune"]
     trial_id = tune.get_context().get_trial_id()
-    trainer = TensorflowTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "driver_started": time.time(),
-            "base": setup["base"],
-            "sampled": params["sampled"],
-            "output": storage.join(setup["trial_root"], trial_id),
-        },
-        scaling_config=ray_train.ScalingConfig(
-            num_workers=cfg["workers_per_trial"],
-            use_gpu=cfg["gpus_per_worker"] > 0,
-            resources_per_worker={"CPU": cfg["cpus_per_worker"], "GPU": cfg["gpus_per_worker"]},
-        ),
-        run_config=ray_train.RunConfig(
-            # A run of its own per attempt: a restarted trial (--resume) must not find the records of
-            # its interrupted run, which Ray Train would take as a run to restore, not to train.
-            name=f"{trial_id}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=setup["train_runs"],
-            storage_filesystem=storage.pyarrow_filesystem(setup["train_runs"]),
-            failure_config=ray_train.FailureConfig(max_failures=cfg["max_failures"]),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    trainer.fit()
+    loop_config = {
+        "driver_started": time.time(),
+        "base": setup["base"],
+        "sampled": params["sampled"],
+        "output": storage.join(setup["trial_root"], trial_id),
+    }
+    if cfg["workers_per_trial"] == 1:
+        train_trial(loop_config, report=tune.report, rank=0)
+    else:
+        trainer = TensorflowTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray_train.ScalingConfig(
+                num_workers=cfg["workers_per_trial"],
+                use_gpu=cfg["gpus_per_worker"] > 0,
+                resources_per_worker={"CPU": cfg["cpus_per_worker"], "GPU": cfg["gpus_per_worker"]},
+            ),
+            run_config=ray_train.RunConfig(
+                # A run of its own per attempt: a restarted trial (--resume) must not find the records of
+                # its interrupted run, which Ray Train would take as a run to restore, not to train.
+                name=f"{trial_id}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=setup["train_runs"],
+                storage_filesystem=storage.pyarrow_filesystem(setup["train_runs"]),
+                failure_config=ray_train.FailureConfig(max_failures=cfg["max_failures"]),
+                callbacks=[TuneReportCallback()],
+            ),
+        )
+        trainer.fit()
     # Training ends with a finished state (all epochs, or early stopping): anything else is a run that was
     # cut short (an interrupted search), which must stay unfinished for --resume, not count as done.
     state = _read_state(storage.join(setup["trial_root"], trial_id))
     if not state.get("finished"):
-        raise SearchError(f"trial {trial_id}: its Ray Train run ended before training finished")
+        raise SearchError(f"trial {trial_id}: its training ended before it finished")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """What every Ray Train worker of a trial runs: our training loop, reporting each epoch to Tune.
-    The first report also carries where the trial's start-up time went (PHASES)."""
-    entered = time.time()
-    from ray import train as ray_train  # (this module's package already selected tf-keras)
+    """What every Ray Train worker of a multi-worker trial runs."""
+    from ray import train as ray_train
 
+    train_trial(loop_config, report=ray_train.report, rank=ray_train.get_context().get_world_rank())
+
+
+def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int) -> None:
+    """Our training loop for one trial, handing each epoch's metrics to `report` (Tune's or Ray
+    Train's). The first report also carries where the trial's start-up time went (PHASES)."""
+    entered = time.time()
     from pneumo_dist import data
     from pneumo_dist import train as train_lib
 
     imported = time.time()
 
-    context = ray_train.get_context()
     output = loop_config["output"]
     config = trial_config(loop_config["base"], loop_config["sampled"], output)
     # A restarted trial (a worker died) finds its own last complete checkpoint.
     state = _read_state(output)
     resume = bool(state)
-
-    rank = context.get_world_rank()
     history: list[dict] = []
 
     def on_epoch(record: dict) -> None:
@@ -377,7 +397,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if len(history) == 1:
             metrics.update(start_s=entered - loop_config["driver_started"], import_s=imported - entered)
             metrics.update(strategy_s=strategy_ready - imported)
-        ray_train.report({**metrics, "epoch": record["epoch"] + 1})
+        report({**metrics, "epoch": record["epoch"] + 1})
 
     export_manifest = storage.join(output, train_lib.EXPORT, train_lib.EXPORT_MANIFEST)
     if state.get("finished") and storage.exists(export_manifest):
@@ -385,7 +405,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # (--resume then starts it again): report its epochs again, train and export nothing.
         for record in state["history"]:
             metrics = {k: v for k, v in record.items() if _is_number(v)}
-            ray_train.report({**metrics, "epoch": record["epoch"] + 1})
+            report({**metrics, "epoch": record["epoch"] + 1})
         return
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
