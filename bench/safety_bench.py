@@ -70,10 +70,10 @@ def verify_cost(dataset: str) -> None:
     from pneumo_dist import data, schema
 
     manifest_uri = schema.manifest_uri_of(dataset)
-    manifest = schema.load_manifest(manifest_uri)
-    uris = [u for split in manifest["splits"] for u in schema.shard_uris(manifest, manifest_uri, split)]
-    entries = [shard for split in manifest["splits"].values() for shard in split["shards"]]
-    total_mb = sum(shard["bytes"] for shard in entries) / 1e6
+    manifest = schema.Manifest.read(manifest_uri)
+    uris = [u for split in manifest.splits for u in manifest.shard_uris(manifest_uri, split)]
+    entries = manifest.all_shards()
+    total_mb = sum(shard.bytes for shard in entries) / 1e6
     start = time.perf_counter()
     records = sum(1 for _ in tf.data.TFRecordDataset(uris))
     read_s = time.perf_counter() - start

@@ -128,19 +128,18 @@ def summarize(result: shards.Result) -> str:
             f"{result.shards_reused} reused from an interrupted run"
         )
     lines = [head]
-    for split, counts in manifest["counts"].items():
+    for split, counts in manifest.counts.items():
         per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
         lines.append(
             f"  {split:5s} {sum(counts.values()):6d} images ({per_class}), "
-            f"{manifest['patients'][split]} patients, {len(manifest['splits'][split]['shards'])} shards"
+            f"{manifest.patients[split]} patients, {len(manifest.splits[split].shards)} shards"
         )
-    image = manifest["image"]
-    lines.append(f"  stored as {image['stored_size_px']} px grayscale {image['format']}")
-    if manifest["skipped"]:
-        lines.append(f"  skipped {len(manifest['skipped'])} files (listed in the manifest), e.g.:")
-        lines += [f"    {s['source']}: {s['reason']}" for s in manifest["skipped"][:5]]
-    lines += [f"  note: {note}" for note in manifest["notes"]]
-    duplicates = manifest.get("duplicates", [])
+    lines.append(f"  stored as {manifest.image.stored_size_px} px grayscale {manifest.image.format}")
+    if manifest.skipped:
+        lines.append(f"  skipped {len(manifest.skipped)} files (listed in the manifest), e.g.:")
+        lines += [f"    {s['source']}: {s['reason']}" for s in manifest.skipped[:5]]
+    lines += [f"  note: {note}" for note in manifest.notes]
+    duplicates = manifest.duplicates
     if duplicates:
         lines.append(
             f"  warning: {len(duplicates)} images are in more than one split (the same bytes; listed in "

@@ -38,17 +38,17 @@ class ShardMismatch(schema.ManifestError):
 class Dataset:
     """A dataset ready to read: its manifest and where its shards are read from (local when staged)."""
 
-    manifest: dict
+    manifest: schema.Manifest
     manifest_uri: str
 
     def shards(self, split: str) -> list[str]:
         """The split's shard URIs, each checked against the manifest's size and sha256 on first use."""
-        uris = schema.shard_uris(self.manifest, self.manifest_uri, split)
-        verify_shards(uris, self.manifest["splits"][split]["shards"], self.manifest_uri)
+        uris = self.manifest.shard_uris(self.manifest_uri, split)
+        verify_shards(uris, self.manifest.splits[split].shards, self.manifest_uri)
         return uris
 
     def records(self, split: str) -> int:
-        return self.manifest["splits"][split]["records"]
+        return self.manifest.splits[split].records
 
 
 def open_dataset(data: DataConfig) -> Dataset:
@@ -58,7 +58,7 @@ def open_dataset(data: DataConfig) -> Dataset:
         staged = stage(data.manifest_uri, data.stage_dir or default_stage_dir())
         return Dataset(staged.manifest, staged.manifest_uri)
     manifest_uri = schema.manifest_uri_of(data.manifest_uri)
-    return Dataset(schema.load_manifest(manifest_uri), manifest_uri)
+    return Dataset(schema.Manifest.read(manifest_uri), manifest_uri)
 
 
 def default_stage_dir() -> str:
@@ -93,7 +93,7 @@ def loss_class_weights(dataset: Dataset, class_balance: str) -> tuple[float, flo
     """(NORMAL, PNEUMONIA) loss weights: the manifest's balanced weights in "weights" mode, else 1."""
     if class_balance != "weights":
         return 1.0, 1.0
-    weights = dataset.manifest["class_weights"]
+    weights = dataset.manifest.class_weights
     return tuple(float(weights[name]) for name in schema.CLASS_NAMES)
 
 
@@ -112,12 +112,12 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
     """
     batch = per_replica_batch(data, context)
     records = _worker_records(dataset.shards("train"), context, shuffle_files=True, data=data)
-    parsed = records.map(_parse, num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
-    stored_px = dataset.manifest["image"]["stored_size_px"]
+    decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
+    stored_px = dataset.manifest.image.stored_size_px
 
     def stream(part: tf.data.Dataset, name: str) -> tf.data.Dataset:
         images = part.map(
-            lambda r: _decode(r, stored_px, keep_source=False),
+            lambda r: parse_record(r, stored_px, keep_source=False),
             num_parallel_calls=AUTOTUNE,
             deterministic=data.deterministic,
         )
@@ -126,10 +126,10 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
 
     if data.class_balance == "sample":
         # Each class from its own endless stream, drawn 50:50: balanced batches, no records dropped.
-        per_class = [stream(parsed.filter(lambda r, c=c: r["label"] == c), f"class{c}") for c in (0, 1)]
+        per_class = [stream(decoded.filter(lambda r, c=c: r["label"] == c), f"class{c}") for c in (0, 1)]
         images = tf.data.Dataset.sample_from_datasets(per_class, weights=[0.5, 0.5], seed=data.seed)
     else:
-        images = stream(parsed, "all")
+        images = stream(decoded, "all")
     batches = images.batch(batch, drop_remainder=True)
     if needs_antialias(stored_px, data.image_size_px):
         batches = _resize_batches(batches, stored_px, data.image_size_px)
@@ -148,10 +148,10 @@ def eval_dataset(
     """This worker's part of `split`, in order, unaugmented, with the last partial batch: across all
     workers every record is scored exactly once. `with_source` adds each record's source path."""
     records = _worker_records(dataset.shards(split), context, shuffle_files=False, data=data)
-    parsed = records.map(_parse, num_parallel_calls=AUTOTUNE, deterministic=True)
-    stored_px = dataset.manifest["image"]["stored_size_px"]
-    images = parsed.map(
-        lambda r: _decode(r, stored_px, keep_source=with_source),
+    decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=True)
+    stored_px = dataset.manifest.image.stored_size_px
+    images = decoded.map(
+        lambda r: parse_record(r, stored_px, keep_source=with_source),
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
@@ -199,6 +199,9 @@ def _worker_records(files: list[str], context, shuffle_files: bool, data: DataCo
     return records if by_file else records.shard(pipelines, pipeline_id)
 
 
+# A record's way in, split as TF Model Garden splits it (its Decoder and Parser): `decode_example` reads
+# the serialized tf.train.Example's features, the inverse of tfrecord.py's encoder; `parse_record` makes
+# of them what the model's input needs (pixels, a float label).
 _FEATURES = {
     schema.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
     schema.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
@@ -206,7 +209,8 @@ _FEATURES = {
 }
 
 
-def _parse(serialized: tf.Tensor) -> dict:
+def decode_example(serialized: tf.Tensor) -> dict:
+    """Serialized tf.train.Example -> its encoded image, label and source path."""
     example = tf.io.parse_single_example(serialized, _FEATURES)
     return {
         "encoded": example[schema.IMAGE_KEY],
@@ -238,7 +242,8 @@ def _resize_batches(batches: tf.data.Dataset, stored_px: int, image_size_px: int
     return batches.map(resize, num_parallel_calls=AUTOTUNE)
 
 
-def _decode(record: dict, stored_px: int, keep_source: bool) -> dict:
+def parse_record(record: dict, stored_px: int, keep_source: bool) -> dict:
+    """decode_example's features -> uint8 (stored_px, stored_px, 1) image, float32 label (and source)."""
     element = {
         "image": decode_image(record["encoded"], stored_px),
         "label": tf.cast(record["label"], tf.float32),
@@ -259,7 +264,7 @@ def _cache(
     worker = f"{context.input_pipeline_id}of{context.num_input_pipelines}" if context else "0of1"
     folder = data.cache_dir or os.path.join(data.stage_dir or default_stage_dir(), "cache")
     os.makedirs(folder, exist_ok=True)
-    key = f"{dataset.manifest['fingerprint'][:16]}-{data.image_size_px}px-{name}-{worker}-pid{os.getpid()}"
+    key = f"{dataset.manifest.fingerprint[:16]}-{data.image_size_px}px-{name}-{worker}-pid{os.getpid()}"
     return images.cache(os.path.join(folder, key))
 
 
@@ -271,7 +276,7 @@ _verified: set[tuple[str, str, int]] = set()
 _verified_lock = threading.Lock()
 
 
-def verify_shards(uris: list[str], entries: list[dict], manifest_uri: str) -> None:
+def verify_shards(uris: list[str], entries: list[schema.Shard], manifest_uri: str) -> None:
     """Check each shard's size and sha256 against its manifest `entries`, once per process per version
     of the file: a damaged or swapped shard is an error naming it, never a traceback from TensorFlow
     halfway through an epoch or a split that is silently short of records."""
@@ -281,14 +286,14 @@ def verify_shards(uris: list[str], entries: list[dict], manifest_uri: str) -> No
         info = found.get(uri)
         if info is None:
             raise ShardMismatch(f"{uri} is missing: {manifest_uri} lists it; re-run make_shards")
-        if info.size_bytes != entry["bytes"]:
+        if info.size_bytes != entry.bytes:
             raise ShardMismatch(
-                f"{uri} is {info.size_bytes} bytes where {manifest_uri} says {entry['bytes']}: the shard "
+                f"{uri} is {info.size_bytes} bytes where {manifest_uri} says {entry.bytes}: the shard "
                 "was changed or damaged after make_shards wrote it; re-run make_shards --overwrite"
             )
         with _verified_lock:
             if (uri, info.version, info.size_bytes) not in _verified:
-                to_hash.append((uri, info, entry["sha256"]))
+                to_hash.append((uri, info, entry.sha256))
     if not to_hash:
         return
     # A few at a time: a gs:// shard (up to ~100 MB) is hashed from memory.
@@ -315,7 +320,7 @@ def _sha256(uri: str) -> str:
 
 @dataclass(frozen=True)
 class Staged:
-    manifest: dict
+    manifest: schema.Manifest
     manifest_uri: str  # the local copy's manifest
     downloaded: int  # shards copied this time
     reused: int  # shards already there and intact
@@ -328,22 +333,22 @@ def stage(manifest_uri: str, stage_dir: str) -> Staged:
     downloaded again.
     """
     manifest_uri = schema.manifest_uri_of(manifest_uri)
-    manifest = schema.load_manifest(manifest_uri)
+    manifest = schema.Manifest.read(manifest_uri)
     remote_folder = storage.parent(manifest_uri)
-    local_folder = os.path.join(stage_dir, manifest["fingerprint"][:16])
+    local_folder = os.path.join(stage_dir, manifest.fingerprint[:16])
     local_manifest = os.path.join(local_folder, schema.MANIFEST_NAME)
     os.makedirs(local_folder, exist_ok=True)
     with _exclusive_lock(local_folder + ".lock"):
-        shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+        shards = manifest.all_shards()
 
-        def local(shard: dict) -> str:
-            return storage.child(local_folder, shard["path"], manifest_uri)
+        def local(shard: schema.Shard) -> str:
+            return storage.child(local_folder, shard.path, manifest_uri)
 
-        missing = [s for s in shards if not _intact(local(s), s["sha256"])]
-        storage.copy_many((storage.child(remote_folder, s["path"], manifest_uri), local(s)) for s in missing)
+        missing = [s for s in shards if not _intact(local(s), s.sha256)]
+        storage.copy_many((storage.child(remote_folder, s.path, manifest_uri), local(s)) for s in missing)
         for shard in missing:
-            if not _intact(local(shard), shard["sha256"]):
-                remote = storage.join(remote_folder, shard["path"])
+            if not _intact(local(shard), shard.sha256):
+                remote = storage.join(remote_folder, shard.path)
                 raise StagingError(
                     f"{remote} does not match the sha256 in {manifest_uri}: the dataset was changed after "
                     "make_shards wrote it; re-run make_shards --overwrite"

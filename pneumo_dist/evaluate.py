@@ -365,7 +365,7 @@ def run_evaluation(
     data_config = split_data_config(detector, manifest_uri, batch_size)
     dataset = data.open_dataset(data_config)
     scores = score_split(detector, data_config, dataset, split, tta_views, on_batch)
-    stored = dataset.manifest["image"]
+    stored = dataset.manifest.image
     summary = {
         "model": {
             "uri": detector.uri,
@@ -373,7 +373,7 @@ def run_evaluation(
             "image_size_px": detector.image_size_px,
             "threshold": detector.threshold,
             "threshold_source": detector.threshold_source,
-            "target_sensitivity": detector.export.get("target_sensitivity", "unknown"),
+            "target_sensitivity": detector.info.target_sensitivity or "unknown",
         },
         "data": {
             "manifest_uri": manifest_uri,
@@ -383,7 +383,7 @@ def run_evaluation(
             "negatives": int(len(scores.labels) - scores.labels.sum()),
             # False: these shards were stored differently from the training ones (size or encoding), so
             # the model sees slightly different pixels than a PneumoniaDetector.predict of the sources.
-            "preprocessing_matches_training": (stored["stored_size_px"], stored["format"])
+            "preprocessing_matches_training": (stored.stored_size_px, stored.format)
             == (detector.stored_size_px, detector.image_format),
         },
         "tta_views": tta_views,

@@ -23,11 +23,10 @@ import tf_keras
 from PIL import Image
 
 from pneumo_dist import data, images, schema, storage
+from pneumo_dist import export as export_lib
 from pneumo_dist.augment import augment_batch
 from pneumo_dist.config import AugmentConfig
-from pneumo_dist.errors import PneumoDistError
 
-EXPORT_MANIFEST = "export.json"
 MODEL_SUFFIX = ".keras"  # the only model format loaded: the HDF5 and SavedModel loaders can run code
 # Modules a saved model's layers may come from: Keras' own. tf-keras would import any module a config
 # names (safe_mode only stops Lambda layers), so a model naming another one is refused before loading.
@@ -39,8 +38,8 @@ TTA_AUGMENT = AugmentConfig(
 )
 
 
-class DetectorError(PneumoDistError):
-    """The model URI does not hold a usable pneumo-dist export; the message says what is wrong."""
+# The model URI does not hold a usable pneumo-dist export; the message says what is wrong.
+DetectorError = export_lib.ExportError
 
 
 @dataclass(frozen=True)
@@ -58,32 +57,33 @@ ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | 
 
 
 class PneumoniaDetector:
-    def __init__(self, model: tf_keras.Model, export: dict, uri: str, version: str, threshold: float):
+    def __init__(
+        self, model: tf_keras.Model, info: export_lib.ExportInfo, uri: str, version: str, threshold: float
+    ):
         self.model = model
-        self.export = export
+        self.info = info
         self.uri = uri
         self.version = version
         self.threshold = threshold
-        self.threshold_source = "validation" if threshold == export["threshold"] else "given"
-        preprocessing = export["preprocessing"]
-        self.image_size_px = int(preprocessing["image_size_px"])
-        self.stored_size_px = int(preprocessing["stored_size_px"])
-        self.image_format = preprocessing["image_format"]
-        self.jpeg_quality = preprocessing.get("jpeg_quality") or images.DEFAULT_JPEG_QUALITY
+        self.threshold_source = "validation" if threshold == info.threshold else "given"
+        preprocessing = info.preprocessing
+        self.image_size_px = preprocessing.image_size_px
+        self.stored_size_px = preprocessing.stored_size_px
+        self.image_format = preprocessing.image_format
+        self.jpeg_quality = preprocessing.jpeg_quality or images.DEFAULT_JPEG_QUALITY
         self._forward = tf.function(lambda x: self.model(x, training=False)[:, 0], reduce_retracing=True)
 
     @classmethod
     def load(cls, uri: str, threshold: float | None = None) -> PneumoniaDetector:
         """Load an export folder (local or gs://; also its export.json or model.keras path). The
         threshold is the one chosen on the validation split at export time unless given here."""
-        folder = _export_folder(uri)
-        export = _read_export_manifest(folder)
-        export_json = storage.join(folder, EXPORT_MANIFEST)
-        model_uri = storage.child(folder, export["model"], export_json)
-        if not export["model"].endswith(MODEL_SUFFIX):
+        folder = export_lib.folder_of(uri)
+        info = export_lib.read(folder)
+        model_uri = info.model_uri(folder)
+        if not info.model.endswith(MODEL_SUFFIX):
             raise DetectorError(
-                f"{export_json} names the model {export['model']!r}: only {MODEL_SUFFIX} models are "
-                "loaded (other Keras formats can run code when loaded)"
+                f"{storage.join(folder, export_lib.INFO_NAME)} names the model {info.model!r}: only "
+                f"{MODEL_SUFFIX} models are loaded (other Keras formats can run code when loaded)"
             )
         with tempfile.TemporaryDirectory(prefix="pneumo-model-") as scratch:
             local = model_uri
@@ -101,10 +101,10 @@ class PneumoniaDetector:
                 model = tf_keras.models.load_model(local, compile=False, safe_mode=True)
             except Exception as error:  # Keras raises many types for a damaged archive
                 raise DetectorError(f"{model_uri} could not be loaded as a Keras model: {error}") from None
-        chosen = export["threshold"] if threshold is None else threshold
+        chosen = info.threshold if threshold is None else threshold
         if not 0.0 <= float(chosen) <= 1.0:
             raise DetectorError(f"threshold must be in 0..1, got {chosen}")
-        return cls(model, export, folder, version, float(chosen))
+        return cls(model, info, folder, version, float(chosen))
 
     # --- preprocessing -----------------------------------------------------------------------------
 
@@ -238,33 +238,6 @@ def _refuse_unsafe_model(local: str, model_uri: str) -> None:
             if item.get("class_name") == "Lambda":
                 raise DetectorError(f"{model_uri} holds a Lambda layer (Python code); refusing to load it")
             pending.extend(item.values())
-
-
-def _export_folder(uri: str) -> str:
-    uri = os.fspath(uri).rstrip("/")
-    name = storage.basename(uri)
-    return storage.parent(uri) if name == EXPORT_MANIFEST or name.endswith(".keras") else uri
-
-
-def _read_export_manifest(folder: str) -> dict:
-    manifest_uri = storage.join(folder, EXPORT_MANIFEST)
-    try:
-        export = json.loads(storage.read_bytes(manifest_uri))
-    except storage.StorageNotFound:
-        raise DetectorError(
-            f"no {EXPORT_MANIFEST} in {folder}: not a pneumo-dist export, or its export did not finish "
-            "(give the run's export/ folder, or a tune run's best/ folder)"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DetectorError(f"{manifest_uri} is not valid JSON: {error}") from None
-    if not isinstance(export, dict):
-        raise DetectorError(f"{manifest_uri} is not a pneumo-dist export description (not a JSON object)")
-    missing = [key for key in ("model", "threshold", "preprocessing") if key not in export]
-    if missing:
-        raise DetectorError(
-            f"{manifest_uri} lacks {', '.join(missing)}: exported by an older pneumo-dist; export it again"
-        )
-    return export
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:

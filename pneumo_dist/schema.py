@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict, dataclass, field
 
 from pneumo_dist import storage
 from pneumo_dist.errors import PneumoDistError
@@ -39,47 +40,105 @@ def manifest_uri_of(dataset_uri: str) -> str:
     return storage.join(dataset_uri, MANIFEST_NAME)
 
 
-def load_manifest(uri: str) -> dict:
-    manifest_uri = manifest_uri_of(uri)
-    try:
-        manifest = json.loads(storage.read_bytes(manifest_uri))
-    except storage.StorageNotFound:
-        raise ManifestError(
-            f"no manifest at {manifest_uri}: not a pneumo-dist dataset, or make_shards did not finish "
-            "(re-run it to complete the dataset)"
-        ) from None
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"{manifest_uri} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{manifest_uri} is not a pneumo-dist manifest (not a JSON object)")
-    version = manifest.get("schema_version")
-    if version != MANIFEST_SCHEMA_VERSION:
-        raise ManifestError(
-            f"{manifest_uri} has schema_version {version!r}; this pneumo-dist reads {MANIFEST_SCHEMA_VERSION}"
-        )
-    _check_names(manifest, manifest_uri)
-    return manifest
+@dataclass(frozen=True)
+class Shard:
+    path: str  # relative to the manifest's folder
+    records: int
+    bytes: int
+    sha256: str  # hex digest of the whole file
 
 
-def _check_names(manifest: dict, manifest_uri: str) -> None:
-    """Every name in a manifest that becomes part of a path (shard paths; the fingerprint names the
-    staging and cache folders) must stay inside its folder, whoever wrote the bucket."""
-    fingerprint = manifest.get("fingerprint")
-    if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
-        raise ManifestError(f"{manifest_uri}: fingerprint {fingerprint!r} is not a sha256 hex digest")
-    try:
-        for split in manifest["splits"]:
-            shard_uris(manifest, manifest_uri, split)
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ManifestError(f"{manifest_uri}: malformed splits/shards ({error!r})") from None
+@dataclass(frozen=True)
+class Split:
+    records: int
+    shards: list[Shard]
 
 
-def shard_uris(manifest: dict, manifest_uri: str, split: str) -> list[str]:
-    """URIs of a split's shards; shard paths in the manifest are relative to its folder."""
-    if split not in manifest["splits"]:
-        present = ", ".join(manifest["splits"]) or "none"
-        raise ManifestError(f"{manifest_uri_of(manifest_uri)} has no {split!r} split (present: {present})")
-    manifest_uri = manifest_uri_of(manifest_uri)
-    folder = storage.parent(manifest_uri)
-    entries = manifest["splits"][split]["shards"]
-    return [storage.child(folder, shard["path"], manifest_uri) for shard in entries]
+@dataclass(frozen=True)
+class StoredImage:
+    """How the records' images are stored."""
+
+    stored_size_px: int  # square, grayscale
+    format: str  # jpeg or png
+    channels: int
+    jpeg_quality: int | None  # None for png
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """A dataset's manifest.json, written last by make_shards (shards.py): a folder without one is not
+    a dataset. `read` checks what a bucket's writer could have got wrong: the schema version, and that
+    every name that becomes part of a path (shard paths; the fingerprint names the staging and cache
+    folders) stays inside its folder."""
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    created_utc: str
+    pneumo_dist_version: str
+    fingerprint: str  # sha256 of the inputs and options
+    source: dict  # {"uri", "format"}
+    options: dict  # make_shards' ShardOptions
+    seed: int
+    classes: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
+    image: StoredImage
+    counts: dict[str, dict[str, int]]  # split -> class name -> images
+    patients: dict[str, int]  # split -> patients
+    class_weights: dict[str, float]  # class name -> loss weight (balanced on train)
+    splits: dict[str, Split]
+    skipped: list[dict]  # {"source", "reason"}
+    duplicates: list[dict]  # {"sha256", "sources": [{"split", "source"}]}
+    notes: list[str]
+
+    @classmethod
+    def read(cls, uri: str) -> Manifest:
+        """The manifest of a dataset folder, or of the manifest file itself."""
+        manifest_uri = manifest_uri_of(uri)
+        try:
+            raw = json.loads(storage.read_bytes(manifest_uri))
+        except storage.StorageNotFound:
+            raise ManifestError(
+                f"no manifest at {manifest_uri}: not a pneumo-dist dataset, or make_shards did not finish "
+                "(re-run it to complete the dataset)"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ManifestError(f"{manifest_uri} is not valid JSON: {error}") from None
+        return cls.from_dict(raw, manifest_uri)
+
+    @classmethod
+    def from_dict(cls, raw, manifest_uri: str) -> Manifest:
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{manifest_uri} is not a pneumo-dist manifest (not a JSON object)")
+        version = raw.get("schema_version")
+        if version != MANIFEST_SCHEMA_VERSION:
+            raise ManifestError(
+                f"{manifest_uri} has schema_version {version!r}; this pneumo-dist reads "
+                f"{MANIFEST_SCHEMA_VERSION}"
+            )
+        fingerprint = raw.get("fingerprint")
+        if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+            raise ManifestError(f"{manifest_uri}: fingerprint {fingerprint!r} is not a sha256 hex digest")
+        try:
+            splits = {
+                name: Split(split["records"], [Shard(**shard) for shard in split["shards"]])
+                for name, split in raw["splits"].items()
+            }
+            manifest = cls(**(raw | {"splits": splits, "image": StoredImage(**raw["image"])}))
+            for split in manifest.splits:
+                manifest.shard_uris(manifest_uri, split)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ManifestError(f"{manifest_uri}: malformed ({error!r}); re-run make_shards") from None
+        return manifest
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1).encode()
+
+    def shard_uris(self, manifest_uri: str, split: str) -> list[str]:
+        """URIs of a split's shards; shard paths in the manifest are relative to its folder."""
+        manifest_uri = manifest_uri_of(manifest_uri)
+        if split not in self.splits:
+            present = ", ".join(self.splits) or "none"
+            raise ManifestError(f"{manifest_uri} has no {split!r} split (present: {present})")
+        folder = storage.parent(manifest_uri)
+        return [storage.child(folder, shard.path, manifest_uri) for shard in self.splits[split].shards]
+
+    def all_shards(self) -> list[Shard]:
+        return [shard for split in self.splits.values() for shard in split.shards]

@@ -91,7 +91,7 @@ class ShardTask:
 @dataclass(frozen=True)
 class Result:
     manifest_uri: str
-    manifest: dict
+    manifest: schema.Manifest
     shards_written: int
     shards_reused: int
     unchanged: bool  # a complete dataset from the same inputs and options was already there
@@ -132,7 +132,7 @@ def make_shards(
         existing = _read_manifest_if_any(manifest_uri)
         if existing is not None and not overwrite:
             if existing.get("fingerprint") == fingerprint:
-                return Result(manifest_uri, existing, 0, 0, unchanged=True)
+                return Result(manifest_uri, schema.Manifest.from_dict(existing, manifest_uri), 0, 0, True)
             raise ShardError(
                 f"{destination} already holds a dataset made from other inputs or options "
                 f"({manifest_uri}); pass --overwrite to replace it"
@@ -169,15 +169,15 @@ def make_shards(
                 on_progress(progress, total)
 
         manifest = _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done)
-        if options.strict and manifest["duplicates"]:
-            first = manifest["duplicates"][0]["sources"]
+        if options.strict and manifest.duplicates:
+            first = manifest.duplicates[0]["sources"]
             raise ShardError(
-                f"{len(manifest['duplicates'])} images appear in more than one split, e.g. "
+                f"{len(manifest.duplicates)} images appear in more than one split, e.g. "
                 f"{first[0]['source']} ({first[0]['split']}) = {first[1]['source']} ({first[1]['split']}) "
                 "(--strict); no manifest was written"
             )
         # The manifest is the commit point: written last, atomically.
-        storage.write_bytes(manifest_uri, json.dumps(manifest, indent=1).encode())
+        storage.write_bytes(manifest_uri, manifest.to_json())
         _delete(_work_files(destination, [task.name for task in tasks]), destination)
         return Result(manifest_uri, manifest, len(pending), len(tasks) - len(pending), unchanged=False)
 
@@ -500,8 +500,8 @@ def _destination_lock(destination: str):
 # --- the manifest -----------------------------------------------------------------------------------
 
 
-def _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done) -> dict:
-    splits: dict[str, dict] = {}
+def _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done) -> schema.Manifest:
+    splits: dict[str, schema.Split] = {}
     counts: dict[str, dict[str, int]] = {}
     patients: dict[str, int] = {}
     skipped = [dataclasses.asdict(s) for s in listing.skipped]
@@ -528,10 +528,10 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
                 )
         counts[split] = {name: split_counts[name] for name in schema.CLASS_NAMES}
         patients[split] = len(split_patients)
-        splits[split] = {
-            "records": sum(s["records"] for s in sidecars),
-            "shards": [{k: s[k] for k in ("path", "records", "bytes", "sha256")} for s in sidecars],
-        }
+        splits[split] = schema.Split(
+            records=sum(s["records"] for s in sidecars),
+            shards=[schema.Shard(s["path"], s["records"], s["bytes"], s["sha256"]) for s in sidecars],
+        )
     # The same bytes in two splits: a patient with no id, or one filed twice. Listed, never moved (the test
     # split is never touched); within a split a duplicate only weighs an image twice.
     duplicates = [
@@ -545,27 +545,25 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
         notes = [*notes, f"{within} groups of identical images within one split"]
     train = counts["train"]
     total = sum(train.values())
-    return {
-        "schema_version": schema.MANIFEST_SCHEMA_VERSION,
-        "created_utc": storage.utc_timestamp(),
-        "pneumo_dist_version": pneumo_dist.__version__,
-        "fingerprint": fingerprint,
-        "source": {"uri": source_uri, "format": listing.source_format},
-        "options": dataclasses.asdict(options),
-        "seed": options.seed,
-        "classes": list(schema.CLASS_NAMES),
-        "image": {
-            "stored_size_px": options.stored_size_px,
-            "format": options.image_format,
-            "channels": 1,
-            "jpeg_quality": options.jpeg_quality if options.image_format == "jpeg" else None,
-        },
-        "counts": counts,
-        "patients": patients,
+    return schema.Manifest(
+        created_utc=storage.utc_timestamp(),
+        pneumo_dist_version=pneumo_dist.__version__,
+        fingerprint=fingerprint,
+        source={"uri": source_uri, "format": listing.source_format},
+        options=dataclasses.asdict(options),
+        seed=options.seed,
+        image=schema.StoredImage(
+            stored_size_px=options.stored_size_px,
+            format=options.image_format,
+            channels=1,
+            jpeg_quality=options.jpeg_quality if options.image_format == "jpeg" else None,
+        ),
+        counts=counts,
+        patients=patients,
         # Balanced weights, n / (classes * n_class): the loss weighs both classes equally.
-        "class_weights": {name: total / (len(train) * n) for name, n in train.items()},
-        "splits": splits,
-        "skipped": sorted(skipped, key=lambda s: s["source"]),
-        "duplicates": duplicates,
-        "notes": notes,
-    }
+        class_weights={name: total / (len(train) * n) for name, n in train.items()},
+        splits=splits,
+        skipped=sorted(skipped, key=lambda s: s["source"]),
+        duplicates=duplicates,
+        notes=notes,
+    )

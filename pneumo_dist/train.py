@@ -8,7 +8,8 @@ Output folder (local or gs://), written by the chief worker:
     checkpoints/best.weights.h5      weights of the best validation AUC so far
     checkpoints/state.json           written last: which checkpoint is complete, best epoch, history
     tensorboard/                     TensorBoard logs
-    export/                          model.keras, metrics.json, config.yaml, threshold.json; export.json last
+    export/                          the export (export.py): model.keras, metrics.json, threshold.json,
+                                     config.yaml; export.json last
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import tensorflow as tf
 import tf_keras
 
 from pneumo_dist import augment, data, storage
+from pneumo_dist import export as export_lib
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import model as model_lib
 from pneumo_dist.config import RunConfig, TrainConfig, to_yaml
@@ -37,10 +39,8 @@ from pneumo_dist.errors import PneumoDistError
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "state.json"
 BEST_WEIGHTS = "best.weights.h5"
-EXPORT = "export"
-EXPORT_MANIFEST = "export.json"
-MODEL_FILE = "model.keras"
-RUN_FOLDERS = (CHECKPOINTS, EXPORT, "tensorboard")  # what a run writes in its output, with config.yaml
+# What a run writes in its output folder, with config.yaml.
+RUN_FOLDERS = (CHECKPOINTS, export_lib.FOLDER, "tensorboard")
 SCRATCH_PREFIX = "pneumo-train-"
 
 
@@ -236,7 +236,7 @@ class _Run:
             tf.config.experimental.enable_op_determinism()
 
         self.dataset = data.open_dataset(config.data)
-        if "val" not in self.dataset.manifest["splits"]:
+        if "val" not in self.dataset.manifest.splits:
             raise TrainingError(
                 f"{self.dataset.manifest_uri} has no val split: training needs one for early stopping and "
                 "the threshold (re-run make_shards with --val-fraction > 0)"
@@ -537,60 +537,50 @@ class _Run:
         target = self.train_cfg.target_sensitivity
         threshold = metrics_lib.threshold_for_sensitivity(labels, probabilities, target)
         at_threshold = metrics_lib.binary_metrics(labels, probabilities, threshold)
-        export_dir = os.path.join(self.work, EXPORT)
+        export_dir = os.path.join(self.work, export_lib.FOLDER)
         if os.path.isdir(export_dir):
             shutil.rmtree(export_dir)  # a previous, possibly partial export
         os.makedirs(export_dir)
         with self.strategy.scope():
             detector = model_lib.inference_model(self.classifier)
-        detector.save(os.path.join(export_dir, MODEL_FILE))
-        export_uri = storage.join(self.output, EXPORT)
+        detector.save(os.path.join(export_dir, export_lib.MODEL_FILE))  # every worker: reads are collective
+        export_uri = storage.join(self.output, export_lib.FOLDER)
         if self.chief:
-            files = {
-                "metrics.json": {
-                    "split": "val",
-                    "note": "validation figures, not test figures: run evaluate.py on the test split",
-                    "best_epoch": state["best_epoch"],
-                    "at_0.5": metrics_lib.binary_metrics(labels, probabilities, 0.5),
-                    "at_threshold": at_threshold,
-                    "history": state["history"],
-                },
-                "threshold.json": {
-                    "threshold": threshold,
-                    "target_sensitivity": target,
-                    "chosen_on": "val",
-                    "val_sensitivity": at_threshold["sensitivity"],
-                    "val_specificity": at_threshold["specificity"],
-                },
+            metrics = {
+                "split": "val",
+                "note": "validation figures, not test figures: run evaluate.py on the test split",
+                "best_epoch": state["best_epoch"],
+                "at_0.5": metrics_lib.binary_metrics(labels, probabilities, 0.5),
+                "at_threshold": at_threshold,
+                "history": state["history"],
             }
-            for name, content in files.items():
-                with open(os.path.join(export_dir, name), "w") as file:
-                    json.dump(content, file, indent=1)
-            with open(os.path.join(export_dir, "config.yaml"), "w") as file:
-                file.write(to_yaml(self.config))
-            names = sorted(os.listdir(export_dir))
-            stored = self.dataset.manifest["image"]
-            if storage.is_gcs(self.output):
-                storage.copy_many((os.path.join(export_dir, n), storage.join(export_uri, n)) for n in names)
-            manifest = {
-                "files": names,
-                "model": MODEL_FILE,
-                "image_size_px": self.config.data.image_size_px,
+            chosen = {
                 "threshold": threshold,
                 "target_sensitivity": target,
-                # How a new image must be prepared to look like a training record (predict.py).
-                "preprocessing": {
-                    "image_size_px": self.config.data.image_size_px,
-                    "stored_size_px": stored["stored_size_px"],
-                    "image_format": stored["format"],
-                    "jpeg_quality": stored.get("jpeg_quality"),
-                },
-                "created_utc": storage.utc_timestamp(),
+                "chosen_on": "val",
+                "val_sensitivity": at_threshold["sensitivity"],
+                "val_specificity": at_threshold["specificity"],
             }
-            # Written last: an export without it is incomplete.
-            storage.write_bytes(
-                storage.join(export_uri, EXPORT_MANIFEST), json.dumps(manifest, indent=1).encode()
+            documents = {
+                "metrics.json": json.dumps(metrics, indent=1),
+                "threshold.json": json.dumps(chosen, indent=1),
+                "config.yaml": to_yaml(self.config),
+            }
+            stored = self.dataset.manifest.image
+            info = export_lib.ExportInfo(
+                files=sorted([export_lib.MODEL_FILE, *documents]),
+                model=export_lib.MODEL_FILE,
+                threshold=threshold,
+                target_sensitivity=target,
+                preprocessing=export_lib.Preprocessing(
+                    image_size_px=self.config.data.image_size_px,
+                    stored_size_px=stored.stored_size_px,
+                    image_format=stored.format,
+                    jpeg_quality=stored.jpeg_quality,
+                ),
+                created_utc=storage.utc_timestamp(),
             )
+            export_lib.publish(export_dir, export_uri, documents, info)
         return TrainResult(
             best_epoch=state["best_epoch"],
             best_val_auc=state["best_auc"],

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import storage
+from pneumo_dist import export, storage
 from pneumo_dist.errors import PneumoDistError
 
 TRIALS_FOLDER = "trials"
@@ -190,12 +190,12 @@ def run_search(
     trials = [_summarize(result, config, trial_root) for result in grid]
     table_uri = storage.join(experiment, "trials.csv")
     storage.write_bytes(table_uri, trials_csv(trials).encode())
-    finished = [t for t in trials if storage.exists(storage.join(t.output_uri, "export", "export.json"))]
+    finished = [t for t in trials if storage.exists(_export_info_uri(t.output_uri))]
     best = max(finished, key=lambda t: t.best_val_auc, default=None)
     best_export = test_metrics = None
     if best is not None:
         best_export = storage.join(experiment, "best")
-        storage.copy_tree(storage.join(best.output_uri, "export"), best_export)
+        storage.copy_tree(storage.join(best.output_uri, export.FOLDER), best_export)
         if cfg.evaluate_test:
             test_metrics = report_on_test(best_export, config)
     return SearchResult(trials, best, best_export, test_metrics, table_uri)
@@ -399,8 +399,7 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int) ->
             metrics.update(strategy_s=strategy_ready - imported)
         report({**metrics, "epoch": record["epoch"] + 1})
 
-    export_manifest = storage.join(output, train_lib.EXPORT, train_lib.EXPORT_MANIFEST)
-    if state.get("finished") and storage.exists(export_manifest):
+    if state.get("finished") and storage.exists(_export_info_uri(output)):
         # The trial had finished when the search was interrupted, before Tune recorded its results
         # (--resume then starts it again): report its epochs again, train and export nothing.
         for record in state["history"]:
@@ -421,7 +420,7 @@ def report_on_test(export_uri: str, config: config_lib.RunConfig) -> dict | None
     from pneumo_dist import evaluate, predict, schema
 
     manifest_uri = schema.manifest_uri_of(config.data.manifest_uri)
-    if "test" not in schema.load_manifest(manifest_uri)["splits"]:
+    if "test" not in schema.Manifest.read(manifest_uri).splits:
         return None
     detector = predict.PneumoniaDetector.load(export_uri)
     return evaluate.run_evaluation(detector, manifest_uri, "test", storage.join(export_uri, "report"))
@@ -498,6 +497,10 @@ def trial_phases(history: list[dict]) -> dict:
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and not np.isnan(value)
+
+
+def _export_info_uri(output: str) -> str:
+    return storage.join(output, export.FOLDER, export.INFO_NAME)
 
 
 def _read_state(output: str) -> dict:

@@ -101,7 +101,7 @@ def test_balanced_sampling_draws_both_classes_equally(demo_shards):
 def test_class_weights_come_from_the_manifest(demo_shards):
     cfg = config(demo_shards)
     dataset = data.open_dataset(cfg)
-    counts = dataset.manifest["counts"]["train"]
+    counts = dataset.manifest.counts["train"]
     normal, pneumonia = data.loss_class_weights(dataset, "weights")
     assert normal * counts["NORMAL"] == pytest.approx(pneumonia * counts["PNEUMONIA"])
     assert data.loss_class_weights(dataset, "sample") == (1.0, 1.0)
@@ -178,8 +178,8 @@ def test_labels_follow_the_manifest_counts(demo_shards):
         int(label) for batch in data.eval_dataset(cfg, dataset, "train") for label in batch["label"].numpy()
     )
     assert labels == {
-        0: dataset.manifest["counts"]["train"]["NORMAL"],
-        1: dataset.manifest["counts"]["train"]["PNEUMONIA"],
+        0: dataset.manifest.counts["train"]["NORMAL"],
+        1: dataset.manifest.counts["train"]["PNEUMONIA"],
     }
 
 
@@ -259,4 +259,12 @@ def test_a_manifest_fingerprint_cannot_name_a_folder(local_dataset):
     manifest["fingerprint"] = "../../../home/user/.ssh"
     (local_dataset / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(schema.ManifestError, match="fingerprint .* is not a sha256 hex digest"):
+        data.open_dataset(config(str(local_dataset)))
+
+
+def test_a_manifest_with_a_malformed_shard_entry_is_refused(local_dataset):
+    manifest = json.loads((local_dataset / schema.MANIFEST_NAME).read_text())
+    del manifest["splits"]["val"]["shards"][0]["sha256"]
+    (local_dataset / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(schema.ManifestError, match="manifest.json: malformed .*sha256.*re-run make_shards"):
         data.open_dataset(config(str(local_dataset)))

@@ -45,7 +45,7 @@ def read_records(shard_uris: list[str]) -> list[dict]:
 
 
 def local_shards(result, split):
-    return schema.shard_uris(result.manifest, result.manifest_uri, split)
+    return result.manifest.shard_uris(result.manifest_uri, split)
 
 
 def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root, tmp_path):
@@ -68,21 +68,21 @@ def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root,
 
 def test_manifest_describes_counts_checksums_and_options(tiny_demo_root, tmp_path):
     result = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=2)
-    manifest = schema.load_manifest(str(tmp_path / "ds"))
+    manifest = schema.Manifest.read(str(tmp_path / "ds"))
     assert manifest == result.manifest
-    assert manifest["counts"]["test"] == {"NORMAL": 6, "PNEUMONIA": 6}
-    assert sum(sum(c.values()) for c in manifest["counts"].values()) == 44
-    for split, entry in manifest["splits"].items():
-        assert entry["records"] == sum(manifest["counts"][split].values())
-        assert len(entry["shards"]) == 4
-        for shard in entry["shards"]:
-            data = (tmp_path / "ds" / shard["path"]).read_bytes()
-            assert shard["sha256"] == hashlib.sha256(data).hexdigest() and shard["bytes"] == len(data)
-    train = manifest["counts"]["train"]
-    weights = manifest["class_weights"]
+    assert manifest.counts["test"] == {"NORMAL": 6, "PNEUMONIA": 6}
+    assert sum(sum(c.values()) for c in manifest.counts.values()) == 44
+    for split, entry in manifest.splits.items():
+        assert entry.records == sum(manifest.counts[split].values())
+        assert len(entry.shards) == 4
+        for shard in entry.shards:
+            data = (tmp_path / "ds" / shard.path).read_bytes()
+            assert shard.sha256 == hashlib.sha256(data).hexdigest() and shard.bytes == len(data)
+    train = manifest.counts["train"]
+    weights = manifest.class_weights
     assert weights["NORMAL"] * train["NORMAL"] == pytest.approx(weights["PNEUMONIA"] * train["PNEUMONIA"])
-    assert manifest["image"] == {"stored_size_px": 32, "format": "jpeg", "channels": 1, "jpeg_quality": 95}
-    assert manifest["options"]["seed"] == 0 and manifest["skipped"] == []
+    assert manifest.image == schema.StoredImage(stored_size_px=32, format="jpeg", channels=1, jpeg_quality=95)
+    assert manifest.options["seed"] == 0 and manifest.skipped == []
     names = {f"{split}-{i:05d}-of-00004.tfrecord" for split in schema.SPLITS for i in range(4)}
     expected = names | {schema.MANIFEST_NAME}
     assert set(os.listdir(tmp_path / "ds")) == expected  # no work folder, lock or temporary files
@@ -91,14 +91,14 @@ def test_manifest_describes_counts_checksums_and_options(tiny_demo_root, tmp_pat
 def test_same_inputs_give_identical_shard_bytes(tiny_demo_root, tmp_path):
     first = shards.make_shards(tiny_demo_root, str(tmp_path / "a"), SMALL, workers=2)
     second = shards.make_shards(tiny_demo_root, str(tmp_path / "b"), SMALL, workers=1)
-    assert first.manifest["splits"] == second.manifest["splits"]
+    assert first.manifest.splits == second.manifest.splits
     other_seed = shards.make_shards(
         tiny_demo_root,
         str(tmp_path / "c"),
         shards.ShardOptions(stored_size_px=32, min_shards=4, seed=1),
         workers=1,
     )
-    assert other_seed.manifest["splits"] != first.manifest["splits"]
+    assert other_seed.manifest.splits != first.manifest.splits
 
 
 def test_records_are_shuffled_across_shards(tiny_demo_root, tmp_path):
@@ -118,7 +118,7 @@ def test_rerun_is_a_no_op_and_other_options_need_overwrite(tiny_demo_root, tmp_p
     with pytest.raises(shards.ShardError, match="already holds a dataset .* pass --overwrite"):
         shards.make_shards(tiny_demo_root, destination, png, workers=1)
     replaced = shards.make_shards(tiny_demo_root, destination, png, overwrite=True, workers=1)
-    assert replaced.manifest["image"]["format"] == "png"
+    assert replaced.manifest.image.format == "png"
     assert len([n for n in os.listdir(destination) if n.endswith(".tfrecord")]) == 6  # old shards gone
 
 
@@ -130,13 +130,13 @@ def test_interrupted_run_leaves_no_manifest_and_a_rerun_reuses_finished_shards(t
         shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
     assert not (destination / schema.MANIFEST_NAME).exists()
     with pytest.raises(schema.ManifestError, match="make_shards did not finish"):
-        schema.load_manifest(str(destination))
+        schema.Manifest.read(str(destination))
     (destination / "train-00002-of-00004.tfrecord").rmdir()
     resumed = shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
     # Shards 0 and 1 were published before 2 failed (and maybe 3 while it did): they are reused.
     assert resumed.shards_reused >= 2 and resumed.shards_written + resumed.shards_reused == 12
     fresh = shards.make_shards(tiny_demo_root, str(tmp_path / "fresh"), SMALL, workers=1)
-    assert resumed.manifest["splits"] == fresh.manifest["splits"]
+    assert resumed.manifest.splits == fresh.manifest.splits
     assert not (destination / shards.WORK_FOLDER).exists()
 
 
@@ -169,8 +169,8 @@ def test_killed_run_leaves_no_manifest_and_a_rerun_completes_it(tiny_demo_root, 
     finished = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     assert "reused from an interrupted run" in finished.stdout
-    manifest = schema.load_manifest(str(destination))
-    assert sum(entry["records"] for entry in manifest["splits"].values()) == 44
+    manifest = schema.Manifest.read(str(destination))
+    assert sum(entry.records for entry in manifest.splits.values()) == 44
 
 
 def write_bad_files(root):
@@ -185,7 +185,7 @@ def write_bad_files(root):
 def test_bad_files_are_skipped_counted_and_listed(demo_copy, tmp_path):
     write_bad_files(demo_copy)
     result = shards.make_shards(str(demo_copy), str(tmp_path / "ds"), SMALL, workers=2)
-    reasons = {s["source"]: s["reason"] for s in result.manifest["skipped"]}
+    reasons = {s["source"]: s["reason"] for s in result.manifest.skipped}
     assert reasons == {
         "train/NORMAL/.DS_Store": "system file, not an image",
         "train/NORMAL/IM-9001-0001.jpeg": "empty file (0 bytes)",
@@ -193,7 +193,7 @@ def test_bad_files_are_skipped_counted_and_listed(demo_copy, tmp_path):
         "train/NORMAL/IM-9003-0001.jpeg": "not a readable image (not a JPEG or PNG, or a corrupt header)",
     }
     assert reasons["train/NORMAL/IM-9002-0001.jpeg"].startswith("truncated or corrupt image")
-    assert sum(entry["records"] for entry in result.manifest["splits"].values()) == 44
+    assert sum(entry.records for entry in result.manifest.splits.values()) == 44
 
 
 def test_strict_stops_at_the_first_bad_file(demo_copy, tmp_path):
@@ -222,8 +222,8 @@ def test_gcs_source_to_gcs_destination(tiny_demo_root, bucket, tmp_path):
     destination = storage.join(bucket, "datasets", "demo")
     result = shards.make_shards(storage.join(bucket, "raw"), destination, SMALL, workers=2)
     local = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
-    assert result.manifest["splits"] == local.manifest["splits"]  # same bytes, wherever they live
-    assert schema.load_manifest(destination) == result.manifest
+    assert result.manifest.splits == local.manifest.splits  # same bytes, wherever they live
+    assert schema.Manifest.read(destination) == result.manifest
     assert not storage.list_files(storage.join(destination, shards.WORK_FOLDER))
     assert shards.make_shards(storage.join(bucket, "raw"), destination, SMALL, workers=2).unchanged
 
@@ -242,7 +242,7 @@ def test_interrupted_gcs_run_resumes(tiny_demo_root, bucket):
     lenient = shards.ShardOptions(stored_size_px=32, min_shards=4)  # same fingerprint: strict is not in it
     result = shards.make_shards(storage.join(bucket, "raw"), destination, lenient, workers=1)
     assert result.shards_reused == len(sidecars) - 1
-    assert [s["source"] for s in result.manifest["skipped"]] == ["test/NORMAL/IM-0999-0001.jpeg"]
+    assert [s["source"] for s in result.manifest.skipped] == ["test/NORMAL/IM-0999-0001.jpeg"]
 
 
 def test_npz_source_on_gcs_keeps_native_size(bucket, tmp_path):
@@ -257,8 +257,8 @@ def test_npz_source_on_gcs_keeps_native_size(bucket, tmp_path):
     result = shards.make_shards(
         storage.join(bucket, "mnist.npz"), storage.join(bucket, "ds"), options, workers=1
     )
-    assert result.manifest["image"]["stored_size_px"] == 28
-    assert result.manifest["counts"]["val"] == {"NORMAL": 5, "PNEUMONIA": 5}
+    assert result.manifest.image.stored_size_px == 28
+    assert result.manifest.counts["val"] == {"NORMAL": 5, "PNEUMONIA": 5}
     local = shards.make_shards(str(tmp_path / "mnist.npz"), str(tmp_path / "ds"), options, workers=1)
     records = read_records(local_shards(local, "val"))
     for record in records:  # PNG is lossless: the stored pixels are the array's
@@ -276,8 +276,8 @@ def test_csv_source(tiny_demo_root, tmp_path):
         shards.make_shards(str(tmp_path / "list.csv"), str(tmp_path / "ds"), SMALL, workers=1)
     options = dataclasses.replace(SMALL, allow_outside_paths=True)  # the images are in another folder
     result = shards.make_shards(str(tmp_path / "list.csv"), str(tmp_path / "ds"), options, workers=1)
-    assert result.manifest["source"]["format"] == "csv"
-    assert sum(entry["records"] for entry in result.manifest["splits"].values()) == 44
+    assert result.manifest.source["format"] == "csv"
+    assert sum(entry.records for entry in result.manifest.splits.values()) == 44
 
 
 def test_bad_options_are_named():
@@ -292,6 +292,9 @@ def test_manifest_json_is_human_readable(tiny_demo_root, tmp_path):
     text = (tmp_path / "ds" / schema.MANIFEST_NAME).read_text()
     assert json.loads(text)["schema_version"] == schema.MANIFEST_SCHEMA_VERSION
     assert "\n" in text
+    # The typed manifest writes the JSON it reads, key for key.
+    manifest = schema.Manifest.read(str(tmp_path / "ds"))
+    assert json.loads(manifest.to_json()) == json.loads(text)
 
 
 def test_files_make_shards_did_not_write_are_an_error_and_never_deleted(tiny_demo_root, tmp_path):
@@ -307,7 +310,7 @@ def test_files_make_shards_did_not_write_are_an_error_and_never_deleted(tiny_dem
     with pytest.raises(shards.ShardError, match="files make_shards did not write .*other-dataset.tfrecord"):
         shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
     result = shards.make_shards(tiny_demo_root, str(destination), SMALL, overwrite=True, workers=1)
-    assert sum(entry["records"] for entry in result.manifest["splits"].values()) == 44
+    assert sum(entry.records for entry in result.manifest.splits.values()) == 44
     for name, content in theirs.items():
         assert (destination / name).read_bytes() == content
     # A later --overwrite with other options replaces our shards and still leaves theirs alone.
@@ -353,11 +356,11 @@ def test_two_concurrent_runs_give_one_sound_dataset(tiny_demo_root, tmp_path):
     assert first.wait(timeout=120) == 0
     assert second.returncode == 2 and "being written by another make_shards" in second.stderr
     assert second.stderr.count("\n") == 1, second.stderr
-    manifest = schema.load_manifest(str(destination))
-    assert manifest["image"]["format"] == "jpeg"
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            assert storage.local_sha256(str(destination / shard["path"])) == shard["sha256"]
+    manifest = schema.Manifest.read(str(destination))
+    assert manifest.image.format == "jpeg"
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            assert storage.local_sha256(str(destination / shard.path)) == shard.sha256
 
 
 def test_a_damaged_sidecar_means_an_unfinished_shard(tiny_demo_root, tmp_path):
@@ -372,7 +375,7 @@ def test_a_damaged_sidecar_means_an_unfinished_shard(tiny_demo_root, tmp_path):
     resumed = shards.make_shards(tiny_demo_root, str(destination), SMALL, workers=1)
     assert resumed.shards_written + resumed.shards_reused == 12 and resumed.shards_reused >= 1
     fresh = shards.make_shards(tiny_demo_root, str(tmp_path / "fresh"), SMALL, workers=1)
-    assert resumed.manifest["splits"] == fresh.manifest["splits"]
+    assert resumed.manifest.splits == fresh.manifest.splits
 
 
 def test_the_same_image_in_two_splits_is_listed_and_strict_refuses_it(demo_copy, tmp_path):
@@ -380,7 +383,7 @@ def test_the_same_image_in_two_splits_is_listed_and_strict_refuses_it(demo_copy,
     copy = demo_copy / "test" / "NORMAL" / "IM-9999-0001.jpeg"  # another patient id, the same bytes
     shutil.copyfile(train_image, copy)
     result = shards.make_shards(str(demo_copy), str(tmp_path / "ds"), SMALL, workers=1)
-    (group,) = result.manifest["duplicates"]
+    (group,) = result.manifest.duplicates
     assert group["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
     assert {f["source"] for f in group["sources"]} == {
         str(train_image.relative_to(demo_copy)),
