@@ -55,14 +55,11 @@ class ExportInfo:
 
 def publish(local_dir: str, uri: str, documents: dict[str, str], info: ExportInfo) -> None:
     """Complete an export whose model is already in `local_dir`: write `documents` (name -> text) there,
-    copy the folder to `uri` when that is on gs:// (a local `uri` is `local_dir`), then write
-    export.json, last."""
+    copy the folder to `uri` when that is elsewhere (gs://), then write export.json, last."""
     for name, text in documents.items():
         with open(os.path.join(local_dir, name), "w") as file:
             file.write(text)
-    if storage.is_gcs(uri):
-        names = sorted(os.listdir(local_dir))
-        storage.copy_many((os.path.join(local_dir, name), storage.join(uri, name)) for name in names)
+    storage.publish(local_dir, uri)
     storage.write_bytes(storage.join(uri, INFO_NAME), json.dumps(asdict(info), indent=1).encode())
 
 

@@ -287,6 +287,40 @@ def copy_tree(source: str, destination: str, threads: int = DEFAULT_TRANSFER_THR
     copy_many(pairs, threads)
 
 
+# A process works in a local folder and keeps what it writes in a folder `uri`: the same folder (a local
+# run), or elsewhere (gs://; another worker's folder). These copy and delete there only when `uri` is
+# elsewhere, so that their callers need not ask.
+
+
+def is_same_folder(local_folder: str, uri: str) -> bool:
+    return not is_gcs(uri) and os.path.realpath(local_folder) == os.path.realpath(uri)
+
+
+def publish(local_folder: str, uri: str, names: Iterable[str] | None = None) -> None:
+    """Copy the files `names` of `local_folder` (default: all, subfolders included) to `uri`."""
+    if is_same_folder(local_folder, uri):
+        return
+    if names is None:
+        copy_tree(local_folder, uri)
+    else:
+        copy_many((os.path.join(local_folder, name), join(uri, name)) for name in names)
+
+
+def fetch(uri: str, local_folder: str, names: Iterable[str]) -> None:
+    """Copy the files `names` of `uri` into `local_folder`."""
+    if not is_same_folder(local_folder, uri):
+        copy_many((join(uri, name), os.path.join(local_folder, name)) for name in names)
+
+
+def discard(local_folder: str, uri: str, names: Iterable[str]) -> None:
+    """Delete the files `names` from `local_folder` and from `uri`; a missing one is not an error."""
+    elsewhere = not is_same_folder(local_folder, uri)
+    for name in names:
+        delete(os.path.join(local_folder, name))
+        if elsewhere:
+            delete(join(uri, name))
+
+
 def _walk_local(folder: str):
     # os.scandir rather than Path.rglob: it knows each entry's type without another system call.
     try:

@@ -39,8 +39,9 @@ from pneumo_dist.errors import PneumoDistError
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "state.json"
 BEST_WEIGHTS = "best.weights.h5"
+TENSORBOARD = "tensorboard"
 # What a run writes in its output folder, with config.yaml.
-RUN_FOLDERS = (CHECKPOINTS, export_lib.FOLDER, "tensorboard")
+RUN_FOLDERS = (CHECKPOINTS, export_lib.FOLDER, TENSORBOARD)
 SCRATCH_PREFIX = "pneumo-train-"
 
 
@@ -300,7 +301,7 @@ class _Run:
             for folder in RUN_FOLDERS:
                 storage.delete_tree(storage.join(self.output, folder))  # never follows links out
             storage.write_bytes(storage.join(self.output, "config.yaml"), to_yaml(self.config).encode())
-        writer = tf.summary.create_file_writer(os.path.join(self.work, "tensorboard")) if self.chief else None
+        writer = tf.summary.create_file_writer(os.path.join(self.work, TENSORBOARD)) if self.chief else None
         if self.chief:
             print(self.describe(), flush=True)
         iterator = iter(self.train_batches)
@@ -359,7 +360,7 @@ class _Run:
                         if isinstance(value, float) and not math.isnan(value):
                             tf.summary.scalar(key, value)
                 writer.flush()
-                self._publish_folder("tensorboard")
+                storage.publish(os.path.join(self.work, TENSORBOARD), storage.join(self.output, TENSORBOARD))
             if state["finished"]:
                 # Before the last report: a scheduler may end the process as soon as it gets it.
                 export_started = time.perf_counter()
@@ -481,28 +482,18 @@ class _Run:
         self.epoch.assign(epoch)
         prefix = self.checkpoint.write(os.path.join(folder, f"ckpt-{epoch}"))
         state["checkpoint"] = os.path.basename(prefix)
+        keep = tuple(f"ckpt-{e}." for e in range(epoch - self.train_cfg.checkpoints_to_keep + 1, epoch + 1))
+        old = [name for name in os.listdir(folder) if name.startswith("ckpt-") and not name.startswith(keep)]
         if not self.chief:
+            storage.discard(folder, folder, old)  # its own copies only
             return
-        files = [name for name in os.listdir(folder) if name.startswith(f"ckpt-{epoch}.")]
-        if improved:
-            files.append(BEST_WEIGHTS)
         remote = storage.join(self.output, CHECKPOINTS)
-        if storage.is_gcs(self.output):
-            storage.copy_many((os.path.join(folder, name), storage.join(remote, name)) for name in files)
+        files = [name for name in os.listdir(folder) if name.startswith(f"ckpt-{epoch}.")]
+        storage.publish(folder, remote, files + ([BEST_WEIGHTS] if improved else []))
         # The state file is the commit point: a checkpoint it does not name may be incomplete.
-        state_bytes = json.dumps(state, indent=1).encode()
-        storage.write_bytes(os.path.join(folder, STATE_NAME), state_bytes)
-        if storage.is_gcs(self.output):
-            storage.write_bytes(storage.join(remote, STATE_NAME), state_bytes)
-        self._drop_old_checkpoints(folder, remote, epoch)
-
-    def _drop_old_checkpoints(self, folder: str, remote: str, epoch: int) -> None:
-        keep = {f"ckpt-{e}." for e in range(epoch - self.train_cfg.checkpoints_to_keep + 1, epoch + 1)}
-        for name in os.listdir(folder):
-            if name.startswith("ckpt-") and not any(name.startswith(k) for k in keep):
-                os.remove(os.path.join(folder, name))
-                if storage.is_gcs(self.output):
-                    storage.delete(storage.join(remote, name))
+        storage.write_bytes(os.path.join(folder, STATE_NAME), json.dumps(state, indent=1).encode())
+        storage.publish(folder, remote, [STATE_NAME])
+        storage.discard(folder, remote, old)
 
     def _restore(self) -> dict:
         remote = storage.join(self.output, CHECKPOINTS)
@@ -516,17 +507,11 @@ class _Run:
             raise TrainingError(f"--resume: {remote}/{STATE_NAME} is damaged ({error})") from None
         folder = os.path.join(self.work, CHECKPOINTS)
         checkpoint = storage.child(folder, state["checkpoint"], storage.join(remote, STATE_NAME))
-        if storage.is_gcs(self.output) or not self.chief:
-            names = [f.uri.rsplit("/", 1)[-1] for f in storage.list_files(remote)]
-            wanted = [n for n in names if n.startswith(state["checkpoint"] + ".") or n == BEST_WEIGHTS]
-            storage.copy_many((storage.join(remote, n), os.path.join(folder, n)) for n in wanted)
+        names = [storage.basename(f.uri) for f in storage.list_files(remote)]
+        wanted = [n for n in names if n.startswith(state["checkpoint"] + ".") or n == BEST_WEIGHTS]
+        storage.fetch(remote, folder, wanted)
         self.checkpoint.read(checkpoint).assert_existing_objects_matched()
         return state
-
-    def _publish_folder(self, name: str) -> None:
-        if not storage.is_gcs(self.output):
-            return
-        storage.copy_tree(os.path.join(self.work, name), storage.join(self.output, name))
 
     # --- export -------------------------------------------------------------------------------------
 

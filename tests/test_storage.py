@@ -79,6 +79,38 @@ def test_copy_tree_keeps_relative_paths_both_ways(base, tmp_path):
     assert len(storage.list_files(storage.join(base, "copy"))) == 2
 
 
+def test_a_working_folder_is_published_fetched_and_pruned_where_it_is_kept(base, tmp_path):
+    work = tmp_path / "work"
+    (work / "logs").mkdir(parents=True)
+    for name in ("ckpt-1.index", "ckpt-2.index", "state.json"):
+        (work / name).write_bytes(name.encode())
+    (work / "logs" / "events").write_bytes(b"e")
+    kept = storage.join(base, "run")
+    storage.publish(str(work), kept, ["ckpt-1.index", "ckpt-2.index"])
+    storage.publish(str(work / "logs"), storage.join(kept, "logs"))  # a whole folder
+    storage.discard(str(work), kept, ["ckpt-1.index"])
+    assert sorted(storage.basename(f.uri) for f in storage.list_files(kept)) == ["ckpt-2.index", "events"]
+    assert sorted(os.listdir(work)) == ["ckpt-2.index", "logs", "state.json"]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    storage.fetch(kept, str(fresh), ["ckpt-2.index"])
+    assert (fresh / "ckpt-2.index").read_bytes() == b"ckpt-2.index"
+
+
+def test_a_folder_kept_where_it_is_worked_on_is_not_copied_onto_itself(tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "a").write_bytes(b"1")
+    inode = (work / "a").stat().st_ino
+    for same in (str(work), str(work) + "/", str(tmp_path / "." / "run")):
+        storage.publish(str(work), same, ["a"])
+        storage.fetch(same, str(work), ["a"])
+        storage.publish(str(work), same)
+    assert (work / "a").stat().st_ino == inode  # never rewritten (a copy replaces the file)
+    storage.discard(str(work), str(work), ["a"])
+    assert os.listdir(work) == []
+
+
 def test_failed_download_leaves_no_local_file(base, tmp_path):
     target = tmp_path / "out.bin"
     with pytest.raises(storage.StorageNotFound):
