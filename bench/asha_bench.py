@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import shards, storage, tune
+from pneumo_dist import run_folder, shards, storage, tune
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist_trainval.npz"
@@ -134,7 +134,7 @@ def trial_aucs(trial: tune.TrialSummary) -> list[float]:
 
 
 def state_aucs(trial_uri: str) -> list[float]:
-    state = json.loads(storage.read_bytes(storage.join(trial_uri, "checkpoints", "state.json")))
+    state = json.loads(storage.read_bytes(run_folder.state_uri(trial_uri)))
     return [record["val_auc"] for record in state["history"]]
 
 

@@ -2,14 +2,7 @@
 MultiWorkerMirroredStrategy): data -> model -> epochs of custom steps -> validation -> checkpoint ->
 export. It knows nothing of Ray: tune.py calls `train` on each Ray worker with an `on_epoch` callback.
 
-Output folder (local or gs://), written by the chief worker:
-    config.yaml                      the exact config of the run
-    checkpoints/ckpt-<epoch>.*       model, optimizer (with its step, which seeds the augmentation), epoch
-    checkpoints/best.weights.h5      weights of the best validation AUC so far
-    checkpoints/state.json           written last: which checkpoint is complete, best epoch, history
-    tensorboard/                     TensorBoard logs
-    export/                          the export (export.py): model.keras, metrics.json, threshold.json,
-                                     config.yaml; export.json last
+The output folder it writes: run_folder.py.
 """
 
 from __future__ import annotations
@@ -35,13 +28,8 @@ from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import model as model_lib
 from pneumo_dist.config import RunConfig, TrainConfig, to_yaml
 from pneumo_dist.errors import PneumoDistError
+from pneumo_dist.run_folder import BEST_WEIGHTS, CHECKPOINTS, CONFIG, FOLDERS, STATE_NAME, TENSORBOARD
 
-CHECKPOINTS = "checkpoints"
-STATE_NAME = "state.json"
-BEST_WEIGHTS = "best.weights.h5"
-TENSORBOARD = "tensorboard"
-# What a run writes in its output folder, with config.yaml.
-RUN_FOLDERS = (CHECKPOINTS, export_lib.FOLDER, TENSORBOARD)
 SCRATCH_PREFIX = "pneumo-train-"
 
 
@@ -196,9 +184,9 @@ def train(
 def _refuse_existing_run(output: str) -> None:
     # Checked by every worker before any of them writes: the chief writes only after the model is built,
     # which needs every worker.
-    found = [name for name in RUN_FOLDERS if storage.list_files(storage.join(output, name))]
-    if storage.exists(storage.join(output, "config.yaml")):
-        found.insert(0, "config.yaml")
+    found = [name for name in FOLDERS if storage.list_files(storage.join(output, name))]
+    if storage.exists(storage.join(output, CONFIG)):
+        found.insert(0, CONFIG)
     if found:
         raise TrainingError(
             f"{output} already holds a run ({', '.join(found)}): pass --resume to continue it, "
@@ -298,9 +286,9 @@ class _Run:
         if self.chief and not resume:
             # A fresh run replaces an earlier one's results, so that its checkpoints are never mixed
             # with ours (and a state.json of theirs cannot name a checkpoint of ours).
-            for folder in RUN_FOLDERS:
+            for folder in FOLDERS:
                 storage.delete_tree(storage.join(self.output, folder))  # never follows links out
-            storage.write_bytes(storage.join(self.output, "config.yaml"), to_yaml(self.config).encode())
+            storage.write_bytes(storage.join(self.output, CONFIG), to_yaml(self.config).encode())
         writer = tf.summary.create_file_writer(os.path.join(self.work, TENSORBOARD)) if self.chief else None
         if self.chief:
             print(self.describe(), flush=True)
@@ -549,7 +537,7 @@ class _Run:
             documents = {
                 "metrics.json": json.dumps(metrics, indent=1),
                 "threshold.json": json.dumps(chosen, indent=1),
-                "config.yaml": to_yaml(self.config),
+                CONFIG: to_yaml(self.config),
             }
             stored = self.dataset.manifest.image
             info = export_lib.ExportInfo(

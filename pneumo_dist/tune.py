@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import export, storage
+from pneumo_dist import export, run_folder, storage
 from pneumo_dist.errors import PneumoDistError
 
 TRIALS_FOLDER = "trials"
@@ -190,7 +190,7 @@ def run_search(
     trials = [_summarize(result, config, trial_root) for result in grid]
     table_uri = storage.join(experiment, "trials.csv")
     storage.write_bytes(table_uri, trials_csv(trials).encode())
-    finished = [t for t in trials if storage.exists(_export_info_uri(t.output_uri))]
+    finished = [t for t in trials if storage.exists(run_folder.export_info_uri(t.output_uri))]
     best = max(finished, key=lambda t: t.best_val_auc, default=None)
     best_export = test_metrics = None
     if best is not None:
@@ -399,7 +399,7 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int) ->
             metrics.update(strategy_s=strategy_ready - imported)
         report({**metrics, "epoch": record["epoch"] + 1})
 
-    if state.get("finished") and storage.exists(_export_info_uri(output)):
+    if state.get("finished") and storage.exists(run_folder.export_info_uri(output)):
         # The trial had finished when the search was interrupted, before Tune recorded its results
         # (--resume then starts it again): report its epochs again, train and export nothing.
         for record in state["history"]:
@@ -499,12 +499,8 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and not np.isnan(value)
 
 
-def _export_info_uri(output: str) -> str:
-    return storage.join(output, export.FOLDER, export.INFO_NAME)
-
-
 def _read_state(output: str) -> dict:
     try:
-        return json.loads(storage.read_bytes(storage.join(output, "checkpoints", "state.json")))
+        return json.loads(storage.read_bytes(run_folder.state_uri(output)))
     except storage.StorageNotFound:
         return {}
