@@ -393,7 +393,7 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int) ->
         history.append(record)
         view = json.dumps({"rank": rank, "history": history}).encode()
         storage.write_bytes(storage.join(output, "workers", f"rank-{rank}.json"), view)
-        metrics = {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        metrics = _reportable(record)
         if len(history) == 1:
             metrics.update(start_s=entered - loop_config["driver_started"], import_s=imported - entered)
             metrics.update(strategy_s=strategy_ready - imported)
@@ -403,8 +403,7 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int) ->
         # The trial had finished when the search was interrupted, before Tune recorded its results
         # (--resume then starts it again): report its epochs again, train and export nothing.
         for record in state["history"]:
-            metrics = {k: v for k, v in record.items() if _is_number(v)}
-            report({**metrics, "epoch": record["epoch"] + 1})
+            report({**_reportable(record), "epoch": record["epoch"] + 1})
         return
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
@@ -493,6 +492,12 @@ def trial_phases(history: list[dict]) -> dict:
     if _is_number(last.get("export_s")):
         phases["export_s"] = last["export_s"]
     return phases
+
+
+def _reportable(record: dict) -> dict:
+    """An epoch's record as Tune takes it: its numbers, a NaN kept (Tune refuses a result without the
+    search's metric, and a NaN AUC is the epoch's honest figure)."""
+    return {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _is_number(value) -> bool:
