@@ -6,13 +6,16 @@ the mean per-trial start-up and export overhead by phase.
 
     python bench/asha_bench.py [--manifest data/mnist-shards] [--samples 18] [--epochs 9] [--max-steps 20]
     python bench/asha_bench.py --replay outputs/asha-bench/fifo-random-<time>   # no training
+    python bench/asha_bench.py --arms "ASHA + random,ASHA + Optuna" --full FULL_BUDGET_FOLDER
 
 After the full budget, ASHA is replayed on its learning curves (Ray's own ASHAScheduler deciding, the
 trials started in order, `--concurrency` at a time, every epoch equally long) for several grace periods
 and reduction factors, in the order the trials ran and over 200 random orders, and synchronous
 successive halving beside it: what each setting would have spent and found on exactly these trials,
 without the run-to-run noise of training them again. `--replay` does only that, for a finished
-full-budget experiment folder.
+full-budget experiment folder. `--full` takes such a folder as the full-budget arm instead of training
+it again (run with the same --samples, --epochs and --max-steps: training is deterministic, so the
+ASHA arms' trials repeat its curves for the epochs they run).
 
 Default data: PneumoniaMNIST from ../shared/data at its native 28 px (sharded on first use), trained
 from scratch on the CPU with configs/mnist.yaml and its tune settings (the shipped defaults unless
@@ -58,17 +61,21 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help="which searches, comma-separated")
     parser.add_argument("--storage", default=str(REPO / "outputs" / "asha-bench"))
     parser.add_argument("--replay", help="a full-budget experiment folder: replay ASHA on it, train nothing")
+    parser.add_argument("--full", help="a finished full-budget experiment folder: the full-budget arm")
     parser.add_argument("--concurrency", type=int, default=2, help="trials at a time in the replay")
     args = parser.parse_args()
     if args.replay:
         print_replays(experiment_curves(args.replay), args.concurrency)
         return
+    figures, curves = {}, {}
+    if args.full:
+        curves["full budget"] = experiment_curves(args.full)
+        figures["full budget"] = curve_figures(curves["full budget"], seconds=None, phases={})
     if not os.path.exists(os.path.join(args.manifest, "manifest.json")):
         options = shards.ShardOptions(keep_val=True, image_format="png")
         shards.make_shards(str(SHARED_NPZ), args.manifest, options)
 
     in_process = tune.connect_ray() == "in-process"
-    figures, curves = {}, {}
     for name in args.arms.split(","):
         scheduler, search_alg = ARMS[name]
         overrides = [
@@ -90,13 +97,8 @@ def main() -> None:
         start = time.perf_counter()
         result = tune.run_search(config, in_process=in_process)
         curves[name] = {t.trial_id: trial_aucs(t) for t in result.trials}
-        figures[name] = {
-            "trial_epochs": sum(t.epochs_run for t in result.trials),
-            "best_auc": max(t.best_val_auc for t in result.trials),
-            "seconds": time.perf_counter() - start,
-            "curve": best_so_far(result.trials),
-            "phases": {p: [t.phases[p] for t in result.trials if p in t.phases] for p in tune.PHASES},
-        }
+        phases = {p: [t.phases[p] for t in result.trials if p in t.phases] for p in tune.PHASES}
+        figures[name] = curve_figures(curves[name], time.perf_counter() - start, phases)
         print(
             f"\n{name}: {config.tune.scheduler}, grace {config.tune.grace_period}, "
             f"reduction {config.tune.reduction_factor}, {search_alg} sampling"
@@ -110,8 +112,8 @@ def main() -> None:
     print(f"{args.samples} trials x {args.epochs} epochs ({args.max_steps or 'all'} steps each), seed 0")
     full = figures.get("full budget")
     for name, f in figures.items():
-        auc, seconds = f["best_auc"], f["seconds"]
-        line = f"  {name}: {f['trial_epochs']} trial-epochs, best val AUC {auc:.4f}, {seconds:.0f} s"
+        seconds = f"{f['seconds']:.0f} s" if f["seconds"] is not None else f"from {args.full}"
+        line = f"  {name}: {f['trial_epochs']} trial-epochs, best val AUC {f['best_auc']:.4f}, {seconds}"
         if full and name != "full budget":
             line += (
                 f"; trial-epochs / full {f['trial_epochs'] / full['trial_epochs']:.2f} (goal <= 0.33), "
@@ -120,6 +122,8 @@ def main() -> None:
         print(line)
         print("    best val AUC after n trial-epochs: " + ", ".join(f"{n}: {a:.4f}" for n, a in f["curve"]))
         means = {p: statistics.mean(v) for p, v in f["phases"].items() if v}
+        if not means:
+            continue
         print(
             "    mean per-trial overhead (s): "
             + ", ".join(f"{p} {s:.1f}" for p, s in means.items())
@@ -242,12 +246,22 @@ def replay_sync_halving(curves: dict[str, list[float]], grace: int, rf: int) -> 
     return spent, best
 
 
-def best_so_far(trials: list[tune.TrialSummary]) -> list[tuple[int, float]]:
+def curve_figures(curves: dict[str, list[float]], seconds: float | None, phases: dict) -> dict:
+    return {
+        "trial_epochs": sum(len(aucs) for aucs in curves.values()),
+        "best_auc": max(max(aucs) for aucs in curves.values()),
+        "seconds": seconds,
+        "curve": best_so_far(curves),
+        "phases": phases,
+    }
+
+
+def best_so_far(curves: dict[str, list[float]]) -> list[tuple[int, float]]:
     """The best validation AUC once n trial-epochs are spent, n = 9, 18, 27, ..., counting each trial's
     epochs in the order the trials were created (trial ids): what a search had found by then."""
-    epochs = [(t.trial_id, auc) for t in sorted(trials, key=lambda t: t.trial_id) for auc in trial_aucs(t)]
+    epochs = [auc for trial_id in sorted(curves) for auc in curves[trial_id]]
     best, curve = float("-inf"), []
-    for n, (_, auc) in enumerate(epochs, 1):
+    for n, auc in enumerate(epochs, 1):
         best = max(best, auc)
         if n % 9 == 0 or n == len(epochs):
             curve.append((n, best))
