@@ -81,6 +81,29 @@ def set_trainable(classifier: tf_keras.Model, unfreeze: int | str, train_batchno
         layer.trainable = index >= first_trainable and (train_batchnorm or not is_batchnorm)
 
 
+def set_dropout_rate(classifier: tf_keras.Model, rate: tf.Variable | float) -> None:
+    """Point the head's Dropout layers at `rate`. Keras' Dropout reads its `rate` when called, so a
+    variable there is read when the traced step runs; set without Keras' attribute tracking, which
+    would make it one of the model's weights. `saveable_rates` puts plain numbers back for saving."""
+    for layer in classifier.layers:
+        if isinstance(layer, tf_keras.layers.Dropout):
+            object.__setattr__(layer, "rate", rate)
+
+
+@contextlib.contextmanager
+def saveable_rates(classifier: tf_keras.Model) -> Iterator[None]:
+    """The Dropout layers' rates as numbers while the model is saved (a layer's config holds its rate)."""
+    layers = [layer for layer in classifier.layers if isinstance(layer, tf_keras.layers.Dropout)]
+    rates = [layer.rate for layer in layers]
+    for layer, rate in zip(layers, rates, strict=True):
+        object.__setattr__(layer, "rate", float(rate.numpy()) if isinstance(rate, tf.Variable) else rate)
+    try:
+        yield
+    finally:
+        for layer, rate in zip(layers, rates, strict=True):
+            object.__setattr__(layer, "rate", rate)
+
+
 def inference_model(classifier: tf_keras.Model) -> tf_keras.Model:
     """Gray (H, W, 1) pixels in 0..255 -> P(PNEUMONIA): the classifier behind the same normalisation as
     augment.model_inputs, built from stock Keras layers so that the saved model loads without our code."""

@@ -7,6 +7,7 @@ The output folder it writes: run_folder.py.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -16,7 +17,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
@@ -26,7 +27,7 @@ from pneumo_dist import augment, data, storage
 from pneumo_dist import export as export_lib
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import model as model_lib
-from pneumo_dist.config import RunConfig, TrainConfig, to_yaml
+from pneumo_dist.config import RunConfig, TrainConfig, TuneConfig, to_yaml
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.run_folder import BEST_WEIGHTS, CHECKPOINTS, CONFIG, FOLDERS, STATE_NAME, TENSORBOARD
 
@@ -160,6 +161,7 @@ def train(
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     overwrite: bool = False,
+    reuse: bool = False,
 ) -> TrainResult:
     """Train, validate every epoch, checkpoint, stop early, export the best model; returns the result.
 
@@ -169,6 +171,10 @@ def train(
     `on_step(epoch, steps_done, steps, loss)` (once per loop of train.steps_per_loop steps, with the
     loop's mean loss) and `on_epoch(record)` (once the epoch's checkpoint is written) are for progress
     displays and Ray's reporting.
+
+    `reuse`: keep the built model and its traced step functions for the next `reuse` run of this
+    process, and use the previous run's when its config differs from this one only in REUSABLE (a
+    search's trials, one after another in a process Tune reuses); see _Built.
     """
     config.validate()
     configure_process(config.train)
@@ -178,7 +184,7 @@ def train(
     # A gs:// output (and every non-chief worker) works in a local folder that must not outlive the run:
     # it holds a full checkpoint, ~1 GB for ResNet50 with its optimizer state.
     with scratch_folder() as scratch:
-        return _Run(config, strategy, scratch).fit(resume, on_step, on_epoch)
+        return _Run(config, strategy, scratch, reuse).fit(resume, on_step, on_epoch)
 
 
 def _refuse_existing_run(output: str) -> None:
@@ -206,13 +212,73 @@ def scratch_folder() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix=f"{host_prefix}{os.getpid()}-")
 
 
+# Config values that the built model and its traced steps take as variables (the peak learning rate,
+# the dropout rate) or never see: runs that differ only in these can share one build (_Built).
+REUSABLE = {"train": ("learning_rate", "output_uri"), "model": ("dropout",)}
+
+
+@dataclass
+class _Built:
+    """What a run builds and traces: the model, its optimizer, the variables the steps use and the step
+    functions. Tracing ResNet50's training step and its first run cost ~25 s of a trial on 2 CPU cores
+    (BENCHMARKS.md), XLA compilation more on a GPU; a later run of the same process whose config differs
+    only in REUSABLE starts from the state this was built in (`as_built_path`, a checkpoint) instead.
+    Not bit-identical to a fresh process: Keras' Dropout draws its masks from stateful random ops whose
+    state lives on in the traced step (a resumed run differs from an uninterrupted one the same way)."""
+
+    key: str
+    strategy: tf.distribute.Strategy
+    classifier: tf_keras.Model
+    optimizer: tf_keras.optimizers.Optimizer
+    schedule: WarmupCosine
+    dropout_rate: tf.Variable
+    epoch: tf.Variable
+    checkpoint: tf.train.Checkpoint
+    loss_sum: tf.Variable
+    train_loops: dict = field(default_factory=dict)  # head_only -> train_loop
+    predict_step: Callable | None = None
+    as_built_path: str = ""  # the checkpoint of the state as built, written for reuse
+
+
+_kept: _Built | None = None  # this process's build kept for reuse
+
+
+def _graph_key(config: RunConfig) -> str:
+    """The config without what REUSABLE lists (and the search's own settings)."""
+    sections = {
+        section: dataclasses.replace(getattr(config, section), **{name: None for name in names})
+        for section, names in REUSABLE.items()
+    }
+    return to_yaml(dataclasses.replace(config, tune=TuneConfig(), **sections))
+
+
+def _previous_build(config: RunConfig, strategy: tf.distribute.Strategy) -> _Built | None:
+    if _kept is not None and _kept.strategy is strategy and _kept.key == _graph_key(config):
+        return _kept
+    return None
+
+
+def _keep_for_reuse(built: _Built) -> None:
+    global _kept
+    if built is _kept:
+        return
+    if _kept is not None:
+        shutil.rmtree(os.path.dirname(_kept.as_built_path), ignore_errors=True)
+    # Named like scratch folders, so that a later process removes it if this one dies.
+    host_prefix = f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    folder = tempfile.mkdtemp(prefix=host_prefix)
+    built.as_built_path = built.checkpoint.write(os.path.join(folder, "as-built"))
+    _kept = built
+
+
 class _Run:
     """One training run's state; a class only because the step functions share the model and optimizer."""
 
-    def __init__(self, config: RunConfig, strategy: tf.distribute.Strategy, scratch: str):
+    def __init__(
+        self, config: RunConfig, strategy: tf.distribute.Strategy, scratch: str, reuse: bool = False
+    ):
         started = time.perf_counter()
         self.config, self.strategy = config, strategy
-        self._predict_step = None
         self.train_cfg: TrainConfig = config.train
         self.chief = is_chief(strategy)
         self.output = config.train.output_uri.rstrip("/")
@@ -242,30 +308,61 @@ class _Run:
         self.xla = model_lib.resolve_xla(config.train)
         self.class_weights = data.loss_class_weights(self.dataset, config.data.class_balance)
         self.learning_rate = scaled_learning_rate(config.train, self.data_cfg.global_batch_size)
+        built = _previous_build(config, strategy) if reuse else None
+        if built is None:
+            built = self._build()
+        else:
+            # This process's previous run built and traced the same graph: back to the state it was
+            # built in, with this run's learning rate and dropout rate.
+            built.checkpoint.read(built.as_built_path).assert_existing_objects_matched()
+            built.schedule.peak.assign(self.learning_rate)
+            built.dropout_rate.assign(config.model.dropout)
+        if reuse:
+            _keep_for_reuse(built)
+        self.built = built
+        self.classifier, self.optimizer, self.epoch = built.classifier, built.optimizer, built.epoch
+        self.checkpoint, self.loss_sum = built.checkpoint, built.loss_sum
+        self.train_batches = strategy.distribute_datasets_from_function(
+            lambda context: data.train_dataset(self.data_cfg, self.dataset, context)
+        )
+        self.step_kind = step_kind(strategy, self.xla)
+        self.setup_seconds = time.perf_counter() - started  # data, model and optimizer set-up
 
+    def _build(self) -> _Built:
+        """The model, its optimizer and the variables the step functions use, under the strategy."""
+        config, strategy = self.config, self.strategy
         with strategy.scope():
-            self.classifier = model_lib.build_classifier(config.model, config.data.image_size_px, self.policy)
-            model_lib.set_trainable(self.classifier, config.model.unfreeze, config.model.train_batchnorm)
-            self.optimizer = _make_optimizer(config.train, self.learning_rate, steps, self.policy)
-            # Built for every variable that will ever train, so the head warm-up can change the set.
-            self.optimizer.build(self.classifier.trainable_variables)
-            self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            self.checkpoint = tf.train.Checkpoint(
-                model=self.classifier, optimizer=self.optimizer, epoch=self.epoch
+            classifier = model_lib.build_classifier(config.model, config.data.image_size_px, self.policy)
+            model_lib.set_trainable(classifier, config.model.unfreeze, config.model.train_batchnorm)
+            optimizer, schedule = _make_optimizer(
+                config.train, self.learning_rate, self.steps_per_epoch, self.policy
             )
+            # Built for every variable that will ever train, so the head warm-up can change the set.
+            optimizer.build(classifier.trainable_variables)
+            # Read when the step runs, not fixed when it is traced (see _Built).
+            dropout_rate = tf.Variable(config.model.dropout, trainable=False, name="dropout_rate")
+            model_lib.set_dropout_rate(classifier, dropout_rate)
+            epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            checkpoint = tf.train.Checkpoint(model=classifier, optimizer=optimizer, epoch=epoch)
             # Each replica adds its loss share here during a loop; read (summed) once per loop.
-            self.loss_sum = tf.Variable(
+            loss_sum = tf.Variable(
                 0.0,
                 trainable=False,
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.SUM,
                 name="loss_sum",
             )
-        self.train_batches = strategy.distribute_datasets_from_function(
-            lambda context: data.train_dataset(self.data_cfg, self.dataset, context)
+        return _Built(
+            key=_graph_key(config),
+            strategy=strategy,
+            classifier=classifier,
+            optimizer=optimizer,
+            schedule=schedule,
+            dropout_rate=dropout_rate,
+            epoch=epoch,
+            checkpoint=checkpoint,
+            loss_sum=loss_sum,
         )
-        self.step_kind = step_kind(strategy, self.xla)
-        self.setup_seconds = time.perf_counter() - started  # data, model and optimizer set-up
 
     def describe(self) -> str:
         """The start-up line: strategy, batch, step and loop."""
@@ -301,7 +398,9 @@ class _Run:
             if phase != head_only:
                 unfreeze = 0 if head_only else self.config.model.unfreeze
                 model_lib.set_trainable(self.classifier, unfreeze, self.config.model.train_batchnorm)
-                train_loop = self._make_train_loop()
+                if head_only not in self.built.train_loops:
+                    self.built.train_loops[head_only] = self._make_train_loop()
+                train_loop = self.built.train_loops[head_only]
                 phase = head_only
             start, loss_sum, done = time.perf_counter(), 0.0, 0
             while done < self.steps_per_epoch:
@@ -428,11 +527,11 @@ class _Run:
         batches = self.strategy.distribute_datasets_from_function(
             lambda context: data.eval_dataset(self.config.data, self.dataset, split, context)
         )
-        if self._predict_step is None:  # traced once per run, not once per epoch
-            self._predict_step = self._make_predict_step()
+        if self.built.predict_step is None:  # traced once, not once per epoch
+            self.built.predict_step = self._make_predict_step()
         labels, probabilities = [], []
         for batch in batches:
-            batch_labels, batch_probabilities = self._predict_step(batch)
+            batch_labels, batch_probabilities = self.built.predict_step(batch)
             labels.append(batch_labels.numpy())
             probabilities.append(batch_probabilities.numpy())
         return np.concatenate(labels), np.concatenate(probabilities)
@@ -516,7 +615,8 @@ class _Run:
         os.makedirs(export_dir)
         with self.strategy.scope():
             detector = model_lib.inference_model(self.classifier)
-        detector.save(os.path.join(export_dir, export_lib.MODEL_FILE))  # every worker: reads are collective
+        with model_lib.saveable_rates(self.classifier):  # every worker saves: reads are collective
+            detector.save(os.path.join(export_dir, export_lib.MODEL_FILE))
         export_uri = storage.join(self.output, export_lib.FOLDER)
         if self.chief:
             metrics = {
@@ -580,10 +680,12 @@ def _fresh_state() -> dict:
 
 
 class WarmupCosine(tf_keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to `peak`, then cosine decay to 0 at `total_steps` (or constant)."""
+    """Linear warm-up to `peak`, then cosine decay to 0 at `total_steps` (or constant). `peak` is a
+    variable: read when the step runs, so trials that differ in learning rate trace the same step."""
 
     def __init__(self, peak: float, warmup_steps: int, total_steps: int, cosine: bool = True):
-        self.peak, self.warmup_steps, self.total_steps, self.cosine = peak, warmup_steps, total_steps, cosine
+        self.peak = tf.Variable(peak, dtype=tf.float32, trainable=False, name="peak_learning_rate")
+        self.warmup_steps, self.total_steps, self.cosine = warmup_steps, total_steps, cosine
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
@@ -593,12 +695,12 @@ class WarmupCosine(tf_keras.optimizers.schedules.LearningRateSchedule):
             progress = (step - warmup) / tf.maximum(float(self.total_steps) - warmup, 1.0)
             after = 0.5 * self.peak * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
         else:
-            after = tf.constant(self.peak, tf.float32)
+            after = tf.identity(self.peak)
         return tf.where(step < warmup, rising, after)
 
     def get_config(self) -> dict:
         return {
-            "peak": self.peak,
+            "peak": float(self.peak.numpy()),
             "warmup_steps": self.warmup_steps,
             "total_steps": self.total_steps,
             "cosine": self.cosine,
@@ -613,6 +715,7 @@ def scaled_learning_rate(cfg: TrainConfig, global_batch: int) -> float:
 
 
 def _make_optimizer(cfg: TrainConfig, learning_rate: float, steps_per_epoch: int, policy: str):
+    """-> (optimizer, its learning-rate schedule). Call under the strategy's scope."""
     schedule = WarmupCosine(
         learning_rate,
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
@@ -631,4 +734,4 @@ def _make_optimizer(cfg: TrainConfig, learning_rate: float, steps_per_epoch: int
         optimizer = tf_keras.optimizers.SGD(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov, **common)
     if policy == "mixed_float16":
         optimizer = tf_keras.mixed_precision.LossScaleOptimizer(optimizer)
-    return optimizer
+    return optimizer, schedule

@@ -171,6 +171,9 @@ def run_search(
                 if cfg.scheduler == "asha"
                 else FIFOScheduler(),
                 search_alg=search_algorithm(cfg, concurrency),
+                # A one-worker trial trains in its Tune function: the next trial of the process reuses
+                # its built model and traced step when only REUSABLE values differ (train._Built).
+                reuse_actors=cfg.workers_per_trial == 1,
             ),
             run_config=tune.RunConfig(
                 name=cfg.name,
@@ -336,7 +339,7 @@ def run_trial(params: dict, setup: dict) -> None:
         "output": storage.join(setup["trial_root"], trial_id),
     }
     if cfg["workers_per_trial"] == 1:
-        train_trial(loop_config, report=tune.report, rank=0)
+        train_trial(loop_config, report=tune.report, rank=0, reuse=True)
     else:
         trainer = TensorflowTrainer(
             train_loop_per_worker,
@@ -371,9 +374,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_trial(loop_config, report=ray_train.report, rank=ray_train.get_context().get_world_rank())
 
 
-def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int) -> None:
+def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, reuse: bool = False) -> None:
     """Our training loop for one trial, handing each epoch's metrics to `report` (Tune's or Ray
-    Train's). The first report also carries where the trial's start-up time went (PHASES)."""
+    Train's). The first report also carries where the trial's start-up time went (PHASES). `reuse`:
+    train.train's, for trials that run one after another in one process."""
     entered = time.time()
     from pneumo_dist import data
     from pneumo_dist import train as train_lib
@@ -410,7 +414,7 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int) ->
     train_lib.configure_process(config.train, threads=data.host_threads())  # before TensorFlow's first op
     strategy = train_lib.choose_strategy(train_cfg=config.train)
     strategy_ready = time.time()
-    train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True)
+    train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True, reuse=reuse)
 
 
 def report_on_test(export_uri: str, config: config_lib.RunConfig) -> dict | None:

@@ -145,3 +145,59 @@ def test_the_gpu_benchmark_runs_its_code_on_the_cpu(learnable_shards, monkeypatc
     (row,) = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["batch_per_gpu"] == 4 and row["synthetic_img_s"] > 0 and row["real_img_s"] > 0
     assert 0 <= row["input_wait_share"] <= 1 and 0 <= row["augmentation_share"] <= 1
+
+
+def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning_rate_and_dropout(
+    learnable_shards, tmp_path, monkeypatch
+):
+    """What a search's trials do when Tune reuses the trial's process: the second run traces nothing,
+    and trains as a fresh process would with its own learning rate (dropout off: Keras' masks come from
+    stateful random ops, see train._Built); its dropout rate is its own too."""
+    import tf_keras
+
+    from pneumo_dist import export
+
+    monkeypatch.setattr(train, "_kept", None)
+    strategy = train.choose_strategy(local=True)
+
+    def make_config(name: str, *overrides: str) -> config_lib.RunConfig:
+        return config_lib.load_config(
+            None,
+            [
+                *FROM_SCRATCH_OVERRIDES,
+                f"data.manifest_uri={learnable_shards}",
+                f"train.output_uri={tmp_path / name}",
+                "data.deterministic=true",
+                "train.epochs=2",
+                "train.max_steps_per_epoch=2",
+                "train.early_stopping_patience=0",
+                *overrides,
+            ],
+        )
+
+    def run(name: str, *overrides: str, reuse: bool = True) -> list[dict]:
+        history = []
+        train.train(make_config(name, *overrides), strategy, on_epoch=history.append, reuse=reuse)
+        return history
+
+    run("a", "train.learning_rate=0.001", "model.dropout=0.0")
+    built = train._kept
+    reused = run("b", "train.learning_rate=0.003", "model.dropout=0.0")
+    assert train._kept is built and built.train_loops[False].experimental_get_tracing_count() == 1
+    alone = run("b-alone", "train.learning_rate=0.003", "model.dropout=0.0", reuse=False)
+    for epoch_reused, epoch_alone in zip(reused, alone, strict=True):
+        assert epoch_reused["learning_rate"] == pytest.approx(epoch_alone["learning_rate"], rel=1e-6)
+        assert epoch_reused["train_loss"] == pytest.approx(epoch_alone["train_loss"], rel=1e-4)
+        assert epoch_reused["val_auc"] == pytest.approx(epoch_alone["val_auc"], abs=1e-6)
+
+    dropped = run("c", "train.learning_rate=0.003", "model.dropout=0.5")
+    assert train._kept is built
+    assert dropped[0]["train_loss"] != pytest.approx(reused[0]["train_loss"], rel=1e-3)
+    saved = tf_keras.models.load_model(str(tmp_path / "c" / export.FOLDER / export.MODEL_FILE))
+    classifier = saved.get_layer("pneumo_resnet50")
+    assert [classifier.get_layer(name).rate for name in ("dropout_pool", "dropout_dense")] == [0.5, 0.5]
+
+    # Anything else is another graph, built anew.
+    assert train._previous_build(make_config("d", "train.learning_rate=0.01"), strategy) is built
+    assert train._previous_build(make_config("d", "model.dense_units=32"), strategy) is None
+    assert train._previous_build(make_config("d", "train.epochs=3"), strategy) is None
