@@ -28,12 +28,22 @@ def make_run(shards: str, tmp_path, *overrides: str) -> train._Run:
     return train._Run(config, tf.distribute.get_strategy(), str(tmp_path / "scratch"))
 
 
-def test_one_xla_program_per_step_holds_augmentation_forward_backward_and_update(learnable_shards, tmp_path):
-    run = make_run(learnable_shards, tmp_path, "train.xla=on", "train.optimizer=adam")
-    assert run.step_kind == train.STEP_ONE_PROGRAM
+def step_hlo(run: train._Run) -> str:
+    """The training step's HLO, named without the uid TensorFlow gives each traced function."""
     run._make_train_loop()
     batch = next(iter(run.train_batches))
-    hlo = run.replica_step.experimental_get_compiler_ir(batch)(stage="hlo")
+    return re.sub(
+        r"replica_step_\d+__",
+        "replica_step__",
+        run.replica_step.experimental_get_compiler_ir(batch)(stage="hlo"),
+    )
+
+
+def test_one_xla_program_per_step_holds_augmentation_forward_backward_and_update(learnable_shards, tmp_path):
+    overrides = ("train.xla=on", "train.optimizer=adam", "train.learning_rate=0.001", "model.dropout=0.1")
+    run = make_run(learnable_shards, tmp_path, *overrides)
+    assert run.step_kind == train.STEP_ONE_PROGRAM
+    hlo = step_hlo(run)
     assert hlo.count("\nENTRY ") == 1  # one program: the function compiled whole, nothing left outside
     entry = hlo[hlo.index("\nENTRY ") + 1 :].split("\n", 1)[0]
     # Raw uint8 records go in: the augmentation (its warp is gathers, its rotation a cosine) is inside.
@@ -42,6 +52,13 @@ def test_one_xla_program_per_step_holds_augmentation_forward_backward_and_update
     assert ops.count("gather") >= 4 and "cosine" in ops and "convolution" in ops
     # Adam's update of every trainable variable (one square root each), not one program per variable.
     assert ops.count("sqrt") >= len(run.classifier.trainable_variables) > 100
+    # A trial with another learning rate and dropout rate compiles the same program (both are variables
+    # read as the step runs): what XLA's persistent cache needs to serve it on a GPU instead of compiling
+    # again (its key hashes the HLO module: tensorflow/compiler/jit/device_executable_persistor.h).
+    other = make_run(
+        learnable_shards, tmp_path / "other", *overrides[:2], "train.learning_rate=0.003", "model.dropout=0.4"
+    )
+    assert step_hlo(other) == hlo
 
 
 def test_the_host_reads_the_loss_once_per_loop_and_the_loop_length_changes_nothing(
