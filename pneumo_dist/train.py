@@ -309,6 +309,7 @@ class _Run:
         self.class_weights = data.loss_class_weights(self.dataset, config.data.class_balance)
         self.learning_rate = scaled_learning_rate(config.train, self.data_cfg.global_batch_size)
         built = _previous_build(config, strategy) if reuse else None
+        self.reused_build = built is not None
         if built is None:
             built = self._build()
         else:
@@ -430,6 +431,7 @@ class _Run:
             }
             if epoch == first_epoch:
                 record["setup_s"] = self.setup_seconds  # the first epoch this process ran
+                record["reused_build"] = int(self.reused_build)  # (a number: Ray reports take numbers)
             improved = not math.isnan(metrics["auc"]) and metrics["auc"] > state["best_auc"]
             if improved:
                 state.update(best_auc=metrics["auc"], best_epoch=epoch, epochs_since_best=0)

@@ -41,6 +41,10 @@ TRAIN_RUNS_FOLDER = "ray-train"  # Ray Train's own records of each trial's run
 # run; even a hundredth of a CPU per trial leaves 1.96 of 2 CPUs, where a second 1-CPU worker group no
 # longer fits), and a little memory, as Ray wants a resource to place it by.
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+# How long Tune waits for a finished or stopped trial's thread to end before it gives the process to the
+# next trial (Ray's TUNE_FUNCTION_THREAD_TIMEOUT_S, 2 s by default): past it, Tune fails the next trial
+# ("Could not re-use actor"), seen here with two searches sharing 2 cores.
+TRIAL_THREAD_EXIT_S = 120
 # Config values that may be local paths, relative to where the job was started.
 LOCAL_PATH_KEYS = (
     ("data", "manifest_uri"),
@@ -70,6 +74,7 @@ class TrialSummary:
     status: str  # TERMINATED, ERROR
     output_uri: str
     phases: dict  # seconds of start-up and export (PHASES); a phase the trial never reached is absent
+    reused_build: bool = False  # trained with the model and step its process built for an earlier trial
 
 
 @dataclass(frozen=True)
@@ -339,6 +344,8 @@ def run_trial(params: dict, setup: dict) -> None:
         "output": storage.join(setup["trial_root"], trial_id),
     }
     if cfg["workers_per_trial"] == 1:
+        # Read by Ray in this process when Tune gives it to the next trial (reuse_actors).
+        os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(TRIAL_THREAD_EXIT_S))
         train_trial(loop_config, report=tune.report, rank=0, reuse=True)
     else:
         trainer = TensorflowTrainer(
@@ -434,7 +441,17 @@ def trials_csv(trials: list[TrialSummary]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
-        ["trial_id", *keys, "best_val_auc", "epochs_run", "stopped_by_asha", "status", "overhead_s", *PHASES]
+        [
+            "trial_id",
+            *keys,
+            "best_val_auc",
+            "epochs_run",
+            "stopped_by_asha",
+            "status",
+            "reused_build",
+            "overhead_s",
+            *PHASES,
+        ]
     )
     for t in sorted(trials, key=lambda t: -t.best_val_auc):
         writer.writerow(
@@ -445,6 +462,7 @@ def trials_csv(trials: list[TrialSummary]) -> str:
                 t.epochs_run,
                 t.stopped_by_asha,
                 t.status,
+                t.reused_build,
                 f"{sum(t.phases.values()):.1f}",
                 *(f"{t.phases[p]:.1f}" if p in t.phases else "" for p in PHASES),
             ]
@@ -481,6 +499,7 @@ def _summarize(result, config: config_lib.RunConfig, trial_root: str) -> TrialSu
         status="ERROR" if result.error else "TERMINATED",
         output_uri=output,
         phases=trial_phases(history),
+        reused_build=bool(history and history[0].get("reused_build")),
     )
 
 

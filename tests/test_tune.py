@@ -115,6 +115,8 @@ def test_asha_search_stops_trials_early_finishes_and_exports_the_best(learnable_
     assert len(table) == 4 and {row["status"] for row in table} == {"TERMINATED"}
     stopped = [row for row in table if row["stopped_by_asha"] == "True"]
     assert stopped and all(int(row["epochs_run"]) < 3 for row in stopped)
+    # The trials that started after others had ended trained in their processes, with what they built.
+    assert any(row["reused_build"] == "True" for row in table)
     best = tmp_path / "tune" / "asha" / "best"
     assert json.loads((best / "export.json").read_text())["model"] == "model.keras"
     figures = json.loads((best / "report" / "metrics.json").read_text())
