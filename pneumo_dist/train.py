@@ -240,7 +240,11 @@ class _Built:
     as_built_path: str = ""  # the checkpoint of the state as built, written for reuse
 
 
-_kept: _Built | None = None  # this process's build kept for reuse
+# This process's builds kept for reuse, the most recently used last. A search space with a few
+# architectures (e.g. model.dense_units: {choice: [64, 128, 256]}) keeps one of each; each holds ResNet50
+# with its optimizer state (~0.3 GB) in memory and its as-built checkpoint on local disk.
+KEEP_BUILDS = 3
+_kept: list[_Built] = []
 
 
 def _graph_key(config: RunConfig) -> str:
@@ -253,22 +257,21 @@ def _graph_key(config: RunConfig) -> str:
 
 
 def _previous_build(config: RunConfig, strategy: tf.distribute.Strategy) -> _Built | None:
-    if _kept is not None and _kept.strategy is strategy and _kept.key == _graph_key(config):
-        return _kept
-    return None
+    key = _graph_key(config)
+    return next((b for b in _kept if b.strategy is strategy and b.key == key), None)
 
 
 def _keep_for_reuse(built: _Built) -> None:
-    global _kept
-    if built is _kept:
-        return
-    if _kept is not None:
-        shutil.rmtree(os.path.dirname(_kept.as_built_path), ignore_errors=True)
-    # Named like scratch folders, so that a later process removes it if this one dies.
-    host_prefix = f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-    folder = tempfile.mkdtemp(prefix=host_prefix)
-    built.as_built_path = built.checkpoint.write(os.path.join(folder, "as-built"))
-    _kept = built
+    if built in _kept:
+        _kept.remove(built)
+    else:
+        # Named like scratch folders, so that a later process removes it if this one dies.
+        host_prefix = f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+        folder = tempfile.mkdtemp(prefix=host_prefix)
+        built.as_built_path = built.checkpoint.write(os.path.join(folder, "as-built"))
+    _kept.append(built)
+    while len(_kept) > KEEP_BUILDS:
+        shutil.rmtree(os.path.dirname(_kept.pop(0).as_built_path), ignore_errors=True)
 
 
 class _Run:
@@ -304,6 +307,7 @@ class _Run:
         self.steps_per_epoch = steps
         self.steps_per_loop = min(config.train.steps_per_loop or DEFAULT_STEPS_PER_LOOP, steps)
         self.host_reads = 0  # loss reads from the device: one per loop (tests count them)
+        self.best_val_scores: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities)
         self.policy = model_lib.resolve_precision(config.train)
         self.xla = model_lib.resolve_xla(config.train)
         self.class_weights = data.loss_class_weights(self.dataset, config.data.class_balance)
@@ -435,6 +439,7 @@ class _Run:
             improved = not math.isnan(metrics["auc"]) and metrics["auc"] > state["best_auc"]
             if improved:
                 state.update(best_auc=metrics["auc"], best_epoch=epoch, epochs_since_best=0)
+                self.best_val_scores = labels, probabilities  # the export's threshold comes from these
             else:
                 state["epochs_since_best"] += 1
             state["history"].append(record)
@@ -607,7 +612,8 @@ class _Run:
     def _export(self, state: dict) -> TrainResult:
         folder = os.path.join(self.work, CHECKPOINTS)
         self.classifier.load_weights(os.path.join(folder, BEST_WEIGHTS))
-        labels, probabilities = self.predict("val")
+        # The best epoch's validation scores, scored again only when an earlier process ran that epoch.
+        labels, probabilities = self.best_val_scores or self.predict("val")
         target = self.train_cfg.target_sensitivity
         threshold = metrics_lib.threshold_for_sensitivity(labels, probabilities, target)
         at_threshold = metrics_lib.binary_metrics(labels, probabilities, threshold)

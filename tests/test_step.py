@@ -2,7 +2,9 @@
 waits for the device, the collectives' options, the batch arithmetic."""
 
 import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -174,7 +176,7 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
 
     from pneumo_dist import export
 
-    monkeypatch.setattr(train, "_kept", None)
+    monkeypatch.setattr(train, "_kept", [])
     strategy = train.choose_strategy(local=True)
 
     def make_config(name: str, *overrides: str) -> config_lib.RunConfig:
@@ -198,9 +200,9 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
         return history
 
     run("a", "train.learning_rate=0.001", "model.dropout=0.0")
-    built = train._kept
+    (built,) = train._kept
     reused = run("b", "train.learning_rate=0.003", "model.dropout=0.0")
-    assert train._kept is built and built.train_loops[False].experimental_get_tracing_count() == 1
+    assert train._kept == [built] and built.train_loops[False].experimental_get_tracing_count() == 1
     alone = run("b-alone", "train.learning_rate=0.003", "model.dropout=0.0", reuse=False)
     for epoch_reused, epoch_alone in zip(reused, alone, strict=True):
         assert epoch_reused["learning_rate"] == pytest.approx(epoch_alone["learning_rate"], rel=1e-6)
@@ -208,7 +210,7 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
         assert epoch_reused["val_auc"] == pytest.approx(epoch_alone["val_auc"], abs=1e-6)
 
     dropped = run("c", "train.learning_rate=0.003", "model.dropout=0.5")
-    assert train._kept is built
+    assert train._kept == [built]
     assert dropped[0]["train_loss"] != pytest.approx(reused[0]["train_loss"], rel=1e-3)
     saved = tf_keras.models.load_model(str(tmp_path / "c" / export.FOLDER / export.MODEL_FILE))
     classifier = saved.get_layer("pneumo_resnet50")
@@ -218,3 +220,23 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
     assert train._previous_build(make_config("d", "train.learning_rate=0.01"), strategy) is built
     assert train._previous_build(make_config("d", "model.dense_units=32"), strategy) is None
     assert train._previous_build(make_config("d", "train.epochs=3"), strategy) is None
+
+
+def test_a_process_keeps_its_last_few_builds_and_removes_what_an_evicted_one_wrote(monkeypatch):
+    monkeypatch.setattr(train, "_kept", [])
+    builds = [
+        train._Built(
+            key=str(n), strategy=None, classifier=None, optimizer=None, schedule=None, dropout_rate=None,
+            epoch=None, checkpoint=tf.train.Checkpoint(value=tf.Variable(float(n))), loss_sum=None,
+        )
+        for n in range(train.KEEP_BUILDS + 1)
+    ]  # fmt: skip
+    for built in builds[:-1]:
+        train._keep_for_reuse(built)
+    train._keep_for_reuse(builds[0])  # used again: now the most recent
+    train._keep_for_reuse(builds[-1])
+    assert train._kept == [*builds[2:-1], builds[0], builds[-1]]
+    assert not os.path.exists(os.path.dirname(builds[1].as_built_path))
+    assert all(os.path.exists(os.path.dirname(b.as_built_path)) for b in train._kept)
+    for built in train._kept:
+        shutil.rmtree(os.path.dirname(built.as_built_path))
