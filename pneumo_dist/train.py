@@ -12,6 +12,7 @@ import glob
 import json
 import math
 import os
+import random
 import shutil
 import socket
 import tempfile
@@ -172,9 +173,9 @@ def train(
     loop's mean loss) and `on_epoch(record)` (once the epoch's checkpoint is written) are for progress
     displays and Ray's reporting.
 
-    `reuse`: keep the built model and its traced step functions for the next `reuse` run of this
-    process, and use the previous run's when its config differs from this one only in REUSABLE (a
-    search's trials, one after another in a process Tune reuses); see _Built.
+    `reuse`: keep the built model and its traced step functions for later `reuse` runs of this
+    process, and use a kept one whose config differs from this run's only in REUSABLE (a search's
+    trials, one after another in a process Tune reuses); see _Built.
     """
     config.validate()
     configure_process(config.train)
@@ -242,7 +243,7 @@ class _Built:
 
 # This process's builds kept for reuse, the most recently used last. A search space with a few
 # architectures (e.g. model.dense_units: {choice: [64, 128, 256]}) keeps one of each; each holds ResNet50
-# with its optimizer state (~0.3 GB) in memory and its as-built checkpoint on local disk.
+# with its optimizer state in memory (~0.3 GB) and its as-built checkpoint on local disk (as much).
 KEEP_BUILDS = 3
 _kept: list[_Built] = []
 
@@ -289,7 +290,15 @@ class _Run:
         # still be written: saving reads distributed variables collectively) go through a local folder.
         local_output = self.chief and not storage.is_gcs(self.output)
         self.work = self.output if local_output else scratch
-        tf_keras.utils.set_random_seed(config.train.seed)
+        built = _previous_build(config, strategy) if reuse else None
+        if built is None or tf.compat.v1.random.get_seed(0)[0] != config.train.seed:
+            tf_keras.utils.set_random_seed(config.train.seed)
+        else:
+            # TensorFlow's global seed is this run's already. Setting it again would clear TensorFlow's
+            # kernel caches, and the reused step would be instantiated and optimised again at its first
+            # call (~11 s on 2 cores, BENCHMARKS.md).
+            random.seed(config.train.seed)
+            np.random.seed(config.train.seed)
         if config.train.deterministic_ops:
             tf.config.experimental.enable_op_determinism()
 
@@ -312,7 +321,6 @@ class _Run:
         self.xla = model_lib.resolve_xla(config.train)
         self.class_weights = data.loss_class_weights(self.dataset, config.data.class_balance)
         self.learning_rate = scaled_learning_rate(config.train, self.data_cfg.global_batch_size)
-        built = _previous_build(config, strategy) if reuse else None
         self.reused_build = built is not None
         if built is None:
             built = self._build()
