@@ -105,7 +105,9 @@ def test_asha_search_stops_trials_early_finishes_and_exports_the_best(learnable_
         str(tmp_path / "tune"),
         num_samples=4,
         grace_period=1,
-        reduction_factor=2,
+        # Only the top quarter at epoch 1 goes on: with 4 trials of curves this noisy, a cut of half
+        # stopped none in one run (epoch-1 AUCs 0.665, 0.655, 0.758, 0.688, arriving best last).
+        reduction_factor=4,
         search_space=SPACE,
         name="asha",
     )
