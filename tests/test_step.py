@@ -199,11 +199,15 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
         train.train(make_config(name, *overrides), strategy, on_epoch=history.append, reuse=reuse)
         return history
 
-    run("a", "train.learning_rate=0.001", "model.dropout=0.0")
+    # One build (run "alone", as a fresh process would), then another run with another learning rate
+    # and the first one's config again, both on that build. (That the learning rate and dropout rate
+    # are not fixed in the traced step: test_one_xla_program_per_step_...)
+    alone = run("alone", "train.learning_rate=0.003", "model.dropout=0.0")
     (built,) = train._kept
+    other = run("other", "train.learning_rate=0.001", "model.dropout=0.0")
+    assert other[0]["learning_rate"] != pytest.approx(alone[0]["learning_rate"], rel=1e-3)
     reused = run("b", "train.learning_rate=0.003", "model.dropout=0.0")
     assert train._kept == [built] and built.train_loops[False].experimental_get_tracing_count() == 1
-    alone = run("b-alone", "train.learning_rate=0.003", "model.dropout=0.0", reuse=False)
     for epoch_reused, epoch_alone in zip(reused, alone, strict=True):
         assert epoch_reused["learning_rate"] == pytest.approx(epoch_alone["learning_rate"], rel=1e-6)
         assert epoch_reused["train_loss"] == pytest.approx(epoch_alone["train_loss"], rel=1e-4)
