@@ -224,6 +224,7 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
     assert train._previous_build(make_config("d", "train.learning_rate=0.01"), strategy) is built
     assert train._previous_build(make_config("d", "model.dense_units=32"), strategy) is None
     assert train._previous_build(make_config("d", "train.epochs=3"), strategy) is None
+    shutil.rmtree(os.path.dirname(built.as_built_path))  # the checkpoint _keep_for_reuse wrote
 
 
 def test_a_process_keeps_its_last_few_builds_and_removes_what_an_evicted_one_wrote(monkeypatch):
