@@ -480,3 +480,34 @@ def test_a_trials_phases_come_from_its_reports():
     }
     assert tune.trial_phases(history[:1]) == {k: history[0][k] for k in tune.PHASES[:4]}
     assert tune.trial_phases([]) == {}
+
+
+def test_the_search_benchmark_counts_every_trials_compile_against_the_searchs_typical_epoch(
+    tmp_path, monkeypatch
+):
+    """A trial ASHA stopped after one epoch has no compile_s in trials.csv; the benchmark's overhead
+    still counts its first epoch's excess over the search's median later epoch."""
+    from pneumo_dist import run_folder, tune
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import asha_bench
+
+    trials = {  # trial id: (reused a build, phases in trials.csv, seconds of each epoch)
+        "a": (False, {"setup_s": 5.0, "export_s": 3.0}, [40.0]),
+        "b": (True, {"setup_s": 1.0, "compile_s": 2.0, "export_s": 3.0}, [12.0, 10.0, 10.0]),
+        "c": (False, {"setup_s": 5.0, "compile_s": 19.5, "export_s": 3.0}, [30.0, 10.0, 11.0]),
+    }
+    for trial_id, (_, _, seconds) in trials.items():
+        state = Path(run_folder.state_uri(str(tmp_path / tune.TRIALS_FOLDER / trial_id)))
+        state.parent.mkdir(parents=True)
+        state.write_text(json.dumps({"history": [{"seconds": s, "val_auc": 0.5} for s in seconds]}))
+    with open(tmp_path / "trials.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["trial_id", "reused_build", *tune.PHASES])
+        for trial_id, (reused, phases, _) in trials.items():
+            writer.writerow([trial_id, reused, *(phases.get(p, "") for p in tune.PHASES)])
+    assert asha_bench.experiment_overheads(str(tmp_path)) == [
+        ("a", False, 5.0 + 3.0 + (40.0 - 10.0)),  # the median of 10, 10, 10, 11
+        ("b", True, 1.0 + 3.0 + 2.0),
+        ("c", False, 5.0 + 3.0 + 20.0),
+    ]
