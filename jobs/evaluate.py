@@ -26,6 +26,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--split", default="test", help="split to score: test, val or train")
     parser.add_argument("--out", help="report folder (local or gs://); default: next to the export")
     parser.add_argument("--threshold", type=float, help="operating threshold instead of the exported one")
+    parser.add_argument(
+        "--policy",
+        choices=("sensitivity", "youden", "prevalence"),
+        help="another threshold policy's threshold, chosen on validation at export",
+    )
+    parser.add_argument(
+        "--prevalence",
+        type=float,
+        help="PNEUMONIA's prevalence where the model is used: the prevalence policy's threshold for it",
+    )
     parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
     parser.add_argument("--gradcam", type=int, default=3, help="Grad-CAM examples per case (0: none)")
@@ -41,12 +51,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    import numpy as np
     from tqdm import tqdm
 
-    from pneumo_dist import evaluate, predict, storage
+    from pneumo_dist import evaluate, predict, schema, storage
 
     try:
-        detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
+        # A wrong --data or --split is said before the model loads (tens of seconds for ResNet50).
+        manifest_uri = schema.manifest_uri_of(args.data)
+        schema.Manifest.read(manifest_uri).shard_uris(manifest_uri, args.split)
+        detector = predict.PneumoniaDetector.load(
+            args.model, threshold=args.threshold, policy=args.policy, prevalence=args.prevalence
+        )
         out = args.out or storage.join(storage.parent(detector.uri), f"eval-{args.split}")
         with tqdm(desc=f"scoring {args.split}", unit="img", disable=None) as bar:
 
@@ -71,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.split} split, {summary['data']['count']} images ({summary['data']['positives']} PNEUMONIA)")
     for name in ("at_0.5", "at_threshold"):
         print(f"threshold {summary[name]['threshold']:.4f}: {evaluate.headline(summary[name], '  ')}")
+    for name, point in summary["policies"].items():
+        print(f"  {name} policy, threshold {point['threshold']:.4f}: {evaluate.headline(point, '  ')}")
+    for attribute, groups in summary["subgroups"].items():
+        for value, group in groups.items():
+            figures = "  ".join(
+                f"{m} {group[m]['value']:.3f} [{group[m]['ci95'][0]:.3f}, {group[m]['ci95'][1]:.3f}]"
+                for m in evaluate.SUBGROUP_METRICS
+                if np.isfinite(group[m]["value"])
+            )
+            print(f"  {attribute}={value}: {group['count']} images  {figures}")
     print(f"ECE {summary['calibration']['ece']:.4f}\nreport: {storage.join(out, 'report.html')}")
     return 0
 

@@ -26,6 +26,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="export folder (local or gs://)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (local or gs://)")
     parser.add_argument("--threshold", type=float, help="instead of the threshold chosen at export")
+    parser.add_argument(
+        "--policy",
+        choices=("sensitivity", "youden", "prevalence"),
+        help="another threshold policy's threshold, chosen on validation at export",
+    )
+    parser.add_argument(
+        "--prevalence",
+        type=float,
+        help="PNEUMONIA's prevalence where the model is used: the prevalence policy's threshold for it",
+    )
     parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
@@ -76,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
     from pneumo_dist import predict, storage
 
-    detector = predict.PneumoniaDetector.load(args.model, threshold=args.threshold)
+    detector = predict.PneumoniaDetector.load(
+        args.model, threshold=args.threshold, policy=args.policy, prevalence=args.prevalence
+    )
     rows = []
     for start in tqdm(range(0, len(paths), args.batch_size), unit="batch", disable=None):
         batch = paths[start : start + args.batch_size]

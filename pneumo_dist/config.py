@@ -107,6 +107,11 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
 SWITCHES = ("auto", "on", "off")
+# How the exported threshold is chosen on the validation split: the highest threshold reaching
+# target_sensitivity; the largest Youden's J (sensitivity + specificity - 1); the fewest expected errors
+# at deployment_prevalence (on calibrated probabilities).
+THRESHOLD_POLICIES = ("sensitivity", "youden", "prevalence")
+CALIBRATIONS = ("platt", "none")
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,17 @@ class TrainConfig:
     label_smoothing: float = 0.0
     head_warmup_epochs: int = 0  # epochs with the whole backbone frozen before unfreezing
     early_stopping_patience: int = 5  # epochs without a better validation AUC; 0 = off
-    target_sensitivity: float = 0.95  # the exported threshold reaches this on validation
+    target_sensitivity: float = 0.95  # the sensitivity policy's threshold reaches this on validation
+    # The export's operating threshold (every policy's threshold is exported and reported; the detector
+    # and evaluate.py can take another). Sensitivity first: a screening model that misses pneumonia costs
+    # more than one that sends a healthy chest for a second read.
+    threshold_policy: str = "sensitivity"
+    # The probabilities are calibrated on the validation split (logistic, Platt 1999), which removes the
+    # bias class weights put in them; "none" exports them as the model gives them.
+    calibration: str = "platt"
+    # The prevalence of PNEUMONIA where the model will be used, if known (0: not known): the export then
+    # also holds the prevalence policy's threshold for it.
+    deployment_prevalence: float = 0.0
     precision: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     xla: str = "auto"  # auto: on for GPU, off on CPU
     # XLA's persistent compilation cache, shared by the trials of a node; "" = off; "default":
@@ -213,6 +228,25 @@ class TrainConfig:
             self.target_sensitivity,
             "must be in (0, 1]",
         )
+        for name, allowed in (("threshold_policy", THRESHOLD_POLICIES), ("calibration", CALIBRATIONS)):
+            value = getattr(self, name)
+            _check(value in allowed, "train", name, value, f"must be one of {', '.join(allowed)}")
+        _check(
+            0 <= self.deployment_prevalence < 1,
+            "train",
+            "deployment_prevalence",
+            self.deployment_prevalence,
+            "must be in (0, 1), or 0 when not known",
+        )
+        if self.threshold_policy == "prevalence":
+            _check(
+                self.deployment_prevalence > 0 and self.calibration != "none",
+                "train",
+                "threshold_policy",
+                self.threshold_policy,
+                "needs train.deployment_prevalence (in (0, 1)) and calibrated probabilities "
+                "(train.calibration: platt)",
+            )
         _check(bool(self.output_uri), "train", "output_uri", self.output_uri, "must not be empty")
         _check(
             self.max_steps_per_epoch >= 0,

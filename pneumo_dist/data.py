@@ -146,7 +146,7 @@ def eval_dataset(
     with_source: bool = False,
 ):
     """This worker's part of `split`, in order, unaugmented, with the last partial batch: across all
-    workers every record is scored exactly once. `with_source` adds each record's source path."""
+    workers every record is scored exactly once. `with_source` adds each record's source path and subtype."""
     records = _worker_records(dataset.shards(split), context, shuffle_files=False, data=data)
     decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=True)
     stored_px = dataset.manifest.image.stored_size_px
@@ -206,16 +206,18 @@ _FEATURES = {
     schema.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
     schema.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
     schema.SOURCE_KEY: tf.io.FixedLenFeature([], tf.string),
+    schema.SUBTYPE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
 }
 
 
 def decode_example(serialized: tf.Tensor) -> dict:
-    """Serialized tf.train.Example -> its encoded image, label and source path."""
+    """Serialized tf.train.Example -> its encoded image, label, source path and pneumonia subtype."""
     example = tf.io.parse_single_example(serialized, _FEATURES)
     return {
         "encoded": example[schema.IMAGE_KEY],
         "label": example[schema.LABEL_KEY],
         "source": example[schema.SOURCE_KEY],
+        "subtype": example[schema.SUBTYPE_KEY],
     }
 
 
@@ -243,13 +245,15 @@ def _resize_batches(batches: tf.data.Dataset, stored_px: int, image_size_px: int
 
 
 def parse_record(record: dict, stored_px: int, keep_source: bool) -> dict:
-    """decode_example's features -> uint8 (stored_px, stored_px, 1) image, float32 label (and source)."""
+    """decode_example's features -> uint8 (stored_px, stored_px, 1) image, float32 label (and source
+    and subtype, for evaluation's per-image rows and subgroups)."""
     element = {
         "image": decode_image(record["encoded"], stored_px),
         "label": tf.cast(record["label"], tf.float32),
     }
     if keep_source:
         element["source"] = record["source"]
+        element["subtype"] = record["subtype"]
     return element
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import csv
+import dataclasses
 import html
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -20,11 +21,14 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pneumo_dist import data, explain, schema, storage
 from pneumo_dist import metrics as metrics_lib
+from pneumo_dist import sources as sources_lib
 from pneumo_dist.config import DataConfig
 from pneumo_dist.predict import PneumoniaDetector
 
 CASES = ("true_positive", "false_positive", "false_negative", "true_negative")
 PLOTS = ("roc.png", "pr.png", "confusion.png", "reliability.png", "gradcam.png")
+POLICY_COLUMNS = ("sensitivity", "specificity", "accuracy", "precision")
+SUBGROUP_METRICS = ("sensitivity", "specificity", "auc")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,17 @@ class Scores:
     labels: np.ndarray  # 0 NORMAL, 1 PNEUMONIA
     probabilities: np.ndarray  # P(PNEUMONIA)
     sources: list[str]  # each record's source path, in the split's order
+    subtypes: list[str] = field(default_factory=list)  # each record's pneumonia subtype ("" unknown)
+
+
+# The attributes evaluation reports figures by, each record's value from its subtype and source name
+# (a value of "" is left out; an attribute with fewer than two values is not reported).
+SUBGROUPS = {
+    "subtype": lambda scores, index: scores.subtypes[index] if scores.subtypes else "",
+    "acquisition": lambda scores, index: sources_lib.acquisition_group(
+        os.path.basename(scores.sources[index])
+    ),
+}
 
 
 def split_data_config(detector: PneumoniaDetector, manifest_uri: str, batch_size: int) -> DataConfig:
@@ -57,14 +72,15 @@ def score_split(
     """Every record of `split`, once, in order. `on_batch(done, total)` reports progress."""
     dataset.shards(split)  # a missing split raises here, naming the splits there are
     total = dataset.records(split)
-    labels, probabilities, sources = [], [], []
+    labels, probabilities, sources, subtypes = [], [], [], []
     for batch in data.eval_dataset(data_config, dataset, split, with_source=True):
         probabilities.append(detector.probabilities(batch["image"], tta_views))
         labels.append(batch["label"].numpy())
         sources += [s.decode() for s in batch["source"].numpy()]
+        subtypes += [s.decode() for s in batch["subtype"].numpy()]
         if on_batch:
             on_batch(len(sources), total)
-    return Scores(np.concatenate(labels).astype(np.int64), np.concatenate(probabilities), sources)
+    return Scores(np.concatenate(labels).astype(np.int64), np.concatenate(probabilities), sources, subtypes)
 
 
 def split_images(
@@ -83,16 +99,24 @@ def split_images(
     return found
 
 
-def metrics_report(scores: Scores, threshold: float, resamples: int = 2000, seed: int = 0) -> dict:
-    """Point estimates with 95% intervals at 0.5 and at the operating threshold, plus calibration."""
-    operating_points = {"at_0.5": 0.5, "at_threshold": threshold}
+def metrics_report(
+    scores: Scores,
+    threshold: float,
+    resamples: int = 2000,
+    seed: int = 0,
+    policies: dict[str, float] | None = None,
+) -> dict:
+    """Point estimates with 95% intervals at 0.5, at the operating threshold and at each threshold
+    policy's threshold (`policies`: name -> threshold, chosen on validation), plus calibration."""
+    policies = policies or {}
+    thresholds = [0.5, threshold, *policies.values()]
     intervals = metrics_lib.bootstrap_intervals(
-        scores.labels, scores.probabilities, list(operating_points.values()), resamples, seed=seed
+        scores.labels, scores.probabilities, thresholds, resamples, seed=seed
     )
-    report = {}
-    for (name, value), interval in zip(operating_points.items(), intervals, strict=True):
+
+    def operating_point(value: float, interval: dict) -> dict:
         point = metrics_lib.binary_metrics(scores.labels, scores.probabilities, value)
-        report[name] = {
+        return {
             "threshold": value,
             "metrics": {
                 m: {"value": point[m], "ci95": list(interval[m])} for m in metrics_lib.INTERVAL_METRICS
@@ -102,11 +126,46 @@ def metrics_report(scores: Scores, threshold: float, resamples: int = 2000, seed
                 for k in ("true_positives", "false_positives", "true_negatives", "false_negatives")
             },
         }
+
+    points = [operating_point(value, interval) for value, interval in zip(thresholds, intervals, strict=True)]
+    report = {
+        "at_0.5": points[0],
+        "at_threshold": points[1],
+        "policies": dict(zip(policies, points[2:], strict=True)),
+    }
     report["calibration"] = {
         "ece": metrics_lib.expected_calibration_error(scores.labels, scores.probabilities),
         "bins": metrics_lib.reliability_bins(scores.labels, scores.probabilities),
     }
     report["bootstrap"] = {"resamples": resamples, "seed": seed, "method": "class-stratified percentile"}
+    return report
+
+
+def subgroup_report(scores: Scores, threshold: float, resamples: int = 2000, seed: int = 0) -> dict:
+    """Per SUBGROUPS attribute and value, at the operating threshold: the counts, and sensitivity,
+    specificity and AUC with 95% intervals where the group has the classes they need (a group of one
+    class has no AUC; "person" images are all PNEUMONIA). -> {attribute: {value: figures}}"""
+    report = {}
+    for attribute, value_of in SUBGROUPS.items():
+        members: dict[str, list[int]] = {}
+        for index in range(len(scores.labels)):
+            if value := value_of(scores, index):
+                members.setdefault(value, []).append(index)
+        if len(members) < 2:
+            continue
+        report[attribute] = {}
+        for value, indices in sorted(members.items()):
+            labels, probabilities = scores.labels[indices], scores.probabilities[indices]
+            point = metrics_lib.binary_metrics(labels, probabilities, threshold)
+            (interval,) = metrics_lib.bootstrap_intervals(
+                labels, probabilities, [threshold], resamples, seed=seed
+            )
+            report[attribute][value] = {
+                "count": len(indices),
+                "positives": int(labels.sum()),
+                "negatives": int(len(labels) - labels.sum()),
+                **{m: {"value": point[m], "ci95": list(interval[m])} for m in SUBGROUP_METRICS},
+            }
     return report
 
 
@@ -290,12 +349,55 @@ def html_page(summary: dict, plots: dict[str, bytes]) -> bytes:
             "<p class=warn>These shards were stored at another size or encoding than the training "
             "shards: the model sees slightly different pixels than in training.</p>"
         )
+    policy_rows = "".join(
+        f"<tr><th>{html.escape(name)}</th><td>{point['threshold']:.4f}</td>"
+        + "".join(
+            f"<td>{point['metrics'][m]['value']:.3f} [{point['metrics'][m]['ci95'][0]:.3f}, "
+            f"{point['metrics'][m]['ci95'][1]:.3f}]</td>"
+            for m in POLICY_COLUMNS
+        )
+        + "</tr>"
+        for name, point in summary["policies"].items()
+    )
+    policy_table = (
+        "<p>Thresholds of each policy, chosen on the validation split (sensitivity: the highest reaching the "
+        "target sensitivity there; youden: the largest sensitivity + specificity - 1; prevalence: the fewest "
+        "expected errors at the deployment's prevalence):</p><table><tr><th>policy</th><th>threshold</th>"
+        + "".join(f"<th>{m}</th>" for m in POLICY_COLUMNS)
+        + f"</tr>{policy_rows}</table>"
+        if policy_rows
+        else ""
+    )
+    subgroup_rows = "".join(
+        f"<tr><th>{html.escape(attribute)} = {html.escape(value)}</th><td>{group['count']} "
+        f"({group['positives']} / {group['negatives']})</td>"
+        + "".join(_figure_cell(group[m]) for m in SUBGROUP_METRICS)
+        + "</tr>"
+        for attribute, groups in summary.get("subgroups", {}).items()
+        for value, group in groups.items()
+    )
+    subgroup_table = (
+        "<p>Subgroups, at the operating threshold (a dash: the group lacks the class the figure needs):</p>"
+        "<table><tr><th>group</th><th>images (PNEUMONIA / NORMAL)</th>"
+        + "".join(f"<th>{m}</th>" for m in SUBGROUP_METRICS)
+        + f"</tr>{subgroup_rows}</table>"
+        if subgroup_rows
+        else ""
+    )
     fields = {**model, **dataset, "created_utc": summary["created_utc"]}
     escaped = {key: html.escape(str(value)) for key, value in fields.items()}
     bootstrap, calibration = summary["bootstrap"], summary["calibration"]
     source = "chosen on the validation split for sensitivity &ge; " + escaped["target_sensitivity"]
     if model["threshold_source"] != "validation":
         source = "given by the user"
+    elif model.get("threshold_policy") not in (None, "sensitivity"):
+        source = f"chosen on the validation split by the {escaped['threshold_policy']} policy"
+    calibrated = (
+        "Probabilities calibrated on the validation split (logistic: slope "
+        f"{model['calibration']['slope']:.3f}, intercept {model['calibration']['intercept']:.3f})."
+        if model.get("calibration")
+        else "Probabilities as the model gives them (not calibrated)."
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>pneumo-dist evaluation: {escaped["split"]}</title>
 <style>{_CSS}</style></head><body>
@@ -309,12 +411,21 @@ bootstrap, {bootstrap["resamples"]} resamples.</p>
 <table><tr><th></th><th colspan=2>threshold 0.5</th>
 <th colspan=2>threshold {model["threshold"]:.4f}</th></tr>
 {"".join(rows)}</table>
-<p>Expected calibration error ({len(calibration["bins"])} bins): {calibration["ece"]:.4f}.
+{policy_table}
+{subgroup_table}
+<p>{calibrated} Expected calibration error ({len(calibration["bins"])} bins): {calibration["ece"]:.4f}.
 Grad-CAM maps show the evidence for the predicted class at the operating threshold.</p>
 {images}
 <p>Generated {escaped["created_utc"]} by pneumo-dist; numbers in metrics.json, per-image scores in
 predictions.csv.</p></body></html>
 """.encode()
+
+
+def _figure_cell(figure: dict) -> str:
+    value, (low, high) = figure["value"], figure["ci95"]
+    if value is None or not np.isfinite(value):
+        return "<td>-</td>"
+    return f"<td>{value:.3f} [{low:.3f}, {high:.3f}]</td>"
 
 
 _CSS = (
@@ -373,6 +484,8 @@ def run_evaluation(
             "image_size_px": detector.image_size_px,
             "threshold": detector.threshold,
             "threshold_source": detector.threshold_source,
+            "threshold_policy": detector.policy,
+            "calibration": dataclasses.asdict(detector.calibration) if detector.calibration else None,
             "target_sensitivity": detector.info.target_sensitivity or "unknown",
         },
         "data": {
@@ -388,7 +501,8 @@ def run_evaluation(
         },
         "tta_views": tta_views,
         "created_utc": storage.utc_timestamp(),
-    } | metrics_report(scores, detector.threshold, resamples)
+    } | metrics_report(scores, detector.threshold, resamples, policies=detector.operating_points)
+    summary["subgroups"] = subgroup_report(scores, detector.threshold, resamples)
     if out_uri is None:
         return summary
     plots = {

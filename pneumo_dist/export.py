@@ -3,7 +3,7 @@
     export/
         model.keras      the inference model (gray 0..255 pixels in, P(PNEUMONIA) out)
         metrics.json     validation figures of the exported weights
-        threshold.json   the operating threshold, chosen on the validation split
+        threshold.json   the operating thresholds and the calibration, chosen on the validation split
         config.yaml      the run's config
         export.json      written last (ExportInfo): a folder without it is an export that did not finish
 
@@ -14,8 +14,9 @@ trial's. No TensorFlow here: the search's driver reads exports without importing
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from pneumo_dist import storage
 from pneumo_dist.errors import PneumoDistError
@@ -40,13 +41,49 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """The model's P(PNEUMONIA) -> a calibrated one: sigmoid(slope * logit(p) + intercept), fitted on
+    the validation split (metrics.fit_platt). PneumoniaDetector applies it to every probability it
+    returns; the export's thresholds are on the calibrated scale."""
+
+    slope: float
+    intercept: float
+    method: str = "platt"
+
+    def apply(self, probability):
+        """A probability or a numpy array of them (numpy only: no TensorFlow here)."""
+        import numpy as np
+
+        p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+        z = self.slope * (np.log(p) - np.log1p(-p)) + self.intercept
+        return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+@dataclass(frozen=True)
 class ExportInfo:
     files: list[str]
     model: str  # the model's file name in the folder
-    threshold: float  # chosen on validation for target_sensitivity
+    threshold: float  # the operating threshold: operating_points[threshold_policy]
     target_sensitivity: float | None  # None: not recorded
     preprocessing: Preprocessing
     created_utc: str
+    calibration: Calibration | None = None  # None: probabilities as the model gives them
+    # Policy (config.THRESHOLD_POLICIES) -> its threshold, chosen on validation; "prevalence" only when the
+    # training config gave a deployment prevalence (PneumoniaDetector.load can compute it for any).
+    operating_points: dict[str, float] = field(default_factory=dict)
+    threshold_policy: str = "sensitivity"
+    validation_prevalence: float | None = None  # the calibration's prior (the prevalence policy's base)
+
+    def threshold_for_prevalence(self, prevalence: float) -> float:
+        """The prevalence policy's threshold for a deployment where PNEUMONIA has `prevalence`."""
+        if self.calibration is None or self.validation_prevalence is None:
+            raise ExportError(
+                "this export has no calibrated probabilities (exported without calibration, or by an "
+                "older pneumo-dist): a threshold for a prevalence needs them; export it again"
+            )
+        if not 0.0 < prevalence < 1.0:
+            raise ExportError(f"the deployment prevalence must be in (0, 1), got {prevalence}")
+        return threshold_for_prevalence(self.validation_prevalence, prevalence)
 
     def model_uri(self, folder: str) -> str:
         """Where the model is; refuses a name that would leave the folder (storage.UnsafeName)."""
@@ -97,13 +134,45 @@ def read(folder: str) -> ExportInfo:
             jpeg_quality=int(step["jpeg_quality"]) if step.get("jpeg_quality") is not None else None,
         )
         target = raw.get("target_sensitivity")
-        return ExportInfo(
+        calibration = raw.get("calibration")
+        if calibration is not None:
+            calibration = Calibration(
+                slope=float(calibration["slope"]),
+                intercept=float(calibration["intercept"]),
+                method=str(calibration.get("method", "platt")),
+            )
+        prevalence = raw.get("validation_prevalence")
+        info = ExportInfo(
             files=list(raw.get("files", [])),
             model=str(raw["model"]),
             threshold=float(raw["threshold"]),
             target_sensitivity=None if target is None else float(target),
             preprocessing=preprocessing,
             created_utc=str(raw.get("created_utc", "")),
+            calibration=calibration,
+            operating_points={str(k): float(v) for k, v in raw.get("operating_points", {}).items()},
+            threshold_policy=str(raw.get("threshold_policy", "sensitivity")),
+            validation_prevalence=None if prevalence is None else float(prevalence),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ExportError(f"{info_uri}: malformed ({error!r}); export it again") from None
+    numbers = [info.threshold, *info.operating_points.values()]
+    if calibration is not None:
+        numbers += [calibration.slope, calibration.intercept]
+    if not all(math.isfinite(n) for n in numbers) or not 0.0 <= info.threshold <= 1.0:
+        raise ExportError(
+            f"{info_uri}: malformed (a threshold or calibration is not a finite number); export it again"
+        )
+    return info
+
+
+def threshold_for_prevalence(validation_prevalence: float, deployment_prevalence: float) -> float:
+    """On probabilities calibrated on a split where PNEUMONIA has `validation_prevalence`: the threshold
+    at which the probability under `deployment_prevalence` is 0.5, i.e. the fewest expected errors where
+    pneumonia is that common. Bayes' rule: a change of prior multiplies the posterior odds by the ratio
+    of the prior odds (Saerens et al., Neural Computation 2002)."""
+
+    def odds(p: float) -> float:
+        return p / (1.0 - p)
+
+    return 1.0 / (1.0 + odds(deployment_prevalence) / odds(validation_prevalence))

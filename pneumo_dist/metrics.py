@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 # The figures that get a confidence interval. Counts and the loss do not.
 INTERVAL_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "pr_auc", "ece")
@@ -150,6 +150,62 @@ def threshold_for_sensitivity(labels: np.ndarray, probabilities: np.ndarray, tar
     # Predicting positive at p >= t catches the positives with p >= t: keep the top ceil(target * n).
     needed = int(np.ceil(target * len(positives) - 1e-9))
     return float(positives[len(positives) - needed]) if needed > 0 else float(positives[-1]) + 1e-6
+
+
+def threshold_youden(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """The threshold of the ROC point farthest above the chance line: the largest Youden's J =
+    sensitivity + specificity - 1 (Youden 1950). It weighs a missed pneumonia and a false alarm as one
+    each, whatever the prevalence; of equally good thresholds, the highest."""
+    positive = np.asarray(labels).reshape(-1) > 0.5
+    if not 0 < positive.sum() < len(positive):
+        return 0.5
+    false_positive_rate, true_positive_rate, thresholds = roc_curve(positive, probabilities)
+    best = int(np.argmax(true_positive_rate - false_positive_rate))
+    return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is inf: nothing positive
+
+
+def fit_platt(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, float] | None:
+    """Logistic calibration of P(PNEUMONIA) on a held-out split (Platt 1999): calibrated =
+    sigmoid(slope * logit(p) + intercept), fitted by maximum likelihood with Platt's smoothed targets
+    (which keep the fit finite when the split is perfectly separated). The intercept takes out the prior
+    that class weights put into the training loss, the slope over- or under-confidence; for a slope > 0
+    the ranking (AUC) is unchanged. -> (slope, intercept), or None when it cannot be fitted (one class,
+    or a slope <= 0: a model that ranks backwards is not corrected by calibration)."""
+    positive = np.asarray(labels).reshape(-1) > 0.5
+    n_positive, n_negative = int(positive.sum()), int((~positive).sum())
+    if not n_positive or not n_negative:
+        return None
+    target = np.where(positive, (n_positive + 1.0) / (n_positive + 2.0), 1.0 / (n_negative + 2.0))
+    features = np.stack([logit(probabilities), np.ones(len(target))], axis=1)
+
+    def loss(weights: np.ndarray) -> float:
+        z = features @ weights
+        return float(np.sum(np.logaddexp(0.0, z) - target * z))
+
+    weights = np.array([1.0, 0.0])
+    for _ in range(100):  # Newton's method with step halving: a convex problem in two unknowns
+        q = _sigmoid(features @ weights)
+        gradient = features.T @ (q - target)
+        hessian = features.T @ (features * (q * (1.0 - q))[:, None]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        current, scale = loss(weights), 1.0
+        while loss(weights - scale * step) > current and scale > 1e-6:
+            scale /= 2.0
+        weights = weights - scale * step
+        if np.max(np.abs(scale * step)) < 1e-9:
+            break
+    slope, intercept = (float(w) for w in weights)
+    return (slope, intercept) if slope > 0 and np.isfinite(weights).all() else None
+
+
+def logit(probabilities: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), p clipped to float32's reach (a saturated sigmoid gives exactly 0 or 1)."""
+    clipped = np.clip(np.asarray(probabilities, dtype=np.float64).reshape(-1), 1e-7, 1.0 - 1e-7)
+    return np.log(clipped) - np.log1p(-clipped)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
 def _percentiles(values: np.ndarray, tail: float) -> tuple[float, float]:

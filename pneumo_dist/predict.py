@@ -58,14 +58,27 @@ ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | 
 
 class PneumoniaDetector:
     def __init__(
-        self, model: tf_keras.Model, info: export_lib.ExportInfo, uri: str, version: str, threshold: float
+        self,
+        model: tf_keras.Model,
+        info: export_lib.ExportInfo,
+        uri: str,
+        version: str,
+        threshold: float,
+        policy: str | None = None,
+        operating_points: dict[str, float] | None = None,
     ):
         self.model = model
         self.info = info
         self.uri = uri
         self.version = version
         self.threshold = threshold
-        self.threshold_source = "validation" if threshold == info.threshold else "given"
+        # The threshold policy that chose `threshold` on the validation split; None: given by the caller.
+        self.policy = policy
+        self.threshold_source = "given" if policy is None else "validation"
+        # Every policy's threshold chosen on validation (evaluate.py reports the figures at each).
+        self.operating_points = dict(info.operating_points if operating_points is None else operating_points)
+        # Applied to every probability returned (None: the probabilities as the model gives them).
+        self.calibration = info.calibration
         preprocessing = info.preprocessing
         self.image_size_px = preprocessing.image_size_px
         self.stored_size_px = preprocessing.stored_size_px
@@ -74,11 +87,23 @@ class PneumoniaDetector:
         self._forward = tf.function(lambda x: self.model(x, training=False)[:, 0], reduce_retracing=True)
 
     @classmethod
-    def load(cls, uri: str, threshold: float | None = None) -> PneumoniaDetector:
+    def load(
+        cls,
+        uri: str,
+        threshold: float | None = None,
+        policy: str | None = None,
+        prevalence: float | None = None,
+    ) -> PneumoniaDetector:
         """Load an export folder (local or gs://; also its export.json or model.keras path). The
-        threshold is the one chosen on the validation split at export time unless given here."""
+        threshold is the export's operating threshold, unless given here, or another policy's chosen on
+        the validation split (`policy`: sensitivity, youden, or prevalence with the deployment's
+        `prevalence` of PNEUMONIA, which needs an export with calibrated probabilities)."""
         folder = export_lib.folder_of(uri)
         info = export_lib.read(folder)
+        threshold, policy = _operating_point(info, threshold, policy, prevalence)
+        points = dict(info.operating_points)
+        if prevalence is not None:
+            points["prevalence"] = threshold  # for this deployment's prevalence, not the export's
         model_uri = info.model_uri(folder)
         if not info.model.endswith(MODEL_SUFFIX):
             raise DetectorError(
@@ -101,10 +126,7 @@ class PneumoniaDetector:
                 model = tf_keras.models.load_model(local, compile=False, safe_mode=True)
             except Exception as error:  # Keras raises many types for a damaged archive
                 raise DetectorError(f"{model_uri} could not be loaded as a Keras model: {error}") from None
-        chosen = info.threshold if threshold is None else threshold
-        if not 0.0 <= float(chosen) <= 1.0:
-            raise DetectorError(f"threshold must be in 0..1, got {chosen}")
-        return cls(model, info, folder, version, float(chosen))
+        return cls(model, info, folder, version, threshold, policy, points)
 
     # --- preprocessing -----------------------------------------------------------------------------
 
@@ -150,7 +172,8 @@ class PneumoniaDetector:
         for view in range(1, tta_views):
             seed = tf.constant([view, 0], tf.int64)  # the same variants on every call: reproducible
             total += self._forward(augment_batch(pixels, TTA_AUGMENT, seed) * 255.0)
-        return (total / tta_views).numpy().astype(np.float64)
+        probabilities = (total / tta_views).numpy().astype(np.float64)
+        return self.calibration.apply(probabilities) if self.calibration else probabilities
 
     def predict(self, image: ImageInput, tta_views: int = 1) -> Prediction:
         return self.predict_batch([image], tta_views=tta_views)[0]
@@ -194,6 +217,29 @@ class PneumoniaDetector:
     def prediction(self, probability: float, source: str) -> Prediction:
         label = schema.CLASS_NAMES[1] if probability >= self.threshold else schema.CLASS_NAMES[0]
         return Prediction(label, probability, self.threshold, self.version, source)
+
+
+def _operating_point(
+    info: export_lib.ExportInfo, threshold: float | None, policy: str | None, prevalence: float | None
+) -> tuple[float, str | None]:
+    """(threshold, the policy that chose it, None when given) for PneumoniaDetector.load."""
+    if threshold is not None:
+        if policy is not None or prevalence is not None:
+            raise DetectorError("give a threshold, or a policy (and prevalence), not both")
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise DetectorError(f"threshold must be in 0..1, got {threshold}")
+        return float(threshold), None
+    if prevalence is not None:
+        if policy not in (None, "prevalence"):
+            raise DetectorError(f"a prevalence chooses the prevalence policy's threshold, not {policy}'s")
+        return info.threshold_for_prevalence(float(prevalence)), "prevalence"
+    if policy is None:
+        return info.threshold, info.threshold_policy
+    if policy not in info.operating_points:
+        hint = "; give the deployment's prevalence" if policy == "prevalence" else ""
+        have = ", ".join(sorted(info.operating_points)) or "none: exported by an older pneumo-dist"
+        raise DetectorError(f"the export has no {policy} threshold (it has {have}){hint}")
+    return info.operating_points[policy], policy
 
 
 def check_tta_views(tta_views: int) -> None:

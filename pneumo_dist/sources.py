@@ -23,6 +23,7 @@ from pneumo_dist.schema import CLASS_NAMES, SPLITS
 # NORMAL2-IM-0372-0001.jpeg, NORMAL2-IM-0587-0001-0002.jpeg (a patient's second view).
 _PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_\d+", re.IGNORECASE)
 _NORMAL_NAME = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+", re.IGNORECASE)
+_ACQUISITION_NAME = re.compile(r"^(NORMAL\d*-IM|IM|person)[-_]?\d", re.IGNORECASE)
 _SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
@@ -65,6 +66,17 @@ def patient_and_subtype(file_name: str) -> tuple[str | None, str]:
     if match := _NORMAL_NAME.match(file_name):
         return match.group(1).upper(), ""
     return None, ""
+
+
+def acquisition_group(file_name: str) -> str:
+    """Which family of the Kaggle chest_xray file names an image has: "IM" and "NORMAL2-IM" (NORMAL
+    images, added to the data set in different batches) or "person" (PNEUMONIA); "" for other names.
+    Evaluation reports figures per family: a model can do well on one and badly on another."""
+    match = _ACQUISITION_NAME.match(file_name)
+    if not match:
+        return ""
+    family = match.group(1)
+    return "person" if family.lower() == "person" else family.upper()
 
 
 def parse_label(text: str) -> int | None:

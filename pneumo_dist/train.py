@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -621,9 +622,22 @@ class _Run:
         folder = os.path.join(self.work, CHECKPOINTS)
         self.classifier.load_weights(os.path.join(folder, BEST_WEIGHTS))
         # The best epoch's validation scores, scored again only when an earlier process ran that epoch.
-        labels, probabilities = self.best_val_scores or self.predict("val")
+        labels, scores = self.best_val_scores or self.predict("val")
+        calibration, probabilities = self._calibration(labels, scores)
         target = self.train_cfg.target_sensitivity
-        threshold = metrics_lib.threshold_for_sensitivity(labels, probabilities, target)
+        prevalence = float(np.mean(np.asarray(labels) > 0.5))
+        points = {
+            "sensitivity": metrics_lib.threshold_for_sensitivity(labels, probabilities, target),
+            "youden": metrics_lib.threshold_youden(labels, probabilities),
+        }
+        if calibration and self.train_cfg.deployment_prevalence:
+            deployed = self.train_cfg.deployment_prevalence
+            points["prevalence"] = export_lib.threshold_for_prevalence(prevalence, deployed)
+        policy = self.train_cfg.threshold_policy
+        if policy not in points:  # the prevalence policy, when calibration could not be fitted
+            self._warn(f"no {policy} threshold without calibration; exporting the sensitivity one")
+            policy = "sensitivity"
+        threshold = points[policy]
         at_threshold = metrics_lib.binary_metrics(labels, probabilities, threshold)
         export_dir = os.path.join(self.work, export_lib.FOLDER)
         if os.path.isdir(export_dir):
@@ -639,14 +653,27 @@ class _Run:
                 "split": "val",
                 "note": "validation figures, not test figures: run evaluate.py on the test split",
                 "best_epoch": state["best_epoch"],
+                "calibration": {
+                    **(dataclasses.asdict(calibration) if calibration else {"method": "none"}),
+                    "val_ece_as_trained": metrics_lib.expected_calibration_error(labels, scores),
+                    "val_ece": metrics_lib.expected_calibration_error(labels, probabilities),
+                },
                 "at_0.5": metrics_lib.binary_metrics(labels, probabilities, 0.5),
                 "at_threshold": at_threshold,
+                "operating_points": {
+                    name: metrics_lib.binary_metrics(labels, probabilities, value)
+                    for name, value in points.items()
+                },
                 "history": state["history"],
             }
             chosen = {
                 "threshold": threshold,
+                "policy": policy,
+                "operating_points": points,
                 "target_sensitivity": target,
+                "deployment_prevalence": self.train_cfg.deployment_prevalence or None,
                 "chosen_on": "val",
+                "val_prevalence": prevalence,
                 "val_sensitivity": at_threshold["sensitivity"],
                 "val_specificity": at_threshold["specificity"],
             }
@@ -668,6 +695,10 @@ class _Run:
                     jpeg_quality=stored.jpeg_quality,
                 ),
                 created_utc=storage.utc_timestamp(),
+                calibration=calibration,
+                operating_points=points,
+                threshold_policy=policy,
+                validation_prevalence=prevalence if calibration else None,
             )
             export_lib.publish(export_dir, export_uri, documents, info)
         return TrainResult(
@@ -680,6 +711,26 @@ class _Run:
             threshold=threshold,
             val_metrics=at_threshold,
         )
+
+    def _warn(self, message: str) -> None:
+        if self.chief:
+            print(f"train: warning: {message}", file=sys.stderr, flush=True)
+
+    def _calibration(
+        self, labels: np.ndarray, scores: np.ndarray
+    ) -> tuple[export_lib.Calibration | None, np.ndarray]:
+        """The calibration fitted on the validation scores (train.calibration) and the calibrated scores."""
+        if self.train_cfg.calibration == "none":
+            return None, scores
+        fitted = metrics_lib.fit_platt(labels, scores)
+        if fitted is None:
+            self._warn(
+                "the validation split cannot calibrate the model (one class, or it ranks backwards); "
+                "exporting its probabilities as they are"
+            )
+            return None, scores
+        calibration = export_lib.Calibration(*fitted)
+        return calibration, calibration.apply(scores)
 
 
 def _fresh_state() -> dict:

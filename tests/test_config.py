@@ -72,6 +72,17 @@ def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
         (["train.head_warmup_epochs=10", "train.epochs=3"], "head_warmup_epochs=10"),
         (["epochs=3"], "expected section.key=value"),
         (["tune.search_alg=hyperopt"], "tune.search_alg='hyperopt': must be random or optuna"),
+        (["train.threshold_policy=prevalence"], "threshold_policy='prevalence': needs train.deployment_prev"),
+        (
+            [
+                "train.threshold_policy=prevalence",
+                "train.deployment_prevalence=0.3",
+                "train.calibration=none",
+            ],
+            "needs .* calibrated probabilities",
+        ),
+        (["train.deployment_prevalence=1.0"], "deployment_prevalence=1.0: must be in .0, 1., or 0"),
+        (["train.calibration=isotonic"], "train.calibration='isotonic': must be one of platt, none"),
     ],
 )
 def test_bad_configs_fail_fast_naming_the_key(overrides, message):

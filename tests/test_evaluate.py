@@ -41,6 +41,8 @@ def test_report_files_are_written_and_not_empty(local_report):
         assert (out / name).stat().st_size > 5_000, name
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(evaluate.PLOTS)  # self-contained
+    assert "<tr><th>youden</th>" in page and "Probabilities calibrated on the validation split" in page
+    assert "<tr><th>acquisition = IM</th>" in page and "<tr><th>subtype = virus</th>" in page
     assert "Evaluation on the test split" in page and "class=warn" not in page
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == "source,label,probability,predicted" and len(rows) == 1 + 40
@@ -62,6 +64,15 @@ def test_metrics_json_has_every_figure_with_its_interval(local_report, export):
     assert written["at_0.5"]["metrics"]["auc"]["value"] > 0.8  # the trained model separates the classes
     assert 0 <= written["calibration"]["ece"] <= 1
     assert set(written["gradcam"]) == set(evaluate.CASES)
+    # Each threshold policy's figures, at the threshold the export chose on validation.
+    info = json.loads(Path(export, "export.json").read_text())
+    assert written["model"]["calibration"] == info["calibration"] and info["calibration"]["slope"] > 0
+    assert {name: p["threshold"] for name, p in written["policies"].items()} == info["operating_points"]
+    assert written["policies"]["sensitivity"] == written["at_threshold"]
+    # The demo's names: NORMAL "IM-*", PNEUMONIA "person*_bacteria|virus_*".
+    assert set(written["subgroups"]["acquisition"]) == {"IM", "person"}
+    assert set(written["subgroups"]["subtype"]) == {"bacteria", "virus"}
+    assert written["subgroups"]["acquisition"]["IM"]["count"] == 20
 
 
 def test_report_reads_and_writes_gcs(export, learnable_shards, bucket):
@@ -93,17 +104,63 @@ def test_confident_cases_are_the_most_confident_of_each_kind():
     }
 
 
+def test_subgroups_come_from_the_subtype_and_the_kaggle_file_name_families():
+    scores = evaluate.Scores(
+        labels=np.array([0, 0, 0, 0, 1, 1, 1, 1]),
+        probabilities=np.array([0.1, 0.6, 0.2, 0.3, 0.9, 0.4, 0.8, 0.7]),
+        sources=[
+            "NORMAL/IM-0001-0001.jpeg",
+            "NORMAL/IM-0002-0001.jpeg",
+            "NORMAL/NORMAL2-IM-0003-0001.jpeg",
+            "NORMAL/NORMAL2-IM-0004-0001.jpeg",
+            "PNEUMONIA/person1_bacteria_1.jpeg",
+            "PNEUMONIA/person2_bacteria_2.jpeg",
+            "PNEUMONIA/person3_virus_3.jpeg",
+            "PNEUMONIA/person4_virus_4.jpeg",
+        ],
+        subtypes=["", "", "", "", "bacteria", "bacteria", "virus", "virus"],
+    )
+    report = evaluate.subgroup_report(scores, threshold=0.5, resamples=200)
+    assert set(report) == {"subtype", "acquisition"}
+    assert set(report["acquisition"]) == {"IM", "NORMAL2-IM", "person"}
+    im, normal2, person = (report["acquisition"][g] for g in ("IM", "NORMAL2-IM", "person"))
+    assert (im["count"], im["negatives"], im["specificity"]["value"]) == (2, 2, 0.5)  # 0.6 is a false alarm
+    assert normal2["specificity"]["value"] == 1.0 and np.isnan(normal2["sensitivity"]["value"])
+    assert person["sensitivity"]["value"] == 0.75 and np.isnan(person["auc"]["value"])  # one class: no AUC
+    assert report["subtype"]["bacteria"]["sensitivity"]["value"] == 0.5
+    assert report["subtype"]["virus"]["sensitivity"]["value"] == 1.0
+    # One value is no comparison: an attribute the split does not vary is left out.
+    same = evaluate.Scores(
+        scores.labels, scores.probabilities, [f"x{i}.png" for i in range(8)], ["virus"] * 8
+    )
+    assert evaluate.subgroup_report(same, 0.5, resamples=100) == {}
+
+
 def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable_shards, tmp_path):
     out = tmp_path / "report"
     command = [sys.executable, str(REPO / "jobs" / "evaluate.py"), export, "--data", learnable_shards]
     run = subprocess.run(
-        [*command, "--out", str(out), "--bootstrap", "100", "--tta", "2", "--gradcam", "1"],
+        [
+            *command,
+            "--out",
+            str(out),
+            "--bootstrap",
+            "100",
+            "--tta",
+            "2",
+            "--gradcam",
+            "1",
+            "--prevalence",
+            "0.3",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "test split, 40 images (20 PNEUMONIA)" in run.stdout and "auc" in run.stdout
+    assert "  prevalence policy, threshold " in run.stdout  # the threshold for the given prevalence
+    assert "  acquisition=IM: 20 images  specificity " in run.stdout
     assert strict_json((out / "metrics.json").read_text())["tta_views"] == 2
 
 

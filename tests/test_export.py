@@ -1,7 +1,9 @@
 """The export folder's description (export.py): written last, read back typed, each fact once."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from pneumo_dist import export, storage
@@ -55,3 +57,40 @@ def test_an_incomplete_or_damaged_description_says_what_is_wrong(tmp_path):
     info_path.write_text(json.dumps(raw | {"model": "../../elsewhere.keras"}))
     with pytest.raises(storage.UnsafeName):
         export.read(folder).model_uri(folder)
+
+
+def test_calibration_and_every_policys_threshold_read_back(tmp_path):
+    folder = local_export(tmp_path / "export")
+    info = dataclasses.replace(
+        INFO,
+        calibration=export.Calibration(slope=0.8, intercept=-0.6),
+        operating_points={"sensitivity": 0.31, "youden": 0.52},
+        validation_prevalence=0.74,
+    )
+    export.publish(folder, folder, {}, info)
+    assert export.read(folder) == info
+    # Calibrated: sigmoid(0.8 * logit(p) - 0.6), the ranking kept.
+    p = np.array([0.05, 0.5, 0.9])
+    assert info.calibration.apply(p) == pytest.approx(1 / (1 + np.exp(-(0.8 * np.log(p / (1 - p)) - 0.6))))
+    # Where PNEUMONIA is as common as on validation, the fewest errors are at 0.5; where rarer, higher.
+    assert info.threshold_for_prevalence(0.74) == pytest.approx(0.5)
+    rarer = info.threshold_for_prevalence(0.5)
+    assert rarer == pytest.approx(0.74) and info.threshold_for_prevalence(0.9) < 0.5
+    with pytest.raises(export.ExportError, match="prevalence must be in"):
+        info.threshold_for_prevalence(1.0)
+    with pytest.raises(export.ExportError, match="no calibrated probabilities"):
+        INFO.threshold_for_prevalence(0.5)
+
+
+def test_an_older_description_reads_with_its_one_threshold_and_a_broken_number_is_refused(tmp_path):
+    folder = local_export(tmp_path / "export")
+    export.publish(folder, folder, {}, INFO)
+    info_path = tmp_path / "export" / "export.json"
+    raw = json.loads(info_path.read_text())
+    older = {k: v for k, v in raw.items() if k not in ("calibration", "operating_points", "threshold_policy")}
+    info_path.write_text(json.dumps(older))
+    read = export.read(folder)
+    assert (read.threshold, read.calibration, read.operating_points) == (0.31, None, {})
+    info_path.write_text(json.dumps(raw | {"calibration": {"slope": "nan", "intercept": 0}}))
+    with pytest.raises(export.ExportError, match="not a finite number"):
+        export.read(folder)

@@ -100,3 +100,40 @@ def test_bootstrap_is_reproducible_and_keeps_both_classes():
     again = metrics.bootstrap_intervals(labels, probabilities, [0.5], resamples=200, seed=7)
     np.testing.assert_equal(first, again)
     assert all(np.isfinite(first[0]["auc"]))
+
+
+def test_youden_threshold_has_the_largest_sensitivity_plus_specificity(scores):
+    labels, probabilities = scores
+    threshold = metrics.threshold_youden(labels, probabilities)
+
+    def youden(t: float) -> float:
+        m = metrics.binary_metrics(labels, probabilities, t)
+        return m["sensitivity"] + m["specificity"] - 1
+
+    best = youden(threshold)
+    assert all(youden(t) <= best + 1e-12 for t in np.unique(probabilities))
+    assert best > 0.3  # the fixture's classes overlap, but not entirely
+
+
+def test_logistic_calibration_recovers_a_known_miscalibration():
+    """Labels drawn from a calibrated model p = sigmoid(z); the model under test says
+    sigmoid(2.5 z - 1) (over-confident, and biased towards NORMAL as class weights make it)."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0.8, 2.0, 20_000)
+    labels = rng.random(len(z)) < 1 / (1 + np.exp(-z))
+    miscalibrated = 1 / (1 + np.exp(-(2.5 * z - 1.0)))
+    slope, intercept = metrics.fit_platt(labels, miscalibrated)
+    assert slope == pytest.approx(1 / 2.5, rel=0.05) and intercept == pytest.approx(1 / 2.5, abs=0.05)
+    calibrated = 1 / (1 + np.exp(-(slope * metrics.logit(miscalibrated) + intercept)))
+    before = metrics.expected_calibration_error(labels, miscalibrated)
+    assert metrics.expected_calibration_error(labels, calibrated) < min(0.01, before / 5)
+    assert metrics.binary_metrics(labels, calibrated)["auc"] == pytest.approx(
+        metrics.binary_metrics(labels, miscalibrated)["auc"], abs=1e-9
+    )  # monotone: the ranking stays
+
+
+def test_logistic_calibration_stays_finite_on_separated_classes_and_refuses_what_it_cannot_fit():
+    slope, intercept = metrics.fit_platt([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+    assert np.isfinite([slope, intercept]).all() and slope > 0
+    assert metrics.fit_platt([1, 1, 1], [0.2, 0.5, 0.9]) is None  # one class
+    assert metrics.fit_platt([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) is None  # ranks backwards

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo_dist import evaluate, images, schema, storage
+from pneumo_dist import evaluate, images, predict, schema, storage
 from pneumo_dist.predict import DetectorError, PneumoniaDetector
 
 from .conftest import REPO
@@ -66,6 +66,33 @@ def test_a_prediction_names_label_threshold_and_model_version(detector, export, 
     assert re.fullmatch(r"[0-9a-f]{12}", prediction.model_version)
     assert prediction.source == str(path)
     assert PneumoniaDetector.load(export, threshold=1.0).predict(path).label == "NORMAL"
+
+
+def test_probabilities_are_calibrated_on_validation_and_each_policys_threshold_can_be_chosen(
+    detector, export, source_root
+):
+    info = detector.info
+    assert info.calibration is not None and info.threshold_policy == "sensitivity"
+    assert set(info.operating_points) == {"sensitivity", "youden"}
+    assert info.threshold == info.operating_points["sensitivity"] == detector.threshold
+    paths = sorted((source_root / "test" / "PNEUMONIA").iterdir())[:4]
+    pixels = np.stack([detector.prepare(path) for path in paths])
+    as_trained = detector.model(pixels.astype(np.float32), training=False).numpy()[:, 0]
+    np.testing.assert_allclose(detector.probabilities(pixels), info.calibration.apply(as_trained), atol=1e-6)
+    chosen = json.loads(Path(export, "threshold.json").read_text())
+    assert chosen["policy"] == "sensitivity" and chosen["operating_points"] == info.operating_points
+
+    deployed = PneumoniaDetector.load(export, prevalence=0.3)  # (a model load costs ~20 s here: once)
+    assert deployed.threshold == pytest.approx(info.threshold_for_prevalence(0.3))
+    assert deployed.policy == "prevalence" and deployed.operating_points["prevalence"] == deployed.threshold
+    assert predict._operating_point(info, None, "youden", None) == (info.operating_points["youden"], "youden")
+    for choice, message in (
+        ({"policy": "prevalence"}, "no prevalence threshold .*give the deployment's prevalence"),
+        ({"threshold": 0.5, "policy": "youden"}, "not both"),
+        ({"prevalence": 1.5}, "prevalence must be in"),
+    ):
+        with pytest.raises(DetectorError, match=message):
+            PneumoniaDetector.load(export, **choice)
 
 
 def test_loads_from_gcs_and_from_the_model_file_path(detector, export, bucket, source_root):
