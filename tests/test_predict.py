@@ -65,7 +65,8 @@ def test_a_prediction_names_label_threshold_and_model_version(detector, export, 
     assert prediction.label == schema.CLASS_NAMES[int(prediction.probability >= prediction.threshold)]
     assert re.fullmatch(r"[0-9a-f]{12}", prediction.model_version)
     assert prediction.source == str(path)
-    assert PneumoniaDetector.load(export, threshold=1.0).predict(path).label == "NORMAL"
+    given = PneumoniaDetector(detector.model, detector.info, export, detector.version, threshold=1.0)
+    assert given.predict(path).label == "NORMAL" and given.threshold_source == "given"
 
 
 def test_probabilities_are_calibrated_on_validation_and_each_policys_threshold_can_be_chosen(
@@ -86,10 +87,12 @@ def test_probabilities_are_calibrated_on_validation_and_each_policys_threshold_c
     assert deployed.threshold == pytest.approx(info.threshold_for_prevalence(0.3))
     assert deployed.policy == "prevalence" and deployed.operating_points["prevalence"] == deployed.threshold
     assert predict._operating_point(info, None, "youden", None) == (info.operating_points["youden"], "youden")
+    assert predict._operating_point(info, 0.25, None, None) == (0.25, None)  # given: no policy chose it
     for choice, message in (
         ({"policy": "prevalence"}, "no prevalence threshold .*give the deployment's prevalence"),
         ({"threshold": 0.5, "policy": "youden"}, "not both"),
         ({"prevalence": 1.5}, "prevalence must be in"),
+        ({"threshold": 1.5}, "threshold must be in 0..1"),
     ):
         with pytest.raises(DetectorError, match=message):
             PneumoniaDetector.load(export, **choice)
@@ -98,7 +101,8 @@ def test_probabilities_are_calibrated_on_validation_and_each_policys_threshold_c
 def test_loads_from_gcs_and_from_the_model_file_path(detector, export, bucket, source_root):
     storage.copy_tree(export, f"{bucket}/run/export")
     path = next((source_root / "test" / "PNEUMONIA").iterdir())
-    for uri in (f"{bucket}/run/export", str(Path(export) / "model.keras"), str(Path(export) / "export.json")):
+    # (Each load costs ~20 s of ResNet50 here; export.folder_of's other forms: tests/test_export.py.)
+    for uri in (f"{bucket}/run/export", str(Path(export) / "model.keras")):
         loaded = PneumoniaDetector.load(uri)
         assert loaded.version == detector.version
         assert loaded.predict(path).probability == pytest.approx(detector.predict(path).probability, abs=1e-6)
