@@ -12,6 +12,7 @@ import argparse
 import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
+from pneumo_dist import export
 from pneumo_dist.errors import PneumoDistError
 
 
@@ -25,17 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="dataset folder or its manifest.json (local or gs://)")
     parser.add_argument("--split", default="test", help="split to score: test, val or train")
     parser.add_argument("--out", help="report folder (local or gs://); default: next to the export")
-    parser.add_argument("--threshold", type=float, help="operating threshold instead of the exported one")
-    parser.add_argument(
-        "--policy",
-        choices=("sensitivity", "youden", "prevalence"),
-        help="another threshold policy's threshold, chosen on validation at export",
-    )
-    parser.add_argument(
-        "--prevalence",
-        type=float,
-        help="PNEUMONIA's prevalence where the model is used: the prevalence policy's threshold for it",
-    )
+    export.add_operating_point_arguments(parser)
     parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
     parser.add_argument("--gradcam", type=int, default=3, help="Grad-CAM examples per case (0: none)")
@@ -44,8 +35,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, low in (("tta", 1), ("bootstrap", 100), ("gradcam", 0), ("batch_size", 1)):
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        parser.error("--threshold must be in 0..1")
     return args
 
 

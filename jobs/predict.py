@@ -15,6 +15,7 @@ import os
 import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
+from pneumo_dist import export
 from pneumo_dist.errors import PneumoDistError
 
 
@@ -25,25 +26,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--model", required=True, help="export folder (local or gs://)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (local or gs://)")
-    parser.add_argument("--threshold", type=float, help="instead of the threshold chosen at export")
-    parser.add_argument(
-        "--policy",
-        choices=("sensitivity", "youden", "prevalence"),
-        help="another threshold policy's threshold, chosen on validation at export",
-    )
-    parser.add_argument(
-        "--prevalence",
-        type=float,
-        help="PNEUMONIA's prevalence where the model is used: the prevalence policy's threshold for it",
-    )
+    export.add_operating_point_arguments(parser)
     parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     for name in ("tta", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-        parser.error("--threshold must be in 0..1")
     return args
 
 

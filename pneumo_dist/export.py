@@ -100,6 +100,22 @@ def publish(local_dir: str, uri: str, documents: dict[str, str], info: ExportInf
     storage.write_bytes(storage.join(uri, INFO_NAME), json.dumps(asdict(info), indent=1).encode())
 
 
+def add_operating_point_arguments(parser) -> None:
+    """predict.py's and evaluate.py's way to choose another operating threshold than the export's
+    (checked by PneumoniaDetector.load, before the model loads)."""
+    parser.add_argument("--threshold", type=float, help="an operating threshold instead of the export's")
+    parser.add_argument(
+        "--policy",
+        choices=("sensitivity", "youden", "prevalence"),
+        help="another threshold policy's threshold, chosen on validation at export",
+    )
+    parser.add_argument(
+        "--prevalence",
+        type=float,
+        help="PNEUMONIA's prevalence where the model is used: the prevalence policy's threshold for it",
+    )
+
+
 def folder_of(uri: str) -> str:
     """An export folder from its URI, its export.json or its model file."""
     uri = os.fspath(uri).rstrip("/")
