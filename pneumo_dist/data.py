@@ -2,7 +2,7 @@
 
 Decoding (TFRecord -> uint8 image) is separate from batching; augmentation and normalisation happen
 later, on the accelerator (augment.py). Every element is a dict: "image" uint8 (H, W, 1), "label"
-float32, and for evaluation "source" (the record's source path).
+float32, and for evaluation "source" (the record's source path) and "subtype" (b"bacteria", b"virus", b"").
 """
 
 from __future__ import annotations

@@ -351,11 +351,7 @@ def html_page(summary: dict, plots: dict[str, bytes]) -> bytes:
         )
     policy_rows = "".join(
         f"<tr><th>{html.escape(name)}</th><td>{point['threshold']:.4f}</td>"
-        + "".join(
-            f"<td>{point['metrics'][m]['value']:.3f} [{point['metrics'][m]['ci95'][0]:.3f}, "
-            f"{point['metrics'][m]['ci95'][1]:.3f}]</td>"
-            for m in POLICY_COLUMNS
-        )
+        + "".join(_figure_cell(point["metrics"][m]) for m in POLICY_COLUMNS)
         + "</tr>"
         for name, point in summary["policies"].items()
     )
@@ -423,7 +419,7 @@ predictions.csv.</p></body></html>
 
 def _figure_cell(figure: dict) -> str:
     value, (low, high) = figure["value"], figure["ci95"]
-    if value is None or not np.isfinite(value):
+    if value is None or not np.isfinite(value):  # e.g. precision with no positive prediction
         return "<td>-</td>"
     return f"<td>{value:.3f} [{low:.3f}, {high:.3f}]</td>"
 

@@ -19,6 +19,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from pneumo_dist import storage
+from pneumo_dist.config import THRESHOLD_POLICIES
 from pneumo_dist.errors import PneumoDistError
 
 FOLDER = "export"  # in a run's output folder
@@ -68,7 +69,7 @@ class ExportInfo:
     preprocessing: Preprocessing
     created_utc: str
     calibration: Calibration | None = None  # None: probabilities as the model gives them
-    # Policy (config.THRESHOLD_POLICIES) -> its threshold, chosen on validation; "prevalence" only when the
+    # Policy (THRESHOLD_POLICIES) -> its threshold, chosen on validation; "prevalence" only when the
     # training config gave a deployment prevalence (PneumoniaDetector.load can compute it for any).
     operating_points: dict[str, float] = field(default_factory=dict)
     threshold_policy: str = "sensitivity"
@@ -106,7 +107,7 @@ def add_operating_point_arguments(parser) -> None:
     parser.add_argument("--threshold", type=float, help="an operating threshold instead of the export's")
     parser.add_argument(
         "--policy",
-        choices=("sensitivity", "youden", "prevalence"),
+        choices=THRESHOLD_POLICIES,
         help="another threshold policy's threshold, chosen on validation at export",
     )
     parser.add_argument(
