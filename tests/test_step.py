@@ -10,6 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import tensorflow as tf
+import tf_keras
 
 from pneumo_dist import config as config_lib
 from pneumo_dist import data, train
@@ -255,3 +256,34 @@ def test_a_process_keeps_its_last_few_builds_and_removes_what_an_evicted_one_wro
     assert all(os.path.exists(os.path.dirname(b.as_built_path)) for b in train._kept)
     for built in train._kept:
         shutil.rmtree(os.path.dirname(built.as_built_path))
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_the_fused_adam_update_is_tf_keras_adam(name):
+    """One ResourceApplyAdam per variable gives tf-keras' own Adam/AdamW update, step after step, on
+    mirrored variables inside a tf.function as in training (and XLA compiles it: the test above)."""
+    fused, plain = {
+        "adam": (train.FusedAdam, tf_keras.optimizers.Adam),
+        "adamw": (train.FusedAdamW, tf_keras.optimizers.AdamW),
+    }[name]
+    rng = np.random.default_rng(0)
+    initial = [rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=4).astype("float32")]
+    gradients = [[rng.normal(size=w.shape).astype("float32") for w in initial] for _ in range(4)]
+    results = []
+    for kind in (fused, plain):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+        with strategy.scope():
+            variables = [tf.Variable(w) for w in initial]
+            kwargs = {"weight_decay": 0.01} if name == "adamw" else {}
+            optimizer = kind(train.WarmupCosine(0.01, warmup_steps=2, total_steps=4, cosine=True), **kwargs)
+
+        @tf.function
+        def step(grads):
+            strategy.run(lambda g: optimizer.apply_gradients(zip(g, variables)), args=(grads,))
+
+        for grads in gradients:
+            step([tf.constant(g) for g in grads])
+        results.append([v.numpy() for v in variables])
+    for fused_value, plain_value in zip(*results):
+        assert not np.allclose(fused_value, initial[0 if fused_value.ndim == 2 else 1])
+        np.testing.assert_allclose(fused_value, plain_value, rtol=1e-5, atol=1e-6)
