@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 # The figures that get a confidence interval. Counts and the loss do not.
 INTERVAL_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "pr_auc", "ece")
@@ -33,12 +33,26 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: flo
 def _ranking_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """The figures that do not depend on a threshold."""
     positive = labels > 0.5
-    both_classes = 0 < positive.sum() < len(positive)
-    return {
-        "auc": float(roc_auc_score(positive, probabilities)) if both_classes else float("nan"),
-        "pr_auc": float(average_precision_score(positive, probabilities)) if both_classes else float("nan"),
-        "ece": expected_calibration_error(labels, probabilities),
-    }
+    auc = pr_auc = float("nan")
+    if 0 < positive.sum() < len(positive):
+        auc, pr_auc = _areas(positive, probabilities)
+    return {"auc": auc, "pr_auc": pr_auc, "ece": expected_calibration_error(labels, probabilities)}
+
+
+def _areas(positive: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
+    """(ROC AUC, average precision) as scikit-learn's roc_auc_score and average_precision_score compute
+    them (tied scores make one point of each curve), from one sort: a bootstrap computes them thousands
+    of times, where scikit-learn's input checks cost ~3 ms a call."""
+    order = np.argsort(-probabilities, kind="mergesort")
+    ranked = probabilities[order]
+    last_of_each_score = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    true_pos = np.cumsum(positive[order])[last_of_each_score].astype(np.float64)
+    false_pos = last_of_each_score + 1 - true_pos
+    tpr = np.r_[0.0, true_pos / true_pos[-1]]
+    fpr = np.r_[0.0, false_pos / false_pos[-1]]
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)  # the trapezoids under the ROC curve
+    average_precision = float(np.sum(np.diff(tpr) * true_pos / (true_pos + false_pos)))
+    return auc, average_precision
 
 
 def _threshold_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:

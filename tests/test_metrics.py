@@ -27,6 +27,15 @@ def test_metrics_equal_scikit_learn(scores):
     assert ours["loss"] == pytest.approx(skm.log_loss(labels, probabilities))
 
 
+@pytest.mark.parametrize("decimals", [1, 2, 3])
+def test_areas_equal_scikit_learn_with_tied_scores(scores, decimals):
+    labels, probabilities = scores
+    tied = np.round(probabilities, decimals)
+    ours = metrics.binary_metrics(labels, tied)
+    assert ours["auc"] == pytest.approx(skm.roc_auc_score(labels, tied), abs=1e-12)
+    assert ours["pr_auc"] == pytest.approx(skm.average_precision_score(labels, tied), abs=1e-12)
+
+
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 1.0])
 def test_threshold_reaches_the_target_sensitivity_and_no_higher_threshold_does(scores, target):
     labels, probabilities = scores
