@@ -168,6 +168,9 @@ class TrainConfig:
     # The prevalence of PNEUMONIA where the model will be used, if known (0: not known): the export then
     # also holds the prevalence policy's threshold for it.
     deployment_prevalence: float = 0.0
+    # The export also holds saved_model/, a TensorFlow SavedModel that takes encoded images (TF Serving,
+    # Vertex AI). A search writes it for its best export only.
+    serving_export: bool = True
     precision: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     xla: str = "auto"  # auto: on for GPU, off on CPU
     # XLA's persistent compilation cache, shared by the trials of a node; "" = off; "default":

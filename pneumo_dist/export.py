@@ -74,6 +74,7 @@ class ExportInfo:
     operating_points: dict[str, float] = field(default_factory=dict)
     threshold_policy: str = "sensitivity"
     validation_prevalence: float | None = None  # the calibration's prior (the prevalence policy's base)
+    serving_model: str | None = None  # the SavedModel's folder (serving.py), None: not exported
 
     def threshold_for_prevalence(self, prevalence: float) -> float:
         """The prevalence policy's threshold for a deployment where PNEUMONIA has `prevalence`."""
@@ -98,7 +99,11 @@ def publish(local_dir: str, uri: str, documents: dict[str, str], info: ExportInf
         with open(os.path.join(local_dir, name), "w") as file:
             file.write(text)
     storage.publish(local_dir, uri)
-    storage.write_bytes(storage.join(uri, INFO_NAME), json.dumps(asdict(info), indent=1).encode())
+    storage.write_bytes(storage.join(uri, INFO_NAME), to_json(info).encode())
+
+
+def to_json(info: ExportInfo) -> str:
+    return json.dumps(asdict(info), indent=1)
 
 
 def add_operating_point_arguments(parser) -> None:
@@ -115,6 +120,11 @@ def add_operating_point_arguments(parser) -> None:
         type=float,
         help="PNEUMONIA's prevalence where the model is used: the prevalence policy's threshold for it",
     )
+
+
+def model_version(local_model_path: str) -> str:
+    """A model's version: the start of its file's SHA-256 (PneumoniaDetector.version, predictions)."""
+    return storage.local_sha256(local_model_path)[:12]
 
 
 def folder_of(uri: str) -> str:
@@ -170,6 +180,7 @@ def read(folder: str) -> ExportInfo:
             operating_points={str(k): float(v) for k, v in raw.get("operating_points", {}).items()},
             threshold_policy=str(raw.get("threshold_policy", "sensitivity")),
             validation_prevalence=None if prevalence is None else float(prevalence),
+            serving_model=None if raw.get("serving_model") is None else str(raw["serving_model"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ExportError(f"{info_uri}: malformed ({error!r}); export it again") from None

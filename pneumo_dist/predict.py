@@ -120,7 +120,7 @@ class PneumoniaDetector:
                     raise DetectorError(f"{model_uri} is missing: the export is incomplete") from None
             elif not os.path.isfile(local):
                 raise DetectorError(f"{model_uri} is missing: the export is incomplete")
-            version = storage.local_sha256(local)[:12]
+            version = export_lib.model_version(local)
             _refuse_unsafe_model(local, model_uri)
             try:
                 model = tf_keras.models.load_model(local, compile=False, safe_mode=True)

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from pneumo_dist import augment, data, storage
+from pneumo_dist import augment, data, serving, storage
 from pneumo_dist import export as export_lib
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import model as model_lib
@@ -645,8 +645,9 @@ class _Run:
         os.makedirs(export_dir)
         with self.strategy.scope():
             detector = model_lib.inference_model(self.classifier)
+        model_path = os.path.join(export_dir, export_lib.MODEL_FILE)
         with model_lib.saveable_rates(self.classifier):  # every worker saves: reads are collective
-            detector.save(os.path.join(export_dir, export_lib.MODEL_FILE))
+            detector.save(model_path)
         export_uri = storage.join(self.output, export_lib.FOLDER)
         if self.chief:
             metrics = {
@@ -700,6 +701,8 @@ class _Run:
                 threshold_policy=policy,
                 validation_prevalence=prevalence if calibration else None,
             )
+            if self.train_cfg.serving_export:
+                info = self._serving_export(detector, model_path, info, export_dir)
             export_lib.publish(export_dir, export_uri, documents, info)
         return TrainResult(
             best_epoch=state["best_epoch"],
@@ -715,6 +718,17 @@ class _Run:
     def _warn(self, message: str) -> None:
         if self.chief:
             print(f"train: warning: {message}", file=sys.stderr, flush=True)
+
+    def _serving_export(self, detector, model_path: str, info, export_dir: str):
+        """Write saved_model/ beside model.keras (chief only) -> the info naming it."""
+        # Under a distribution strategy the model's variables are distributed (and some reads of them
+        # collective): the chief serves a plain copy of the file it just wrote.
+        if self.strategy is not tf.distribute.get_strategy():
+            detector = tf_keras.models.load_model(model_path, compile=False, safe_mode=True)
+        version = export_lib.model_version(model_path)
+        serving.save(detector, info, version, info.threshold, os.path.join(export_dir, serving.FOLDER))
+        files = sorted([*info.files, serving.FOLDER])
+        return dataclasses.replace(info, serving_model=serving.FOLDER, files=files)
 
     def _calibration(
         self, labels: np.ndarray, scores: np.ndarray

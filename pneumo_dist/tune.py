@@ -204,8 +204,13 @@ def run_search(
     if best is not None:
         best_export = storage.join(experiment, "best")
         storage.copy_tree(storage.join(best.output_uri, export.FOLDER), best_export)
+        from pneumo_dist import predict, serving
+
+        detector = predict.PneumoniaDetector.load(best_export)
+        if config.train.serving_export:
+            serving.add_to_export(detector)
         if cfg.evaluate_test:
-            test_metrics = report_on_test(best_export, config)
+            test_metrics = report_on_test(detector, config)
     return SearchResult(trials, best, best_export, test_metrics, table_uri)
 
 
@@ -312,6 +317,7 @@ def trial_config(base: dict, sampled: dict, output_uri: str) -> config_lib.RunCo
         section, _, name = key.partition(".")
         raw[section][name] = value.item() if isinstance(value, np.generic) else value
     raw["train"]["output_uri"] = output_uri
+    raw["train"]["serving_export"] = False  # the search's best export gets it (run_search)
     raw["tune"]["search_space"] = {}
     return config_lib.config_from_dict(raw, source="trial config")
 
@@ -424,16 +430,16 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
     train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True, reuse=reuse)
 
 
-def report_on_test(export_uri: str, config: config_lib.RunConfig) -> dict | None:
-    """evaluate.py's report of an exported model on the test split, written to EXPORT/report/;
-    returns its figures (evaluate.run_evaluation), or None when the dataset has no test split."""
-    from pneumo_dist import evaluate, predict, schema
+def report_on_test(detector, config: config_lib.RunConfig) -> dict | None:
+    """evaluate.py's report of an exported model (a PneumoniaDetector) on the test split, written to
+    EXPORT/report/; returns its figures (evaluate.run_evaluation), or None when the dataset has no test
+    split."""
+    from pneumo_dist import evaluate, schema
 
     manifest_uri = schema.manifest_uri_of(config.data.manifest_uri)
     if "test" not in schema.Manifest.read(manifest_uri).splits:
         return None
-    detector = predict.PneumoniaDetector.load(export_uri)
-    return evaluate.run_evaluation(detector, manifest_uri, "test", storage.join(export_uri, "report"))
+    return evaluate.run_evaluation(detector, manifest_uri, "test", storage.join(detector.uri, "report"))
 
 
 def trials_csv(trials: list[TrialSummary]) -> str:

@@ -41,6 +41,7 @@ FROM_SCRATCH_OVERRIDES = [
     "augment.gamma=0.0",
     "train.learning_rate=0.001",
     "train.warmup_epochs=0.5",
+    "train.serving_export=false",  # ~9 s an export here: tests/test_serving.py checks it on `trained`
 ]
 TINY_DEMO = DemoSpec(
     images_per_class=(("train", 14), ("val", 2), ("test", 6)), min_side_px=40, max_side_px=64
@@ -207,6 +208,7 @@ def trained(learnable_shards, tmp_path_factory):
             f"train.output_uri={output}",
             "train.epochs=8",
             "train.early_stopping_patience=0",
+            "train.serving_export=true",
         ],
     )
     epochs_seen = []

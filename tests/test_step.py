@@ -269,8 +269,8 @@ def test_the_fused_adam_update_is_tf_keras_adam(name):
     rng = np.random.default_rng(0)
     initial = [rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=4).astype("float32")]
     gradients = [[rng.normal(size=w.shape).astype("float32") for w in initial] for _ in range(4)]
-    results = []
-    for kind in (fused, plain):
+
+    def run(kind) -> list[np.ndarray]:
         strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
         with strategy.scope():
             variables = [tf.Variable(w) for w in initial]
@@ -279,11 +279,13 @@ def test_the_fused_adam_update_is_tf_keras_adam(name):
 
         @tf.function
         def step(grads):
-            strategy.run(lambda g: optimizer.apply_gradients(zip(g, variables)), args=(grads,))
+            strategy.run(lambda g: optimizer.apply_gradients(zip(g, variables, strict=True)), args=(grads,))
 
         for grads in gradients:
             step([tf.constant(g) for g in grads])
-        results.append([v.numpy() for v in variables])
-    for fused_value, plain_value in zip(*results):
-        assert not np.allclose(fused_value, initial[0 if fused_value.ndim == 2 else 1])
+        return [v.numpy() for v in variables]
+
+    fused_values, plain_values = run(fused), run(plain)
+    for start, fused_value, plain_value in zip(initial, fused_values, plain_values, strict=True):
+        assert not np.allclose(fused_value, start)
         np.testing.assert_allclose(fused_value, plain_value, rtol=1e-5, atol=1e-6)
