@@ -123,7 +123,11 @@ def test_asha_search_stops_trials_early_finishes_and_exports_the_best(learnable_
     # The trials that started after others had ended trained in their processes, with what they built.
     assert any(row["reused_build"] == "True" for row in table)
     best = tmp_path / "tune" / "asha" / "best"
-    assert json.loads((best / "export.json").read_text())["model"] == "model.keras"
+    info = json.loads((best / "export.json").read_text())
+    assert info["model"] == "model.keras"
+    # The serving SavedModel: the best export's only (a trial's export would pay for one in vain).
+    assert info["serving_model"] == "saved_model" and (best / "saved_model" / "saved_model.pb").is_file()
+    assert not glob.glob(str(tmp_path / "tune" / "asha" / "trials" / "*" / "export" / "saved_model"))
     figures = json.loads((best / "report" / "metrics.json").read_text())
     assert figures["data"]["split"] == "test" and figures["model"]["threshold_source"] == "validation"
     assert (best / "report" / "report.html").stat().st_size > 10_000
