@@ -204,13 +204,14 @@ def run_search(
     if best is not None:
         best_export = storage.join(experiment, "best")
         storage.copy_tree(storage.join(best.output_uri, export.FOLDER), best_export)
-        from pneumo_dist import predict, serving
+        if config.train.serving_export or cfg.evaluate_test:
+            from pneumo_dist import predict, serving
 
-        detector = predict.PneumoniaDetector.load(best_export)
-        if config.train.serving_export:
-            serving.add_to_export(detector)
-        if cfg.evaluate_test:
-            test_metrics = report_on_test(detector, config)
+            detector = predict.PneumoniaDetector.load(best_export)
+            if config.train.serving_export:
+                serving.add_to_export(detector)
+            if cfg.evaluate_test:
+                test_metrics = report_on_test(detector, config)
     return SearchResult(trials, best, best_export, test_metrics, table_uri)
 
 

@@ -114,7 +114,7 @@ def test_asha_search_stops_trials_early_finishes_and_exports_the_best(learnable_
         search_space=SPACE,
         name="asha",
     )
-    result = run_tune("--config", config, "--set", "train.epochs=3")
+    result = run_tune("--config", config, "--set", "train.epochs=3", "--set", "train.serving_export=true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = read_table(tmp_path / "tune" / "asha" / "trials.csv")
     assert len(table) == 4 and {row["status"] for row in table} == {"TERMINATED"}
