@@ -31,6 +31,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
     parser.add_argument("--gradcam", type=int, default=3, help="Grad-CAM examples per case (0: none)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--drift",
+        metavar="SCORES",
+        help="predict.py's CSV or --ray's Parquet folder: compare its probabilities with the split's "
+        "(population stability index; use --split val)",
+    )
     args = parser.parse_args(argv)
     for name, low in (("tta", 1), ("bootstrap", 100), ("gradcam", 0), ("batch_size", 1)):
         if getattr(args, name) < low:
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         # A wrong --data or --split is said before the model loads (tens of seconds for ResNet50).
         manifest_uri = schema.manifest_uri_of(args.data)
         schema.Manifest.read(manifest_uri).shard_uris(manifest_uri, args.split)
+        drift = (args.drift, evaluate.read_scores(args.drift)) if args.drift else None
         detector = predict.PneumoniaDetector.load(
             args.model, threshold=args.threshold, policy=args.policy, prevalence=args.prevalence
         )
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 gradcam_per_case=args.gradcam,
                 batch_size=args.batch_size,
                 on_batch=on_batch,
+                drift_scores=drift,
             )
     except PneumoDistError as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
@@ -86,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                 if np.isfinite(group[m]["value"])
             )
             print(f"  {attribute}={value}: {group['count']} images  {figures}")
+    if drift:
+        d = summary["drift"]
+        print(
+            f"drift: {d['actual_count']} scored images against the {args.split} split's "
+            f"{d['expected_count']}: PSI {d['psi']:.3f}, {d['verdict']}"
+        )
     print(f"ECE {summary['calibration']['ece']:.4f}\nreport: {storage.join(out, 'report.html')}")
     return 0
 

@@ -1,9 +1,12 @@
 """Classify chest X-rays with an exported model and write one CSV row per image.
 
     python jobs/predict.py IMAGES_OR_DIR... --model URI [--out predictions.csv] [--threshold T]
+    python jobs/predict.py gs://BUCKET/ARCHIVE/ --model URI --out gs://BUCKET/scores/ --ray
 
 Folders are searched recursively for .jpeg/.jpg/.png. A bad image gets its error in the CSV's `error`
-column (and on stderr) instead of stopping the run; the exit code is then 1.
+column (and on stderr) instead of stopping the run; the exit code is then 1. With --ray the images are
+scored on Ray Data (the cluster this runs on, else an in-process Ray) into Parquet parts in the --out
+folder (batch_scoring.py); the same command finishes a run that died.
 """
 
 from __future__ import annotations
@@ -29,10 +32,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     export.add_operating_point_arguments(parser)
     parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
     parser.add_argument("--batch-size", type=int, default=32)
+    ray = parser.add_argument_group("batch scoring on Ray Data (--ray)")
+    ray.add_argument("--ray", action="store_true", help="score on Ray Data into Parquet parts in --out")
+    ray.add_argument(
+        "--address",
+        help="Ray address; default: the cluster this runs on, else in-process; 'local': a private Ray",
+    )
+    ray.add_argument("--actors", type=int, help="model actors (default: one per GPU, else CPUs - 1)")
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ray.add_argument("--gpus-per-actor", type=float, help="default: 1 on a cluster with GPUs, else 0")
+    ray.add_argument("--part-size", type=int, default=10_000, help="images per Parquet part")
     args = parser.parse_args(argv)
-    for name in ("tta", "batch_size"):
+    for name in ("tta", "batch_size", "part_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.actors is not None and args.actors < 1:
+        parser.error("--actors must be >= 1")
+    if args.cpus_per_actor <= 0 or (args.gpus_per_actor is not None and args.gpus_per_actor < 0):
+        parser.error("--cpus-per-actor must be > 0 and --gpus-per-actor >= 0")
+    if args.ray and args.out == "predictions.csv":
+        parser.error("--ray writes a folder of Parquet parts: give it with --out (local or gs://)")
     return args
 
 
@@ -65,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ray:
+        return run_on_ray(args)
     paths = image_paths(args.inputs)
     if not paths:
         print("predict: error: no .jpeg/.jpg/.png images in " + ", ".join(args.inputs), file=sys.stderr)
@@ -99,6 +120,36 @@ def run(args: argparse.Namespace) -> int:
         + f" -> {args.out}"
     )
     return 1 if counts["error"] else 0
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
+    from pneumo_dist import batch_scoring
+
+    paths = batch_scoring.list_images(args.inputs)
+    if not paths:
+        print("predict: error: no .jpeg/.jpg/.png images in " + ", ".join(args.inputs), file=sys.stderr)
+        return 2
+    counts = batch_scoring.score(
+        paths,
+        args.model,
+        args.out,
+        batch_scoring.OperatingPoint(args.threshold, args.policy, args.prevalence),
+        part_size=args.part_size,
+        address=args.address,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpus_per_actor=args.gpus_per_actor,
+        batch_size=args.batch_size,
+        tta_views=args.tta,
+    )
+    skipped, where = counts.pop("skipped_parts"), counts.pop("ray")
+    print(
+        f"{len(paths)} images on Ray ({where}): "
+        + (", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "nothing left to score")
+        + f" -> {args.out}"
+        + (f" ({skipped} finished parts skipped)" if skipped else "")
+    )
+    return 1 if counts.get("error") else 0
 
 
 if __name__ == "__main__":

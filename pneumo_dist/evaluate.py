@@ -23,7 +23,13 @@ from pneumo_dist import data, explain, schema, storage
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import sources as sources_lib
 from pneumo_dist.config import DataConfig
+from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.predict import PneumoniaDetector
+
+
+class EvaluationError(PneumoDistError):
+    """A user's input to the evaluation is wrong; the message names it."""
+
 
 CASES = ("true_positive", "false_positive", "false_negative", "true_negative")
 PLOTS = ("roc.png", "pr.png", "confusion.png", "reliability.png", "gradcam.png")
@@ -380,6 +386,15 @@ def html_page(summary: dict, plots: dict[str, bytes]) -> bytes:
         if subgroup_rows
         else ""
     )
+    drift = summary.get("drift")
+    drift_text = (
+        f"<p{' class=warn' if drift['verdict'] != 'stable' else ''}>Drift: the {drift['actual_count']} "
+        f"scored images of <code>{html.escape(drift['scores_uri'])}</code> against this split's "
+        f"{drift['expected_count']}: population stability index {drift['psi']:.3f}, "
+        f"{html.escape(drift['verdict'])} (below 0.1 stable, above 0.25 a shift to act on).</p>"
+        if drift
+        else ""
+    )
     fields = {**model, **dataset, "created_utc": summary["created_utc"]}
     escaped = {key: html.escape(str(value)) for key, value in fields.items()}
     bootstrap, calibration = summary["bootstrap"], summary["calibration"]
@@ -409,6 +424,7 @@ bootstrap, {bootstrap["resamples"]} resamples.</p>
 {"".join(rows)}</table>
 {policy_table}
 {subgroup_table}
+{drift_text}
 <p>{calibrated} Expected calibration error ({len(calibration["bins"])} bins): {calibration["ece"]:.4f}.
 Grad-CAM maps show the evidence for the predicted class at the operating threshold.</p>
 {images}
@@ -457,6 +473,41 @@ def _json_safe(value):
 # --- the whole evaluation -------------------------------------------------------------------------------
 
 
+def read_scores(uri: str) -> np.ndarray:
+    """The probabilities of a scored batch: predict.py's CSV, or --ray's Parquet part or folder of parts
+    (local or gs://); rows without a probability (bad images) are left out."""
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    uri = uri.rstrip("/")
+    if uri.endswith((".csv", ".parquet")):
+        files = [uri]
+    else:
+        files = [f.uri for f in storage.list_files(uri) if f.uri.endswith(".parquet")]
+        if not files:
+            raise EvaluationError(f"--drift {uri}: no predictions CSV and no Parquet parts there")
+    values = []
+    for file in files:
+        try:
+            content = io.BytesIO(storage.read_bytes(file))
+            table = (
+                pyarrow.csv.read_csv(content)
+                if file.endswith(".csv")
+                else pyarrow.parquet.read_table(content)
+            )
+            column = table.column("probability").to_numpy(zero_copy_only=False)
+            values.append(np.asarray(column, dtype=np.float64))
+        except (KeyError, ValueError, TypeError, OSError) as error:
+            raise EvaluationError(
+                f"--drift {file}: not a predictions file with a probability column ({error})"
+            ) from None
+    probabilities = np.concatenate(values)
+    probabilities = probabilities[np.isfinite(probabilities)]
+    if not len(probabilities):
+        raise EvaluationError(f"--drift {uri}: no scored image (every row has an error)")
+    return probabilities
+
+
 def run_evaluation(
     detector: PneumoniaDetector,
     manifest_uri: str,
@@ -467,8 +518,11 @@ def run_evaluation(
     gradcam_per_case: int = 3,
     batch_size: int = 64,
     on_batch=None,
+    drift_scores: tuple[str, np.ndarray] | None = None,
 ) -> dict:
-    """Score `split`, compute the figures and, when out_uri is given, write the report there."""
+    """Score `split`, compute the figures and, when out_uri is given, write the report there.
+    `drift_scores` (where from, probabilities: read_scores): a scored batch whose distribution of
+    probabilities is compared with this split's (metrics.population_stability)."""
     data_config = split_data_config(detector, manifest_uri, batch_size)
     dataset = data.open_dataset(data_config)
     scores = score_split(detector, data_config, dataset, split, tta_views, on_batch)
@@ -499,6 +553,11 @@ def run_evaluation(
         "created_utc": storage.utc_timestamp(),
     } | metrics_report(scores, detector.threshold, resamples, policies=detector.operating_points)
     summary["subgroups"] = subgroup_report(scores, detector.threshold, resamples)
+    if drift_scores is not None:
+        scores_uri, probabilities = drift_scores
+        summary["drift"] = {"scores_uri": scores_uri} | metrics_lib.population_stability(
+            scores.probabilities, probabilities
+        )
     if out_uri is None:
         return summary
     plots = {

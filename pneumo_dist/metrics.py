@@ -212,6 +212,35 @@ def fit_platt(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, flo
     return (slope, intercept) if slope > 0 and np.isfinite(weights).all() else None
 
 
+# The population stability index's usual reading (Siddiqi, "Credit Risk Scorecards", 2006): below 0.1 the
+# distribution has not moved, 0.1-0.25 it has somewhat, above 0.25 it has shifted enough to act on.
+PSI_SHIFTS = ((0.1, "stable"), (0.25, "some shift"), (float("inf"), "significant shift"))
+
+
+def population_stability(expected: np.ndarray, actual: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """The population stability index of `actual` probabilities against `expected` ones: sum over bins
+    of (a - e) ln(a / e), a and e the shares of each in the bin, the bins cut at the deciles of
+    `expected` (each holds a tenth of it); an empty bin counts as a share of 1e-4, as usual."""
+    expected = np.asarray(expected, dtype=np.float64).reshape(-1)
+    actual = np.asarray(actual, dtype=np.float64).reshape(-1)
+    edges = np.unique(np.quantile(expected, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
+    shares = [
+        np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1) / len(values)
+        for values in (expected, actual)
+    ]
+    e, a = (np.maximum(share, 1e-4) for share in shares)
+    psi = float(np.sum((a - e) * np.log(a / e)))
+    return {
+        "psi": psi,
+        "verdict": next(name for limit, name in PSI_SHIFTS if psi < limit),
+        "bin_upper_edges": [*map(float, edges), 1.0],
+        "expected_shares": shares[0].tolist(),
+        "actual_shares": shares[1].tolist(),
+        "expected_count": len(expected),
+        "actual_count": len(actual),
+    }
+
+
 def logit(probabilities: np.ndarray) -> np.ndarray:
     """log(p / (1 - p)), p clipped to float32's reach (a saturated sigmoid gives exactly 0 or 1)."""
     clipped = np.clip(np.asarray(probabilities, dtype=np.float64).reshape(-1), 1e-7, 1.0 - 1e-7)

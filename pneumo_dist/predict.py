@@ -100,7 +100,7 @@ class PneumoniaDetector:
         `prevalence` of PNEUMONIA, which needs an export with calibrated probabilities)."""
         folder = export_lib.folder_of(uri)
         info = export_lib.read(folder)
-        threshold, policy = _operating_point(info, threshold, policy, prevalence)
+        threshold, policy = operating_point(info, threshold, policy, prevalence)
         points = dict(info.operating_points)
         if prevalence is not None:
             points["prevalence"] = threshold  # for this deployment's prevalence, not the export's
@@ -138,19 +138,12 @@ class PneumoniaDetector:
             stored = self._stored_bytes(image)
         except images.BadImage as error:
             raise images.BadImage(f"{name}: {error}") from None
-        pixels = data.decode_image(tf.constant(stored), self.stored_size_px)
-        return data.resize_images(pixels, self.stored_size_px, self.image_size_px).numpy()
+        return stored_to_pixels(stored, self.info.preprocessing)
 
     def _stored_bytes(self, image: ImageInput) -> bytes:
         stored = (self.stored_size_px, self.image_format, self.jpeg_quality)
         if isinstance(image, (str, os.PathLike)):
-            try:
-                content = storage.read_bytes(os.fspath(image))
-            except storage.StorageNotFound:
-                raise images.BadImage("no such file") from None
-            except OSError as error:  # a folder, no permission, ...
-                raise images.BadImage(f"cannot be read: {error.strerror or error}") from None
-            return images.to_stored_image(content, *stored)[0]
+            return images.to_stored_image(read_image_file(os.fspath(image)), *stored)[0]
         if isinstance(image, (bytes, bytearray, memoryview)):
             return images.to_stored_image(bytes(image), *stored)[0]
         if isinstance(image, Image.Image):
@@ -219,7 +212,35 @@ class PneumoniaDetector:
         return Prediction(label, probability, self.threshold, self.version, source)
 
 
-def _operating_point(
+def read_image_file(uri: str) -> bytes:
+    """A file's bytes (local or gs://); raises images.BadImage when it cannot be read."""
+    try:
+        return storage.read_bytes(uri)
+    except storage.StorageNotFound:
+        raise images.BadImage("no such file") from None
+    except storage.StorageError as error:  # a folder, no permission, a bucket that refuses, ...
+        raise images.BadImage(f"cannot be read: {error}") from None
+
+
+def prepare_bytes(
+    content: bytes, preprocessing: export_lib.Preprocessing
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An encoded image -> (PneumoniaDetector.prepare's pixels, (original height, width)), without
+    a model: what batch scoring's CPU workers do. Raises images.BadImage."""
+    quality = preprocessing.jpeg_quality or images.DEFAULT_JPEG_QUALITY
+    stored, size = images.to_stored_image(
+        content, preprocessing.stored_size_px, preprocessing.image_format, quality
+    )
+    return stored_to_pixels(stored, preprocessing), size
+
+
+def stored_to_pixels(stored: bytes, preprocessing: export_lib.Preprocessing) -> np.ndarray:
+    """A stored-format image -> uint8 (image_size_px, image_size_px, 1), as the input pipeline reads it."""
+    pixels = data.decode_image(tf.constant(stored), preprocessing.stored_size_px)
+    return data.resize_images(pixels, preprocessing.stored_size_px, preprocessing.image_size_px).numpy()
+
+
+def operating_point(
     info: export_lib.ExportInfo, threshold: float | None, policy: str | None, prevalence: float | None
 ) -> tuple[float, str | None]:
     """(threshold, the policy that chose it, None when given) for PneumoniaDetector.load."""

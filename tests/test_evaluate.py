@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,12 @@ def test_subgroups_come_from_the_subtype_and_the_kaggle_file_name_families():
 
 def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable_shards, tmp_path):
     out = tmp_path / "report"
+    # A scored batch (predict.py's CSV) of nearly certain PNEUMONIA: far from the test split's spread.
+    scores = tmp_path / "predictions.csv"
+    rows = [f"x{i}.jpeg,PNEUMONIA,{0.99 + i / 10_000:.6f},0.5,v," for i in range(50)] + [
+        "bad.png,,,0.5,v,unreadable"
+    ]
+    scores.write_text("path,label,probability,threshold,model_version,error\n" + "\n".join(rows) + "\n")
     command = [sys.executable, str(REPO / "jobs" / "evaluate.py"), export, "--data", learnable_shards]
     run = subprocess.run(
         [
@@ -152,6 +159,8 @@ def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable
             "1",
             "--prevalence",
             "0.3",
+            "--drift",
+            str(scores),
         ],
         capture_output=True,
         text=True,
@@ -161,7 +170,11 @@ def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable
     assert "test split, 40 images (20 PNEUMONIA)" in run.stdout and "auc" in run.stdout
     assert "  prevalence policy, threshold " in run.stdout  # the threshold for the given prevalence
     assert "  acquisition=IM: 20 images  specificity " in run.stdout
-    assert strict_json((out / "metrics.json").read_text())["tta_views"] == 2
+    assert re.search(
+        r"drift: 50 scored images against the test split's 40: PSI \d+\.\d+, significant shift", run.stdout
+    )
+    figures = strict_json((out / "metrics.json").read_text())
+    assert figures["tta_views"] == 2 and figures["drift"]["psi"] > 0.25
 
 
 @pytest.mark.parametrize(

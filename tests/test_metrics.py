@@ -146,3 +146,16 @@ def test_logistic_calibration_stays_finite_on_separated_classes_and_refuses_what
     assert np.isfinite([slope, intercept]).all() and slope > 0
     assert metrics.fit_platt([1, 1, 1], [0.2, 0.5, 0.9]) is None  # one class
     assert metrics.fit_platt([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) is None  # ranks backwards
+
+
+def test_population_stability_by_hand_and_its_reading():
+    rng = np.random.default_rng(0)
+    validation = rng.beta(2, 2, 5000)
+    assert metrics.population_stability(validation, rng.beta(2, 2, 5000))["verdict"] == "stable"
+    shifted = metrics.population_stability(validation, rng.beta(5, 2, 5000))
+    assert shifted["psi"] > 0.25 and shifted["verdict"] == "significant shift"
+    # By hand: two bins (the median of 0..1 uniform), everything in the upper one: shares 0.5/0.5 vs
+    # 1e-4/1 -> (1e-4 - 0.5) ln(1e-4 / 0.5) + (1 - 0.5) ln(1 / 0.5).
+    by_hand = (1e-4 - 0.5) * np.log(1e-4 / 0.5) + 0.5 * np.log(2.0)
+    result = metrics.population_stability(np.arange(1000) / 1000, np.full(10, 0.9), bins=2)
+    assert result["psi"] == pytest.approx(by_hand) and result["actual_shares"] == [0.0, 1.0]

@@ -86,8 +86,8 @@ def test_probabilities_are_calibrated_on_validation_and_each_policys_threshold_c
     deployed = PneumoniaDetector.load(export, prevalence=0.3)  # (a model load costs ~20 s here: once)
     assert deployed.threshold == pytest.approx(info.threshold_for_prevalence(0.3))
     assert deployed.policy == "prevalence" and deployed.operating_points["prevalence"] == deployed.threshold
-    assert predict._operating_point(info, None, "youden", None) == (info.operating_points["youden"], "youden")
-    assert predict._operating_point(info, 0.25, None, None) == (0.25, None)  # given: no policy chose it
+    assert predict.operating_point(info, None, "youden", None) == (info.operating_points["youden"], "youden")
+    assert predict.operating_point(info, 0.25, None, None) == (0.25, None)  # given: no policy chose it
     for choice, message in (
         ({"policy": "prevalence"}, "no prevalence threshold .*give the deployment's prevalence"),
         ({"threshold": 0.5, "policy": "youden"}, "not both"),

@@ -34,7 +34,8 @@ def test_export_holds_model_metrics_config_and_threshold(trained):
     config, result, output, _ = trained
     export = Path(output) / "export"
     manifest = json.loads((export / "export.json").read_text())
-    assert set(manifest["files"]) == {"model.keras", "metrics.json", "config.yaml", "threshold.json"}
+    expected = {"model.keras", "metrics.json", "config.yaml", "threshold.json", "saved_model"}
+    assert set(manifest["files"]) == expected and manifest["serving_model"] == "saved_model"
     threshold = json.loads((export / "threshold.json").read_text())
     assert threshold["threshold"] == result.threshold and threshold["val_sensitivity"] >= 0.95
     assert config_lib.load_config(str(export / "config.yaml")) == config
