@@ -90,6 +90,21 @@ def gray_model(size: int) -> tf_keras.Model:
     )
 
 
+def export_info(stored_size_px: int, image_format: str) -> export_lib.ExportInfo:
+    """An export's info for a 32 px model whose records were stored as given."""
+    preprocessing = export_lib.Preprocessing(
+        image_size_px=32, stored_size_px=stored_size_px, image_format=image_format, jpeg_quality=95
+    )
+    return export_lib.ExportInfo(
+        files=[],
+        model="model.keras",
+        threshold=0.5,
+        target_sensitivity=None,
+        preprocessing=preprocessing,
+        created_utc="",
+    )
+
+
 def encoded(image: Image.Image, image_format: str, **options) -> bytes:
     out = io.BytesIO()
     image.save(out, format=image_format, **options)
@@ -118,18 +133,7 @@ def sources() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("image_format", ["jpeg", "png"])
 def test_the_graph_prepares_every_image_kind_to_the_pixels_of_its_record(image_format):
-    preprocessing = export_lib.Preprocessing(
-        image_size_px=32, stored_size_px=64, image_format=image_format, jpeg_quality=95
-    )
-    info = export_lib.ExportInfo(
-        files=[],
-        model="model.keras",
-        threshold=0.5,
-        target_sensitivity=None,
-        preprocessing=preprocessing,
-        created_utc="",
-    )
-    module = serving.ServingModel(gray_model(32), info, "v", 0.5)
+    module = serving.ServingModel(gray_model(32), export_info(64, image_format), "v", 0.5)
     for name, content in sources().items():
         stored, _ = images.to_stored_image(content, 64, image_format, 95)
         expected = tf.io.decode_image(stored, channels=1).numpy()
@@ -139,18 +143,7 @@ def test_the_graph_prepares_every_image_kind_to_the_pixels_of_its_record(image_f
 
 
 def test_a_file_that_is_not_an_image_fails_the_request_naming_why(tmp_path):
-    preprocessing = export_lib.Preprocessing(
-        image_size_px=32, stored_size_px=32, image_format="jpeg", jpeg_quality=95
-    )
-    info = export_lib.ExportInfo(
-        files=[],
-        model="model.keras",
-        threshold=0.5,
-        target_sensitivity=None,
-        preprocessing=preprocessing,
-        created_utc="",
-    )
-    serving.save(gray_model(32), info, "v", 0.5, str(tmp_path / "saved_model"))
+    serving.save(gray_model(32), export_info(32, "jpeg"), "v", 0.5, str(tmp_path / "saved_model"))
     signature = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
     good = sources()["gray jpeg"]
     assert signature(image_bytes=tf.constant([good]))["label"].shape == (1,)
