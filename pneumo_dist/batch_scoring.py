@@ -1,8 +1,8 @@
 """Scoring an archive of images on Ray Data: `jobs/predict.py --ray`.
 
     files (a local folder or a gs:// prefix, listed once, sorted)
-      -> read and prepare on CPU tasks (PneumoniaDetector's preparation, without the model)
-      -> score in map_batches on a pool of model actors (one per GPU, or per N CPUs)
+      -> read and make the stored-format image on CPU tasks (Pillow, as make_shards)
+      -> decode, resize and score in map_batches on a pool of model actors (one per GPU, or per N CPUs)
       -> OUT/part-NNNNN.parquet, written by the driver as each part's last row arrives
 
 The sorted list is cut into parts of `part_size` images; a part's file is written once all its rows
@@ -193,25 +193,26 @@ def _write_part(out: str, index: int, batches: list[dict]) -> list[str]:
 
 
 def _prepare_batch(batch: dict, preprocessing: export_lib.Preprocessing) -> dict:
-    """Read and prepare each file as PneumoniaDetector.prepare does; a bad one gets its error."""
-    from pneumo_dist import predict
-
-    size = preprocessing.image_size_px
+    """Read each file and make its stored-format image as make_shards did (Pillow only: these workers
+    never import TensorFlow); a bad one gets its error. The actors do the rest of PneumoniaDetector's
+    preparation (decode and resize, as the input pipeline)."""
     count = len(batch["path"])
-    pixels = np.zeros((count, size, size, 1), np.uint8)
-    errors, digests = [""] * count, [""] * count
+    stored, errors, digests = [b""] * count, [""] * count, [""] * count
     heights, widths = np.zeros(count, np.int64), np.zeros(count, np.int64)
+    quality = preprocessing.jpeg_quality or images.DEFAULT_JPEG_QUALITY
     for i, path in enumerate(batch["path"]):
         try:
-            content = predict.read_image_file(str(path))
+            content = images.read_file(str(path))
             digests[i] = hashlib.sha256(content).hexdigest()
-            pixels[i], (heights[i], widths[i]) = predict.prepare_bytes(content, preprocessing)
+            stored[i], (heights[i], widths[i]) = images.to_stored_image(
+                content, preprocessing.stored_size_px, preprocessing.image_format, quality
+            )
         except images.BadImage as error:
             errors[i] = f"{path}: {error}"
     return {
         "path": batch["path"],
         "part": batch["part"],
-        "pixels": pixels,
+        "stored": np.array(stored, dtype=object),
         "error": np.array(errors, dtype=object),
         "sha256": np.array(digests, dtype=object),
         "height": heights,
@@ -220,7 +221,7 @@ def _prepare_batch(batch: dict, preprocessing: export_lib.Preprocessing) -> dict
 
 
 class _Scorer:
-    """A model actor: loads the export once, scores the prepared pixels of each batch."""
+    """A model actor: loads the export once; decodes and resizes each stored image, scores the batch."""
 
     def __init__(self, folder: str, point: OperatingPoint, tta_views: int):
         from pneumo_dist import predict
@@ -229,11 +230,19 @@ class _Scorer:
         self.tta_views = tta_views
 
     def __call__(self, batch: dict) -> dict:
+        from pneumo_dist import predict
+
         detector = self.detector
         ok = np.array([not e for e in batch["error"]], bool)
         probabilities = np.full(len(ok), np.nan)
         if ok.any():
-            probabilities[ok] = detector.probabilities(batch["pixels"][ok], self.tta_views)
+            preprocessing = detector.info.preprocessing
+            pixels = [
+                predict.stored_to_pixels(bytes(b), preprocessing)
+                for b, k in zip(batch["stored"], ok, strict=True)
+                if k
+            ]
+            probabilities[ok] = detector.probabilities(np.stack(pixels), self.tta_views)
         labels = [
             detector.prediction(float(p), "").label if k else ""
             for p, k in zip(probabilities, ok, strict=True)

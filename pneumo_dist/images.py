@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 from pneumo_dist.errors import PneumoDistError
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", *DICOM_EXTENSIONS)
 IMAGE_FORMATS = ("jpeg", "png")
 DEFAULT_JPEG_QUALITY = 95  # shards and inference encode alike (predict.py re-encodes like the shards)
 # The only decoders Pillow may use: a TIFF, GIF, WebP or EPS renamed .png is refused, and Pillow never
@@ -34,6 +36,35 @@ class BadImage(PneumoDistError):
     """The bytes are not a usable image; the message says why."""
 
 
+# DICOM: only these attributes are read (the pixels and how to display them). Nothing that identifies a
+# patient is read, so nothing of it can reach a record, a manifest or a log.
+DICOM_ATTRIBUTES_READ = (
+    "Modality",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "ModalityLUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
+    "PixelData",
+)
+# Projection radiography: computed (CR), digital (DX) and radiographic imaging (RG). A file without a
+# Modality is read; any other modality (CT, MR, SR, PR, ...) is not a chest X-ray and is skipped.
+XRAY_MODALITIES = ("CR", "DX", "RG")
+_DICOM_MAGIC = (128, b"DICM")  # the preamble's end: how a DICOM file without an extension is known
+
+
 def has_image_extension(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -46,6 +77,8 @@ def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px
     """
     if not data:
         raise BadImage("empty file (0 bytes)")
+    if is_dicom(data):
+        return _decode_dicom(data, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,6 +112,89 @@ def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px
     if (image.width > image.height) != (width > height):
         width, height = height, width  # EXIF said the sensor was rotated
     return _to_grayscale(image), (height, width)
+
+
+def read_file(uri: str) -> bytes:
+    """A file's bytes (local or gs://); raises BadImage when it cannot be read."""
+    from pneumo_dist import storage
+
+    try:
+        return storage.read_bytes(uri)
+    except storage.StorageNotFound:
+        raise BadImage("no such file") from None
+    except storage.StorageError as error:  # a folder, no permission, a bucket that refuses, ...
+        raise BadImage(f"cannot be read: {error}") from None
+
+
+def is_dicom(data: bytes) -> bool:
+    offset, magic = _DICOM_MAGIC
+    return data[offset : offset + len(magic)] == magic
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """A DICOM file -> (8-bit gray image as a radiologist's viewer shows it, (rows, columns)): the
+    Modality LUT (rescale slope/intercept, or its table), then the VOI LUT table or the first window
+    (DICOM PS3.3 C.11.2.1.2, linear or sigmoid), else the image's own min..max; MONOCHROME1 inverted."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), specific_tags=list(DICOM_ATTRIBUTES_READ))
+        modality = str(dataset.get("Modality", "") or "")
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+        rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    except (pydicom.errors.InvalidDicomError, ValueError, TypeError, OSError, EOFError) as error:
+        raise BadImage(f"not a readable DICOM file: {error}") from None
+    if modality and modality not in XRAY_MODALITIES:
+        raise BadImage(f"DICOM modality {modality} is not a radiograph ({', '.join(XRAY_MODALITIES)})")
+    if "PixelData" not in dataset:
+        raise BadImage("DICOM file without pixel data (a report, a presentation state or a damaged file)")
+    if frames > 1:
+        raise BadImage(f"multi-frame DICOM ({frames} frames): not a single radiograph")
+    if rows < 1 or columns < 1:
+        raise BadImage(f"DICOM image has no pixels ({columns}x{rows})")
+    if rows * columns > max_pixels:
+        raise BadImage(
+            f"decompression bomb refused: {columns}x{rows} px is more than max_pixels={max_pixels:,}"
+        )
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:  # noqa: BLE001 - pydicom raises many types for data it cannot decode
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
+        raise BadImage(f"DICOM pixel data cannot be decoded ({name}): {error}") from None
+    if pixels.ndim == 3:  # RGB (pydicom converts YBR): as any colour image
+        return Image.fromarray(pixels.astype(np.uint8)).convert("L"), (rows, columns)
+    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    if "VOILUTSequence" in dataset:
+        lut = dataset.VOILUTSequence[0]
+        values = apply_voi(values, dataset, index=0).astype(np.float64)
+        bits = int(lut.LUTDescriptor[2])
+        gray = np.round(np.clip(values / (2**bits - 1), 0.0, 1.0) * 255.0).astype(np.uint8)
+    elif "WindowCenter" in dataset and "WindowWidth" in dataset:
+        gray = _window(values, _first(dataset.WindowCenter), _first(dataset.WindowWidth), dataset)
+    else:
+        gray = _stretch_to_uint8(values)
+    if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
+        gray = 255 - gray  # MONOCHROME1: the lowest value is white
+    return Image.fromarray(gray, mode="L"), (rows, columns)
+
+
+def _first(value) -> float:
+    """A DICOM number that may be multi-valued (several windows): the first."""
+    return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+
+
+def _window(values: np.ndarray, center: float, width: float, dataset) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2: the VOI window onto 0..255 (LINEAR, LINEAR_EXACT or SIGMOID)."""
+    function = str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if function == "SIGMOID":
+        scaled = 1.0 / (1.0 + np.exp(-4.0 * (values - center) / max(width, 1e-6)))
+    elif function == "LINEAR_EXACT":
+        scaled = (values - center) / max(width, 1e-6) + 0.5
+    else:
+        scaled = (values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _bytes_per_pixel(mode: str) -> int:

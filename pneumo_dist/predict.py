@@ -143,7 +143,7 @@ class PneumoniaDetector:
     def _stored_bytes(self, image: ImageInput) -> bytes:
         stored = (self.stored_size_px, self.image_format, self.jpeg_quality)
         if isinstance(image, (str, os.PathLike)):
-            return images.to_stored_image(read_image_file(os.fspath(image)), *stored)[0]
+            return images.to_stored_image(images.read_file(os.fspath(image)), *stored)[0]
         if isinstance(image, (bytes, bytearray, memoryview)):
             return images.to_stored_image(bytes(image), *stored)[0]
         if isinstance(image, Image.Image):
@@ -210,28 +210,6 @@ class PneumoniaDetector:
     def prediction(self, probability: float, source: str) -> Prediction:
         label = schema.CLASS_NAMES[1] if probability >= self.threshold else schema.CLASS_NAMES[0]
         return Prediction(label, probability, self.threshold, self.version, source)
-
-
-def read_image_file(uri: str) -> bytes:
-    """A file's bytes (local or gs://); raises images.BadImage when it cannot be read."""
-    try:
-        return storage.read_bytes(uri)
-    except storage.StorageNotFound:
-        raise images.BadImage("no such file") from None
-    except storage.StorageError as error:  # a folder, no permission, a bucket that refuses, ...
-        raise images.BadImage(f"cannot be read: {error}") from None
-
-
-def prepare_bytes(
-    content: bytes, preprocessing: export_lib.Preprocessing
-) -> tuple[np.ndarray, tuple[int, int]]:
-    """An encoded image -> (PneumoniaDetector.prepare's pixels, (original height, width)), without
-    a model: what batch scoring's CPU workers do. Raises images.BadImage."""
-    quality = preprocessing.jpeg_quality or images.DEFAULT_JPEG_QUALITY
-    stored, size = images.to_stored_image(
-        content, preprocessing.stored_size_px, preprocessing.image_format, quality
-    )
-    return stored_to_pixels(stored, preprocessing), size
 
 
 def stored_to_pixels(stored: bytes, preprocessing: export_lib.Preprocessing) -> np.ndarray:

@@ -214,3 +214,34 @@ def trained(learnable_shards, tmp_path_factory):
     epochs_seen = []
     result = train.train(config, train.choose_strategy(local=True), on_epoch=epochs_seen.append)
     return config, result, output, epochs_seen
+
+
+@pytest.fixture(scope="session")
+def small_export(tmp_path_factory) -> str:
+    """A real export of a small stock-Keras model (32 px, records stored at 48 px as JPEG q95): for
+    tests of what is around the model (preparation, batch scoring), where ResNet50 would only cost time."""
+    import tf_keras
+
+    from pneumo_dist import export as export_lib
+
+    folder = tmp_path_factory.mktemp("small-export") / "export"
+    folder.mkdir()
+    tf_keras.utils.set_random_seed(0)
+    pixels = tf_keras.Input((32, 32, 1), name="gray_0_255")
+    x = tf_keras.layers.Rescaling(1 / 255.0)(pixels)
+    x = tf_keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    outputs = tf_keras.layers.Dense(1, activation="sigmoid", bias_initializer="ones")(x)
+    tf_keras.Model(pixels, outputs).save(folder / export_lib.MODEL_FILE)
+    info = export_lib.ExportInfo(
+        files=[export_lib.MODEL_FILE],
+        model=export_lib.MODEL_FILE,
+        threshold=0.7,
+        target_sensitivity=None,
+        preprocessing=export_lib.Preprocessing(
+            image_size_px=32, stored_size_px=48, image_format="jpeg", jpeg_quality=95
+        ),
+        created_utc="",
+    )
+    export_lib.publish(str(folder), str(folder), {}, info)
+    return str(folder)

@@ -12,40 +12,14 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-import tf_keras
 from PIL import Image
 
 from pneumo_dist import batch_scoring, storage
-from pneumo_dist import export as export_lib
 from pneumo_dist.demo import DemoSpec, write_demo_dataset
+from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.predict import PneumoniaDetector
 
 from .conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def small_export(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("small-export") / "export"
-    folder.mkdir()
-    tf_keras.utils.set_random_seed(0)
-    pixels = tf_keras.Input((32, 32, 1), name="gray_0_255")
-    x = tf_keras.layers.Rescaling(1 / 255.0)(pixels)
-    x = tf_keras.layers.Conv2D(4, 3, activation="relu")(x)
-    x = tf_keras.layers.GlobalAveragePooling2D()(x)
-    outputs = tf_keras.layers.Dense(1, activation="sigmoid", bias_initializer="ones")(x)
-    tf_keras.Model(pixels, outputs).save(folder / export_lib.MODEL_FILE)
-    info = export_lib.ExportInfo(
-        files=[export_lib.MODEL_FILE],
-        model=export_lib.MODEL_FILE,
-        threshold=0.7,
-        target_sensitivity=None,
-        preprocessing=export_lib.Preprocessing(
-            image_size_px=32, stored_size_px=48, image_format="jpeg", jpeg_quality=95
-        ),
-        created_utc="",
-    )
-    export_lib.publish(str(folder), str(folder), {}, info)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +28,7 @@ def archive(gcs_emulator, tmp_path_factory) -> tuple[str, list[str]]:
     from google.cloud import storage as gcs
 
     root = tmp_path_factory.mktemp("archive")
-    spec = DemoSpec(images_per_class=(("a", 75), ("b", 75)), min_side_px=40, max_side_px=90)
+    spec = DemoSpec(images_per_class=(("a", 40), ("b", 40)), min_side_px=40, max_side_px=90)
     write_demo_dataset(str(root), spec)
     (root / "a" / "broken.jpeg").write_bytes(b"not an image")
     (root / "b" / "empty.png").write_bytes(b"")
@@ -92,7 +66,7 @@ def test_two_actors_score_a_bucket_as_the_single_process_path_and_a_restart_skip
 ):
     prefix, uris = archive
     out = prefix.rsplit("/", 1)[0] + "/scores"
-    ray = ["--ray", "--address", "local", "--actors", "2", "--cpus-per-actor", "0.5", "--part-size", "100"]
+    ray = ["--ray", "--address", "local", "--actors", "2", "--cpus-per-actor", "0.5", "--part-size", "50"]
     first = predict_job(prefix, "--model", small_export, "--out", out, *ray)
     assert first.returncode == 1, first.stderr[-3000:]  # two bad files: reported, not fatal
     assert f"{len(uris)} images on Ray" in first.stdout and "2 error" in first.stdout
@@ -115,7 +89,7 @@ def test_two_actors_score_a_bucket_as_the_single_process_path_and_a_restart_skip
 
     # A run that died after some parts: the same command writes only the missing ones.
     parts = {f.uri: f.version for f in storage.list_files(out) if f.uri.endswith(".parquet")}
-    assert len(parts) == -(-len(uris) // 100)
+    assert len(parts) == -(-len(uris) // 50)
     lost = storage.join(out, batch_scoring.PART_NAME.format(1))
     storage.delete(lost)
     again = predict_job(prefix, "--model", small_export, "--out", out, *ray)
@@ -125,18 +99,18 @@ def test_two_actors_score_a_bucket_as_the_single_process_path_and_a_restart_skip
     assert read_parts(out) == rows
 
     # Other inputs into the same folder are refused before Ray starts, and nothing is written.
-    other = predict_job(prefix, "--model", small_export, "--out", out, *ray[:-1], "50")
+    other = predict_job(prefix, "--model", small_export, "--out", out, *ray[:-1], "40")
     assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
     assert "holds the output of another scoring job" in other.stderr.strip().splitlines()[-1]
-    assert json.loads(storage.read_bytes(storage.join(out, batch_scoring.JOB_FILE)))["part_size"] == 100
+    assert json.loads(storage.read_bytes(storage.join(out, batch_scoring.JOB_FILE)))["part_size"] == 50
 
 
 def test_a_bad_threshold_or_model_fails_before_ray_starts_and_writes_nothing(small_export, tmp_path):
-    images = tmp_path / "images"
-    write_demo_dataset(str(images), DemoSpec(images_per_class=(("x", 2),), min_side_px=40, max_side_px=50))
-    out = tmp_path / "scores"
-    bad = predict_job(str(images), "--model", small_export, "--out", str(out), "--ray", "--threshold", "2")
-    assert bad.returncode == 2 and "threshold must be in 0..1" in bad.stderr and not out.exists()
-    missing = predict_job(str(images), "--model", str(tmp_path), "--out", str(out), "--ray")
-    assert missing.returncode == 2 and "no export.json" in missing.stderr and not out.exists()
-    assert "Traceback" not in bad.stderr + missing.stderr
+    out = str(tmp_path / "scores")
+    paths = [str(tmp_path / "x.jpeg")]
+    bad = batch_scoring.OperatingPoint(threshold=2.0)
+    with pytest.raises(PneumoDistError, match="threshold must be in 0..1"):
+        batch_scoring.score(paths, small_export, out, bad, address="never-reached")
+    with pytest.raises(PneumoDistError, match="no export.json"):
+        batch_scoring.score(paths, str(tmp_path), out, address="never-reached")
+    assert not (tmp_path / "scores").exists()
