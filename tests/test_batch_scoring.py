@@ -24,11 +24,11 @@ from .conftest import REPO
 
 @pytest.fixture(scope="module")
 def archive(gcs_emulator, tmp_path_factory) -> tuple[str, list[str]]:
-    """~300 demo X-rays and two bad files under gs://BUCKET/archive/ -> (prefix, their URIs)."""
+    """200 demo X-rays and two bad files under gs://BUCKET/archive/ -> (prefix, their URIs)."""
     from google.cloud import storage as gcs
 
     root = tmp_path_factory.mktemp("archive")
-    spec = DemoSpec(images_per_class=(("a", 40), ("b", 40)), min_side_px=40, max_side_px=90)
+    spec = DemoSpec(images_per_class=(("a", 50), ("b", 50)), min_side_px=40, max_side_px=90)
     write_demo_dataset(str(root), spec)
     (root / "a" / "broken.jpeg").write_bytes(b"not an image")
     (root / "b" / "empty.png").write_bytes(b"")
