@@ -77,7 +77,8 @@ def score(
     info = check_model(model_uri, point)
     parts = [paths[start : start + part_size] for start in range(0, len(paths), part_size)]
     _claim(out, paths, part_size, folder, point)
-    done = {i for i in range(len(parts)) if storage.exists(storage.join(out, PART_NAME.format(i)))}
+    written = {storage.basename(f.uri) for f in storage.list_files(out)}  # one listing, not one per part
+    done = {i for i in range(len(parts)) if PART_NAME.format(i) in written}
     pending = [i for i in range(len(parts)) if i not in done]
     counts: dict[str, int | str] = {"skipped_parts": len(done)}
     if not pending:
