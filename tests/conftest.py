@@ -48,6 +48,20 @@ TINY_DEMO = DemoSpec(
 )
 
 
+# pytest-xdist runs the tests in 2 processes (pyproject's addopts, --dist loadgroup). The Ray tests run
+# one after another in one of them: each starts its own Ray, sized for this machine's CPUs. The tests
+# on the trained ResNet50 share a process too, so it is trained once.
+RAY_TEST_FILES = ("test_tune.py", "test_batch_scoring.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.name in RAY_TEST_FILES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif "trained" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("trained"))
+
+
 def pytest_report_header(config) -> str:
     temp = tempfile.gettempdir()
     free_gib = shutil.disk_usage(temp).free / 2**30
