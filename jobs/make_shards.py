@@ -2,8 +2,9 @@
 
     python jobs/make_shards.py SRC DST [options]
 
-SRC: a Kaggle-layout folder (ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*), a MedMNIST .npz, a CSV of
-path,label[,patient_id][,split][,subtype], or `demo` for the built-in generated data set.
+SRC: a Kaggle-layout folder (ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*; JPEG, PNG or DICOM), the RSNA
+Pneumonia Detection Challenge's folder (it holds stage_2_train_labels.csv), a MedMNIST .npz, a CSV of
+path,label[,patient_id][,split][,subtype][,sex][,age], or `demo` for the built-in generated data set.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("src", metavar="SRC", help="Kaggle folder, .npz, .csv (local or gs://), or 'demo'")
+    parser.add_argument(
+        "src", metavar="SRC", help="Kaggle or RSNA folder, .npz, .csv (local or gs://), or 'demo'"
+    )
     parser.add_argument("dst", metavar="DST", help="output folder, local or gs://BUCKET/PREFIX")
     defaults = shards.ShardOptions()
     parser.add_argument(
@@ -63,6 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="let a CSV name files outside its own folder (../, absolute paths, other buckets)",
     )
+    parser.add_argument(
+        "--patient-salt",
+        default=None,
+        help="key of the salted hash that records keep of each patient id (16+ characters; default: a "
+        "random one, kept when re-running into DST); the same salt links two datasets' patients",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at DST")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
     return parser.parse_args(argv)
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels,
         strict=args.strict,
         allow_outside_paths=args.allow_outside_paths,
+        patient_salt=args.patient_salt,
     )
     bars: list[tqdm] = []  # made on the first report: its monitor thread would keep make_shards from forking
 

@@ -2,7 +2,8 @@
 
 Decoding (TFRecord -> uint8 image) is separate from batching; augmentation and normalisation happen
 later, on the accelerator (augment.py). Every element is a dict: "image" uint8 (H, W, 1), "label"
-float32, and for evaluation "source" (the record's source path) and "subtype" (b"bacteria", b"virus", b"").
+float32, and for evaluation "source" (the record's source path) and RECORD_ATTRIBUTES (subtype, sex,
+age band, site, scanner).
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def eval_dataset(
     with_source: bool = False,
 ):
     """This worker's part of `split`, in order, unaugmented, with the last partial batch: across all
-    workers every record is scored exactly once. `with_source` adds each record's source path and subtype."""
+    workers every record is scored exactly once. `with_source` adds each record's source path and
+    RECORD_ATTRIBUTES."""
     records = _worker_records(dataset.shards(split), context, shuffle_files=False, data=data)
     decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=True)
     stored_px = dataset.manifest.image.stored_size_px
@@ -207,17 +209,27 @@ _FEATURES = {
     schema.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
     schema.SOURCE_KEY: tf.io.FixedLenFeature([], tf.string),
     schema.SUBTYPE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    schema.SEX_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    schema.AGE_BAND_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    schema.SITE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    schema.SCANNER_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
 }
+# What evaluation reports figures by, besides the source path: each record's (b"" when unknown).
+RECORD_ATTRIBUTES = ("subtype", "sex", "age_band", "site", "scanner")
 
 
 def decode_example(serialized: tf.Tensor) -> dict:
-    """Serialized tf.train.Example -> its encoded image, label, source path and pneumonia subtype."""
+    """Serialized tf.train.Example -> its encoded image, label, source path and RECORD_ATTRIBUTES."""
     example = tf.io.parse_single_example(serialized, _FEATURES)
     return {
         "encoded": example[schema.IMAGE_KEY],
         "label": example[schema.LABEL_KEY],
         "source": example[schema.SOURCE_KEY],
         "subtype": example[schema.SUBTYPE_KEY],
+        "sex": example[schema.SEX_KEY],
+        "age_band": example[schema.AGE_BAND_KEY],
+        "site": example[schema.SITE_KEY],
+        "scanner": example[schema.SCANNER_KEY],
     }
 
 
@@ -246,14 +258,14 @@ def _resize_batches(batches: tf.data.Dataset, stored_px: int, image_size_px: int
 
 def parse_record(record: dict, stored_px: int, keep_source: bool) -> dict:
     """decode_example's features -> uint8 (stored_px, stored_px, 1) image, float32 label (and source
-    and subtype, for evaluation's per-image rows and subgroups)."""
+    and RECORD_ATTRIBUTES, for evaluation's per-image rows and subgroups)."""
     element = {
         "image": decode_image(record["encoded"], stored_px),
         "label": tf.cast(record["label"], tf.float32),
     }
     if keep_source:
         element["source"] = record["source"]
-        element["subtype"] = record["subtype"]
+        element.update((name, record[name]) for name in RECORD_ATTRIBUTES)
     return element
 
 

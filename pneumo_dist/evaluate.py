@@ -42,16 +42,25 @@ class Scores:
     labels: np.ndarray  # 0 NORMAL, 1 PNEUMONIA
     probabilities: np.ndarray  # P(PNEUMONIA)
     sources: list[str]  # each record's source path, in the split's order
-    subtypes: list[str] = field(default_factory=list)  # each record's pneumonia subtype ("" unknown)
+    # Each record's data.RECORD_ATTRIBUTES (subtype, sex, age_band, ...): name -> values, "" unknown.
+    attributes: dict[str, list[str]] = field(default_factory=dict)
 
 
-# The attributes evaluation reports figures by, each record's value from its subtype and source name
-# (a value of "" is left out; an attribute with fewer than two values is not reported).
+def _attribute(name: str):
+    return lambda scores, index: scores.attributes[name][index] if name in scores.attributes else ""
+
+
+# The attributes evaluation reports figures by, each record's value from its record attributes and
+# source name (a value of "" is left out; an attribute with fewer than two values is not reported).
 SUBGROUPS = {
-    "subtype": lambda scores, index: scores.subtypes[index] if scores.subtypes else "",
+    "subtype": _attribute("subtype"),
     "acquisition": lambda scores, index: sources_lib.acquisition_group(
         os.path.basename(scores.sources[index])
     ),
+    "sex": _attribute("sex"),
+    "age_band": _attribute("age_band"),
+    "site": _attribute("site"),
+    "scanner": _attribute("scanner"),
 }
 
 
@@ -78,15 +87,18 @@ def score_split(
     """Every record of `split`, once, in order. `on_batch(done, total)` reports progress."""
     dataset.shards(split)  # a missing split raises here, naming the splits there are
     total = dataset.records(split)
-    labels, probabilities, sources, subtypes = [], [], [], []
+    labels, probabilities, sources = [], [], []
+    attributes = {name: [] for name in data.RECORD_ATTRIBUTES}
     for batch in data.eval_dataset(data_config, dataset, split, with_source=True):
         probabilities.append(detector.probabilities(batch["image"], tta_views))
         labels.append(batch["label"].numpy())
         sources += [s.decode() for s in batch["source"].numpy()]
-        subtypes += [s.decode() for s in batch["subtype"].numpy()]
+        for name, values in attributes.items():
+            values += [value.decode() for value in batch[name].numpy()]
         if on_batch:
             on_batch(len(sources), total)
-    return Scores(np.concatenate(labels).astype(np.int64), np.concatenate(probabilities), sources, subtypes)
+    labels = np.concatenate(labels).astype(np.int64)
+    return Scores(labels, np.concatenate(probabilities), sources, attributes)
 
 
 def split_images(

@@ -69,6 +69,10 @@ def has_image_extension(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def is_dicom_name(name: str) -> bool:
+    return name.lower().endswith(DICOM_EXTENSIONS)
+
+
 def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px: int | None = None):
     """Bytes -> (8-bit grayscale PIL image, (original_height, original_width)).
 
@@ -136,7 +140,6 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int,
     Modality LUT (rescale slope/intercept, or its table), then the VOI LUT table or the first window
     (DICOM PS3.3 C.11.2.1.2, linear or sigmoid), else the image's own min..max; MONOCHROME1 inverted."""
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi
 
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), specific_tags=list(DICOM_ATTRIBUTES_READ))
@@ -165,6 +168,30 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int,
         raise BadImage(f"DICOM pixel data cannot be decoded ({name}): {error}") from None
     if pixels.ndim == 3:  # RGB (pydicom converts YBR): as any colour image
         return Image.fromarray(pixels.astype(np.uint8)).convert("L"), (rows, columns)
+    windowed = "VOILUTSequence" in dataset or ("WindowCenter" in dataset and "WindowWidth" in dataset)
+    # Integer pixels of up to 16 bits: the display of each stored value from lowest to highest, then a
+    # look-up per pixel, instead of float64 arithmetic on millions of pixels (4x faster at 2048 x 2048).
+    # Not for a min..max stretch after a Modality LUT table, whose extremes need not be at the lowest
+    # and highest stored values.
+    if (
+        pixels.dtype.kind in "iu"
+        and pixels.dtype.itemsize <= 2
+        and (windowed or "ModalityLUTSequence" not in dataset)
+    ):
+        low, high = int(pixels.min()), int(pixels.max())
+        table = _display(np.arange(low, high + 1, dtype=pixels.dtype)[np.newaxis], dataset)[0]
+        unsigned = pixels.view(f"u{pixels.dtype.itemsize}")
+        offsets = unsigned - unsigned.dtype.type(low % 2 ** (8 * pixels.dtype.itemsize))  # wraps right
+        gray = table[offsets]
+    else:
+        gray = _display(pixels, dataset)
+    return Image.fromarray(gray, mode="L"), (rows, columns)
+
+
+def _display(pixels: np.ndarray, dataset) -> np.ndarray:
+    """Stored pixel values -> the 8-bit gray a viewer shows them as."""
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
     values = apply_modality_lut(pixels, dataset).astype(np.float64)
     if "VOILUTSequence" in dataset:
         lut = dataset.VOILUTSequence[0]
@@ -177,7 +204,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int,
         gray = _stretch_to_uint8(values)
     if dataset.get("PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray  # MONOCHROME1: the lowest value is white
-    return Image.fromarray(gray, mode="L"), (rows, columns)
+    return gray
 
 
 def _first(value) -> float:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import hmac
 import itertools
 import json
 import math
@@ -60,6 +61,10 @@ class ShardOptions:
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     strict: bool = False  # stop at the first bad file, and at images found in two splits
     allow_outside_paths: bool = False  # CSV rows may name files outside the CSV's folder
+    # Records keep a patient id only as HMAC-SHA256(patient_salt, id); the manifest keeps the salt. None:
+    # one derived from the inputs and options (the same inputs make the same records, other inputs get
+    # another salt); give two datasets the same salt to link their patients.
+    patient_salt: str | None = None
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ShardError:
@@ -79,6 +84,8 @@ class ShardOptions:
             raise bad("min_shards", "must be at least 1")
         if self.max_pixels < 1:
             raise bad("max_pixels", "must be positive")
+        if self.patient_salt is not None and len(self.patient_salt) < 16:
+            raise ShardError("option patient_salt: must be at least 16 characters")  # never echoed
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,9 @@ def make_shards(
             listing.images, options.val_fraction, options.keep_val, options.seed
         )
         options = _resolve_stored_size(options, listing)
+        if options.patient_salt is None:
+            salt = _fingerprint(source_uri, listing, assigned, options)[:32]
+            options = dataclasses.replace(options, patient_salt=salt)
         fingerprint = _fingerprint(source_uri, listing, assigned, options)
         manifest_uri = storage.join(destination, schema.MANIFEST_NAME)
 
@@ -196,6 +206,11 @@ def _resolve_stored_size(options: ShardOptions, listing: sources.Listing) -> Sha
     return dataclasses.replace(options, stored_size_px=size)
 
 
+def pseudonym(patient_id: str, salt: str) -> str:
+    """What a record keeps of a patient id: its salted hash (HMAC-SHA256, 128 bits as hex)."""
+    return hmac.new(salt.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def _fingerprint(source_uri: str, listing: sources.Listing, assigned: list[SourceImage], options) -> str:
     """Identifies the inputs and options; the same fingerprint means the same dataset."""
     digest = hashlib.sha256()
@@ -204,8 +219,8 @@ def _fingerprint(source_uri: str, listing: sources.Listing, assigned: list[Sourc
     settings.pop("strict")
     settings.pop("allow_outside_paths")
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    if listing.source_format == "csv":
-        digest.update(storage.read_bytes(source_uri))  # patient ids, subtypes
+    for uri in listing.described_by:
+        digest.update(storage.read_bytes(uri))  # labels, patient ids, subtypes, ...
     for image in assigned:
         line = f"{image.source}|{image.split}|{image.label}|{image.size_bytes}"
         # A CSV's images also count their modification time: a CSV names files it does not describe.
@@ -288,7 +303,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
     patients: set[str] = set()
     contents: list[tuple[str, str]] = []  # (source sha256, source): duplicates across splits
     digest = hashlib.sha256()
-    records = 0
+    records = dicom_records = 0
     if not storage.is_gcs(uri):
         os.makedirs(task.destination, exist_ok=True)
     fd, local_path = tempfile.mkstemp(
@@ -298,7 +313,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
         with os.fdopen(fd, "wb") as out:
             for image in task.images:
                 try:
-                    encoded, sha256, (height, width) = _convert(image, options)
+                    encoded, sha256, (height, width), dicom = _convert(image, options)
                 except (imaging.BadImage, storage.StorageNotFound, storage.UnreadableFile) as error:
                     if options.strict:
                         raise ShardError(
@@ -306,14 +321,19 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
                         ) from None
                     skipped.append({"source": image.source, "reason": str(error)})
                     continue
-                record = tfrecord.frame(
-                    tfrecord.encode_example(_features(image, encoded, sha256, height, width, options))
-                )
+                patient = pseudonym(image.patient_id, options.patient_salt)
+                if dicom is not None:  # the source's own values win over the file's
+                    dicom_records += 1
+                    image = dataclasses.replace(
+                        image, sex=image.sex or dicom[0], age_band=image.age_band or dicom[1]
+                    )
+                features = _features(image, patient, encoded, sha256, height, width, options)
+                record = tfrecord.frame(tfrecord.encode_example(features))
                 out.write(record)
                 digest.update(record)
                 records += 1
                 counts[schema.CLASS_NAMES[image.label]] += 1
-                patients.add(image.patient_id)
+                patients.add(patient)
                 contents.append((sha256, image.source))
         size_bytes = os.path.getsize(local_path)
         storage.move_local_into_place(local_path, uri)
@@ -329,24 +349,29 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
         "patients": sorted(patients),
         "contents": contents,
         "skipped": skipped,
+        "dicom_records": dicom_records,
     }
     storage.write_bytes(_sidecar_uri(task.destination, task.name), json.dumps(sidecar).encode())
     return sidecar
 
 
-def _convert(image: SourceImage, options: ShardOptions) -> tuple[bytes, str, tuple[int, int]]:
-    """-> (encoded stored image, sha256 of the source bytes, (original height, original width))."""
+def _convert(
+    image: SourceImage, options: ShardOptions
+) -> tuple[bytes, str, tuple[int, int], tuple[str, str] | None]:
+    """-> (encoded stored image, sha256 of the source bytes, (original height, original width), a DICOM
+    file's (sex, age band) or None for other files)."""
     if image.npz_key:
         pixels = _npz_array(image.uri, image.npz_key)[image.npz_index]
         encoded = imaging.array_to_stored_image(
             pixels, options.stored_size_px, options.image_format, options.jpeg_quality
         )
-        return encoded, hashlib.sha256(pixels.tobytes()).hexdigest(), pixels.shape[:2]
+        return encoded, hashlib.sha256(pixels.tobytes()).hexdigest(), pixels.shape[:2], None
     data = storage.read_bytes(image.uri)
     encoded, original_size = imaging.to_stored_image(
         data, options.stored_size_px, options.image_format, options.jpeg_quality, options.max_pixels
     )
-    return encoded, hashlib.sha256(data).hexdigest(), original_size
+    dicom = sources.dicom_sex_and_age_band(data) if imaging.is_dicom(data) else None
+    return encoded, hashlib.sha256(data).hexdigest(), original_size, dicom
 
 
 @functools.cache
@@ -355,13 +380,20 @@ def _npz_array(path: str, key: str) -> np.ndarray:
         return arrays[key]
 
 
-def _features(image: SourceImage, encoded: bytes, sha256: str, height: int, width: int, options) -> dict:
+def _features(
+    image: SourceImage, patient: str, encoded: bytes, sha256: str, height: int, width: int, options
+) -> dict:
     return {
         schema.IMAGE_KEY: encoded,
         schema.IMAGE_FORMAT_KEY: options.image_format.encode(),
         schema.LABEL_KEY: image.label,
         schema.SUBTYPE_KEY: image.subtype.encode(),
-        schema.PATIENT_KEY: image.patient_id.encode(),
+        schema.PATIENT_KEY: patient.encode(),
+        schema.SEX_KEY: image.sex.encode(),
+        schema.AGE_BAND_KEY: image.age_band.encode(),
+        schema.SITE_KEY: image.site.encode(),
+        schema.SCANNER_KEY: image.scanner.encode(),
+        schema.BOXES_KEY: image.boxes,
         schema.SOURCE_KEY: image.source.encode(),
         schema.SOURCE_SHA256_KEY: sha256.encode(),
         schema.ORIGINAL_HEIGHT_KEY: int(height),
@@ -383,7 +415,17 @@ def _read_sidecar(destination: str, shard_name: str) -> dict | None:
         sidecar = json.loads(storage.read_bytes(_sidecar_uri(destination, shard_name)))
     except (storage.StorageNotFound, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    fields = ("path", "records", "bytes", "sha256", "counts", "patients", "contents", "skipped")
+    fields = (
+        "path",
+        "records",
+        "bytes",
+        "sha256",
+        "counts",
+        "patients",
+        "contents",
+        "skipped",
+        "dicom_records",
+    )
     if not isinstance(sidecar, dict) or any(key not in sidecar for key in fields):
         return None
     return sidecar
@@ -545,11 +587,17 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
         notes = [*notes, f"{within} groups of identical images within one split"]
     train = counts["train"]
     total = sum(train.values())
+    source = {"uri": source_uri, "format": listing.source_format}
+    if listing.dicom_headers_read or any(sidecar.get("dicom_records") for sidecar in done.values()):
+        # What was read of the DICOM files: pixels and display, the patient's id, sex and age.
+        source["dicom_attributes_read"] = sorted(
+            {*imaging.DICOM_ATTRIBUTES_READ, *sources.DICOM_PATIENT_ATTRIBUTES}
+        )
     return schema.Manifest(
         created_utc=storage.utc_timestamp(),
         pneumo_dist_version=pneumo_dist.__version__,
         fingerprint=fingerprint,
-        source={"uri": source_uri, "format": listing.source_format},
+        source=source,
         options=dataclasses.asdict(options),
         seed=options.seed,
         image=schema.StoredImage(

@@ -1,12 +1,17 @@
-"""Listing raw images (Kaggle folders, MedMNIST .npz, CSV), their labels, patients and splits.
+"""Listing raw images (Kaggle folders, MedMNIST .npz, CSV, the RSNA challenge), their labels, patients
+and splits.
 
-Nothing here decodes pixels: it decides which image goes where, deterministically, before any work.
+Nothing here decodes pixels: it decides which image goes where, deterministically, before any work. A
+DICOM file's header is read for its PatientID only, to keep a patient's images in one split; the id stays
+in memory (shards.py stores a salted hash of it).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import io
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -16,7 +21,7 @@ import numpy as np
 
 from pneumo_dist import storage
 from pneumo_dist.errors import PneumoDistError
-from pneumo_dist.images import has_image_extension
+from pneumo_dist.images import has_image_extension, is_dicom, is_dicom_name
 from pneumo_dist.schema import CLASS_NAMES, SPLITS
 
 # Kaggle names: person1_bacteria_1.jpeg, person124_virus_246.jpeg, IM-0115-0001.jpeg,
@@ -25,6 +30,21 @@ _PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_\d+", re.IGNORECASE
 _NORMAL_NAME = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-\d+", re.IGNORECASE)
 _ACQUISITION_NAME = re.compile(r"^(NORMAL\d*-IM|IM|person)[-_]?\d", re.IGNORECASE)
 _SYSTEM_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
+NOT_AN_IMAGE = "not an image file (expected .jpeg, .jpg, .png, .dcm or a DICOM file)"
+# The RSNA Pneumonia Detection Challenge (kaggle.com/c/rsna-pneumonia-detection-challenge): the folder
+# holds these files; its test images have no labels and are not listed.
+RSNA_LABELS = "stage_2_train_labels.csv"  # patientId,x,y,width,height,Target: a row per box
+RSNA_CLASSES = "stage_2_detailed_class_info.csv"  # patientId,class
+RSNA_IMAGES = "stage_2_train_images"  # <patientId>.dcm
+# What is read of a DICOM file's patient module, besides what images.DICOM_ATTRIBUTES_READ lists: the id
+# while listing, only to keep a patient's images in one split (stored as a salted hash, shards.py), and
+# sex and age, stored as M/F/O and a ten-year band for subgroup reports.
+DICOM_PATIENT_ATTRIBUTES = ("PatientID", "PatientSex", "PatientAge")
+# The first bytes of a DICOM file hold its header up to the pixels (a few KiB, more with private data);
+# a header that does not fit is read whole.
+_DICOM_HEADER_BYTES = 64 * 1024
+_HEADER_THREADS = 32  # headers from gs:// are latency-bound reads
+SEXES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
 
 
 class SourceError(PneumoDistError):
@@ -38,7 +58,12 @@ class SourceImage:
     label: int  # index into CLASS_NAMES
     patient_id: str
     split: str
-    subtype: str = ""  # "bacteria" / "virus" when the name says so
+    subtype: str = ""  # "bacteria" / "virus" when the name says so; RSNA: its detailed class
+    sex: str = ""  # M / F / O, or "" unknown (CSV column; DICOM files: from their header when written)
+    age_band: str = ""  # "40-49", "90+", or "" unknown (likewise)
+    boxes: tuple[float, ...] = ()  # RSNA: x, y, width, height of each opacity, in source pixels
+    site: str = ""  # CSV columns: where and on what the image was taken, for subgroup reports
+    scanner: str = ""
     size_bytes: int = -1  # from the listing; part of the dataset fingerprint (-1: unknown)
     version: str = ""  # CSV sources: the file's mtime / object generation, also in the fingerprint
     npz_key: str = ""  # for npz sources: array key and row
@@ -53,10 +78,13 @@ class Skipped:
 
 @dataclass
 class Listing:
-    source_format: str  # "kaggle", "npz" or "csv"
+    source_format: str  # "kaggle", "npz", "csv" or "rsna"
     images: list[SourceImage]
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    dicom_headers_read: int = 0  # DICOM files whose DICOM_PATIENT_ATTRIBUTES were read
+    # Files whose contents label the images (a CSV; RSNA's two): part of the dataset's fingerprint.
+    described_by: list[str] = field(default_factory=list)
 
 
 def patient_and_subtype(file_name: str) -> tuple[str | None, str]:
@@ -79,6 +107,22 @@ def acquisition_group(file_name: str) -> str:
     return "person" if family.lower() == "person" else family.upper()
 
 
+def age_band(years: float) -> str:
+    """Ten-year bands; 90 and over in one (as HIPAA's Safe Harbor method groups ages over 89)."""
+    if not 0 <= years < 200:
+        return ""
+    return "90+" if years >= 90 else f"{int(years // 10) * 10}-{int(years // 10) * 10 + 9}"
+
+
+def dicom_age_band(value: str) -> str:
+    """A DICOM Age String ("045Y", "006M", "003W", "012D") -> its band; "" when absent or malformed."""
+    match = re.fullmatch(r"(\d{3})([DWMY])", value.strip().upper())
+    if not match:
+        return ""
+    days = {"D": 1, "W": 7, "M": 365.25 / 12, "Y": 365.25}[match.group(2)]
+    return age_band(int(match.group(1)) * days / 365.25)
+
+
 def parse_label(text: str) -> int | None:
     value = text.strip().upper()
     if value in CLASS_NAMES:
@@ -89,22 +133,28 @@ def parse_label(text: str) -> int | None:
 
 
 def list_source(uri: str, local_npz_path: str | None = None, allow_outside_paths: bool = False) -> Listing:
-    """List a source by its form: a .npz file, a .csv file, or a Kaggle-layout folder."""
+    """List a source by its form: a .npz file, a .csv file, the RSNA challenge's folder (it holds
+    stage_2_train_labels.csv), or a Kaggle-layout folder."""
     if uri.lower().endswith(".npz"):
         return list_npz(local_npz_path or uri, source_name=storage.basename(uri))
     if uri.lower().endswith(".csv"):
         return list_csv(uri, allow_outside_paths)
-    return list_kaggle(uri)
+    files = storage.list_files(uri)
+    if not files:
+        raise SourceError(f"{uri}: no such folder, or it holds no files")
+    if any(info.uri == storage.join(uri.rstrip("/"), RSNA_LABELS) for info in files):
+        return list_rsna(uri, files)
+    return list_kaggle(uri, files)
 
 
-def list_kaggle(root: str) -> Listing:
-    """ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/* with Kaggle's file names."""
-    files = storage.list_files(root)
+def list_kaggle(root: str, files: list[storage.FileInfo] | None = None) -> Listing:
+    """ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/* with Kaggle's file names; DICOM files may have no
+    extension (a PACS export's names), and their PatientID groups them."""
+    files = storage.list_files(root) if files is None else files
     if not files:
         raise SourceError(f"{root}: no such folder, or it holds no files")
     listing = Listing("kaggle", [])
     ignored_folders: set[str] = set()
-    unparsed_patients = 0
     prefix = root.rstrip("/") + "/"
     for info in files:
         relative = info.uri[len(prefix) :]
@@ -132,19 +182,13 @@ def list_kaggle(root: str) -> Listing:
                 f"unknown class folder {storage.join(root, split, class_name)}: expected only "
                 f"{' and '.join(CLASS_NAMES)} inside {split}/ (move or remove it)"
             )
-        if not has_image_extension(name):
-            listing.skipped.append(Skipped(relative, "not an image file (expected .jpeg, .jpg or .png)"))
-            continue
         patient, subtype = patient_and_subtype(name)
-        if patient is None:
-            unparsed_patients += 1
-            patient = relative  # its own group: safe, if pessimistic
         listing.images.append(
             SourceImage(
                 source=relative,
                 uri=info.uri,
                 label=CLASS_NAMES.index(class_name),
-                patient_id=patient,
+                patient_id=patient or "",
                 split=split,
                 subtype=subtype,
                 size_bytes=info.size_bytes,
@@ -152,12 +196,93 @@ def list_kaggle(root: str) -> Listing:
         )
     for folder in sorted(ignored_folders):
         listing.notes.append(f"ignored folder {folder}/: not a split folder (train, val, test)")
+    _read_dicom_patients(listing)
+    unparsed_patients = sum(not image.patient_id for image in listing.images)
     if unparsed_patients:
         listing.notes.append(
-            f"{unparsed_patients} file names carry no Kaggle patient id; each is its own patient"
+            f"{unparsed_patients} files carry no patient id (no Kaggle file name, no DICOM PatientID); "
+            "each is its own patient"
         )
+    _own_patients(listing)
     _check_splits(listing, root)
     return listing
+
+
+def _read_dicom_patients(listing: Listing, skip: set[str] = frozenset()) -> None:
+    """Give each DICOM file (.dcm, or any file without an image extension whose header says DICOM: PACS
+    exports name files by UID) the PatientID of its header, which wins over one parsed from its name;
+    a file that is neither an image nor DICOM is skipped. A header that cannot be read leaves the image
+    as it is: writing it will say why. Files in `skip` keep their patient id, but one without an image
+    extension is still checked for being DICOM."""
+    candidates = [
+        image
+        for image in listing.images
+        if (is_dicom_name(image.source) and image.uri not in skip) or not has_image_extension(image.source)
+    ]
+    if not candidates:
+        return
+    with concurrent.futures.ThreadPoolExecutor(_HEADER_THREADS) as pool:
+        patients = pool.map(_dicom_patient_id, candidates)
+        headers = dict(zip((image.uri for image in candidates), patients, strict=True))
+    kept = []
+    for image in listing.images:
+        header = headers.get(image.uri, "")
+        if header is None:  # neither an image nor DICOM
+            listing.skipped.append(Skipped(image.source, NOT_AN_IMAGE))
+            continue
+        listing.dicom_headers_read += image.uri in headers
+        keep_id = image.uri in skip or not header
+        kept.append(image if keep_id else replace(image, patient_id=f"dicom:{header}"))
+    listing.images = kept
+
+
+def _dicom_patient_id(image: SourceImage) -> str | None:
+    """A DICOM file's PatientID ("" when it has none or the file cannot be read); None when a file
+    without an image extension is not DICOM."""
+    try:
+        data = storage.read_prefix(image.uri, _DICOM_HEADER_BYTES)
+    except storage.StorageError:
+        return ""
+    if not is_dicom(data):
+        return "" if is_dicom_name(image.source) else None
+    patient = _header_patient_id(data)
+    if not patient and len(data) == _DICOM_HEADER_BYTES:  # maybe a longer header: read the whole file
+        try:
+            patient = _header_patient_id(storage.read_bytes(image.uri))
+        except storage.StorageError:
+            return ""
+    return patient
+
+
+def _header_patient_id(data: bytes) -> str:
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["PatientID"])
+        return str(header.get("PatientID", "") or "").strip()
+    except Exception:  # noqa: BLE001 - a header cut off by the prefix, or a damaged file
+        return ""
+
+
+def dicom_sex_and_age_band(data: bytes) -> tuple[str, str]:
+    """A DICOM file's PatientSex (M/F/O) and PatientAge as a ten-year band; "" for what it lacks."""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(
+            io.BytesIO(data), stop_before_pixels=True, specific_tags=["PatientSex", "PatientAge"]
+        )
+        sex, age = str(header.get("PatientSex", "") or ""), str(header.get("PatientAge", "") or "")
+    except Exception:  # noqa: BLE001 - decoding the pixels says what is wrong with the file
+        return "", ""
+    return SEXES.get(sex.strip().upper(), ""), dicom_age_band(age)
+
+
+def _own_patients(listing: Listing) -> None:
+    """An image with no patient id is its own patient (its source path as the id)."""
+    listing.images = [
+        image if image.patient_id else replace(image, patient_id=image.source) for image in listing.images
+    ]
 
 
 def list_npz(path: str, source_name: str) -> Listing:
@@ -210,30 +335,18 @@ def list_npz(path: str, source_name: str) -> Listing:
 
 
 def list_csv(uri: str, allow_outside_paths: bool = False) -> Listing:
-    """A CSV with a header: path,label[,patient_id][,split][,subtype]; paths relative to the CSV's folder.
+    """A CSV with a header: path,label[,patient_id][,split][,subtype][,sex][,age][,site][,scanner];
+    paths relative to the CSV's folder. `sex` is M/F/O (or male/female/other), `age` years (stored as a
+    ten-year band), `site` and `scanner` free text (evaluation reports figures per value).
 
     A row naming a file outside the CSV's folder (`..`, an absolute path, another bucket) is an error
     unless `allow_outside_paths`: a CSV from a bucket must not choose which local files get read.
     """
-    try:
-        text = storage.read_bytes(uri).decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise SourceError(f"{uri}: not UTF-8 text: {error}") from None
-    reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in reader.fieldnames or []]
-    missing = {"path", "label"} - set(columns)
-    if missing:
-        raise SourceError(f"{uri}: header must name path and label (missing: {', '.join(sorted(missing))})")
     folder = storage.parent(uri)
-    listing = Listing("csv", [])
-    unparsed_patients = 0
+    listing = Listing("csv", [], described_by=[uri])
     seen: set[str] = set()
-    for line_number, raw in enumerate(reader, start=2):
-        row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+    for where, row in _csv_rows(uri, ("path", "label")):
         path = row["path"]
-        where = f"{uri} line {line_number}"
-        if not path:
-            raise SourceError(f"{where}: empty path")
         label = parse_label(row["label"])
         if label is None:
             raise SourceError(f"{where}: label {row['label']!r} is not one of {', '.join(CLASS_NAMES)}, 0, 1")
@@ -243,36 +356,140 @@ def list_csv(uri: str, allow_outside_paths: bool = False) -> Listing:
         if path in seen:
             raise SourceError(f"{where}: {path} is listed twice")
         seen.add(path)
-        if not has_image_extension(path):
-            listing.skipped.append(Skipped(path, "not an image file (expected .jpeg, .jpg or .png)"))
-            continue
+        name = path.rsplit("/", 1)[-1]
         image_uri = _csv_row_uri(folder, path)
         if not allow_outside_paths and not _inside(image_uri, folder):
             raise SourceError(
                 f"{where}: {path} is outside the CSV's folder {folder}; pass --allow-outside-paths "
                 "to read files elsewhere"
             )
-        name = path.rsplit("/", 1)[-1]
         parsed_patient, parsed_subtype = patient_and_subtype(name)
-        patient = row.get("patient_id") or parsed_patient
-        if patient is None:
-            unparsed_patients += 1
-            patient = path
         listing.images.append(
             SourceImage(
                 source=path,
                 uri=image_uri,
                 label=label,
-                patient_id=patient,
+                patient_id=row.get("patient_id") or parsed_patient or "",
                 split=split,
                 subtype=(row.get("subtype") or parsed_subtype).lower(),
+                sex=_csv_sex(row.get("sex", ""), where),
+                age_band=_csv_age_band(row.get("age", ""), where),
+                site=row.get("site", ""),
+                scanner=row.get("scanner", ""),
             )
         )
+    _describe_files(listing)
+    with_ids = {image.uri for image in listing.images if image.patient_id}
+    _read_dicom_patients(listing, skip=with_ids)  # the CSV's patient_id column wins
+    unparsed_patients = sum(not image.patient_id for image in listing.images)
     if unparsed_patients:
         listing.notes.append(f"{unparsed_patients} rows have no patient id; each is its own patient")
-    _describe_files(listing)
+    _own_patients(listing)
     _check_splits(listing, uri)
     return listing
+
+
+def list_rsna(root: str, files: list[storage.FileInfo]) -> Listing:
+    """The RSNA Pneumonia Detection Challenge's folder: stage_2_train_images/<patientId>.dcm, labelled by
+    stage_2_train_labels.csv (a row per opacity box; Target 1 is PNEUMONIA, its boxes are kept) and,
+    when present, stage_2_detailed_class_info.csv (the detailed class, kept as the subtype). Every image
+    is train: validation is carved out by patient, and the challenge's test images have no labels."""
+    root = root.rstrip("/")
+    labels_uri = storage.join(root, RSNA_LABELS)
+    listing = Listing("rsna", [], described_by=[labels_uri])
+    targets: dict[str, int] = {}
+    boxes: dict[str, list[float]] = defaultdict(list)
+    for where, row in _csv_rows(labels_uri, ("patientId", "x", "y", "width", "height", "Target")):
+        patient, target = row["patientId"], row["Target"]
+        if target not in ("0", "1"):
+            raise SourceError(f"{where}: Target {target!r} is not 0 or 1")
+        if targets.setdefault(patient, int(target)) != int(target):
+            raise SourceError(f"{where}: patientId {patient} has rows with Target 0 and Target 1")
+        if target == "1":
+            try:
+                box = [float(row[key]) for key in ("x", "y", "width", "height")]
+            except ValueError:
+                raise SourceError(f"{where}: Target 1 needs a box: x, y, width, height as numbers") from None
+            boxes[patient] += box
+    classes: dict[str, str] = {}
+    classes_uri = storage.join(root, RSNA_CLASSES)
+    if any(info.uri == classes_uri for info in files):
+        listing.described_by.append(classes_uri)
+        for where, row in _csv_rows(classes_uri, ("patientId", "class")):
+            detailed = row["class"].lower()
+            if classes.setdefault(row["patientId"], detailed) != detailed:
+                raise SourceError(f"{where}: patientId {row['patientId']} has two classes")
+    else:
+        listing.notes.append(f"no {RSNA_CLASSES}: the records carry no detailed class")
+    by_uri = {info.uri: info for info in files}
+    images_folder = storage.join(root, RSNA_IMAGES)
+    for patient in sorted(targets):
+        try:
+            uri = storage.child(images_folder, f"{patient}.dcm", read_from=labels_uri)
+        except storage.UnsafeName as error:
+            raise SourceError(str(error)) from None
+        source = f"{RSNA_IMAGES}/{patient}.dcm"
+        if uri not in by_uri:
+            listing.skipped.append(Skipped(source, "no such file"))
+            continue
+        listing.images.append(
+            SourceImage(
+                source=source,
+                uri=uri,
+                label=targets[patient],
+                patient_id=patient,
+                split="train",
+                subtype=classes.get(patient, ""),
+                size_bytes=by_uri[uri].size_bytes,
+                boxes=tuple(boxes[patient]),
+            )
+        )
+    unlabelled = sum(info.uri.startswith(images_folder + "/") for info in files) - len(listing.images)
+    if unlabelled:
+        listing.notes.append(
+            f"ignored {unlabelled} files in {RSNA_IMAGES}/ that {RSNA_LABELS} does not label"
+        )
+    _check_splits(listing, root)
+    return listing
+
+
+def _csv_rows(uri: str, required: tuple[str, ...]):
+    """(where, row) of each line of a CSV with a header naming at least `required`; values stripped."""
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{uri}: not UTF-8 text: {error}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = set(required) - {c.strip() for c in reader.fieldnames or []}
+    if missing:
+        named = ", ".join(required[:-1]) + " and " + required[-1]
+        raise SourceError(f"{uri}: header must name {named} (missing: {', '.join(sorted(missing))})")
+    for line_number, raw in enumerate(reader, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
+        where = f"{uri} line {line_number}"
+        if not row.get(required[0]):
+            raise SourceError(f"{where}: empty {required[0]}")
+        yield where, row
+
+
+def _csv_sex(value: str, where: str) -> str:
+    if not value:
+        return ""
+    if value.upper() not in SEXES:
+        raise SourceError(f"{where}: sex {value!r} is not one of M, F, O (male, female, other) or empty")
+    return SEXES[value.upper()]
+
+
+def _csv_age_band(value: str, where: str) -> str:
+    if not value:
+        return ""
+    try:
+        years = float(value)
+    except ValueError:
+        years = math.nan
+    if not 0 <= years < 200:
+        raise SourceError(f"{where}: age {value!r} is not a number of years (0-199) or empty")
+    return age_band(years)
 
 
 def _csv_row_uri(folder: str, path: str) -> str:

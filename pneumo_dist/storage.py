@@ -119,6 +119,21 @@ def read_bytes(uri: str) -> bytes:
     return _gcs_call(uri, lambda blob: blob.download_as_bytes(timeout=GCS_TIMEOUT_S, retry=_retry()))
 
 
+def read_prefix(uri: str, size: int) -> bytes:
+    """A file's first `size` bytes (all of it when shorter): one ranged request on gs://."""
+    if not is_gcs(uri):
+        try:
+            with open(uri, "rb") as file:
+                return file.read(size)
+        except FileNotFoundError:
+            raise StorageNotFound(f"no such file: {uri}") from None
+        except OSError as error:
+            raise UnreadableFile(f"cannot read {uri}: {error.strerror or error}") from None
+    return _gcs_call(
+        uri, lambda blob: blob.download_as_bytes(start=0, end=size - 1, timeout=GCS_TIMEOUT_S, retry=_retry())
+    )
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write atomically: the object appears complete or not at all."""
     if not is_gcs(uri):

@@ -31,13 +31,17 @@ def _length_delimited(field_number: int, payload: bytes) -> bytes:
     return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def encode_example(features: dict[str, bytes | int]) -> bytes:
-    """tf.train.Example{features{feature{key: Feature}}}; bytes -> bytes_list (1), int -> int64_list (3)."""
+def encode_example(features: dict[str, bytes | int | tuple[float, ...]]) -> bytes:
+    """tf.train.Example{features{feature{key: Feature}}}; bytes -> bytes_list (1), int -> int64_list
+    (3), a tuple of floats -> float_list (2, packed float32; an empty tuple is an empty list)."""
     entries = b""
     for key in sorted(features):
         value = features[key]
         if isinstance(value, bytes):
             feature = _length_delimited(1, _length_delimited(1, value))
+        elif isinstance(value, tuple):
+            packed = struct.pack(f"<{len(value)}f", *value)
+            feature = _length_delimited(2, _length_delimited(1, packed) if value else b"")
         else:
             feature = _length_delimited(3, _length_delimited(1, _varint(value)))
         entries += _length_delimited(1, _length_delimited(1, key.encode()) + _length_delimited(2, feature))

@@ -1,18 +1,31 @@
-"""DICOM sources (issue 17, first part): the pixels a viewer shows, refusals, no patient data stored.
+"""DICOM sources: the pixels a viewer shows, refusals, the RSNA challenge's layout, no patient data
+stored.
 
 The DICOM files are made here with pydicom from a demo chest X-ray, with the structures hospitals send:
-MONOCHROME1 and 2, 12- and 16-bit (signed) pixels with rescale and windowing, RLE compression, and
-patient attributes whose values must never reach a shard."""
+MONOCHROME1 and 2, 12- and 16-bit (signed) pixels with rescale and windowing, RLE, JPEG and JPEG 2000
+compression, and patient attributes whose values must never reach a shard; pydicom's own test files
+give JPEG-LS."""
 
+import csv
 import io
+from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
 
-from pneumo_dist import images, shards
+from pneumo_dist import images, schema, shards, sources, storage
 from pneumo_dist.demo import DemoSpec, write_demo_dataset
 from pneumo_dist.predict import PneumoniaDetector
 
@@ -34,6 +47,7 @@ def make_dicom(
     syntax: str = ExplicitVRLittleEndian,
     modality: str = "DX",
     with_pixels: bool = True,
+    patient: dict | None = None,
 ) -> bytes:
     dataset = Dataset()
     dataset.file_meta = FileMetaDataset()
@@ -43,7 +57,7 @@ def make_dicom(
     dataset.SOPClassUID = DIGITAL_XRAY_FOR_PRESENTATION
     dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
     dataset.Modality = modality
-    for name, value in PHI.items():
+    for name, value in (PHI | (patient or {})).items():
         setattr(dataset, name, value)
     if with_pixels:
         bits = bits_stored or pixels.dtype.itemsize * 8
@@ -161,3 +175,210 @@ def test_make_shards_reads_dicom_folders_and_no_patient_value_reaches_any_file(x
     for name in ("train/NORMAL/IM-0001-0001.dcm", "train/PNEUMONIA/person1_bacteria_1.dcm"):
         assert images.to_stored_image(files[name], 48)[0] == stored_png
     assert b"DICOM file without pixel data" in written  # the skipped file's reason, in the manifest
+
+
+def encapsulated(gray: np.ndarray, syntax: str, encoded: bytes) -> bytes:
+    """A DICOM file holding `encoded` (one JPEG or JPEG 2000 frame of `gray`) as its pixel data."""
+    dataset = pydicom.dcmread(io.BytesIO(make_dicom(gray)))
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.PixelData = encapsulate([encoded])
+    dataset["PixelData"].VR = "OB"
+    out = io.BytesIO()
+    dataset.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_compressed_transfer_syntaxes_decode_as_their_pixels(xray):
+    """JPEG baseline and JPEG 2000 (Pillow's decoders), JPEG-LS (pylibjpeg-libjpeg), RLE (pydicom)."""
+    _, gray = xray
+    out = io.BytesIO()
+    Image.fromarray(gray).save(out, format="JPEG2000", irreversible=False)  # lossless
+    decoded, _ = images.decode_grayscale(encapsulated(gray, JPEG2000Lossless, out.getvalue()))
+    np.testing.assert_array_equal(np.asarray(decoded), gray)
+    out = io.BytesIO()
+    Image.fromarray(gray).save(out, format="JPEG", quality=90)
+    jpeg = np.asarray(Image.open(out), np.int16)
+    decoded, _ = images.decode_grayscale(encapsulated(gray, JPEGBaseline8Bit, out.getvalue()))
+    # The same JPEG, decoded by pydicom's plugin and by Pillow: IDCTs may differ by a level or two.
+    assert np.abs(np.asarray(decoded, np.int16) - jpeg).max() <= 2
+    # JPEG-LS lossless: pydicom's test file of MR_small.dcm, as a radiograph (our modality check).
+    plain, jpeg_ls = (
+        pydicom.dcmread(get_testdata_file(name)) for name in ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm")
+    )
+    assert jpeg_ls.file_meta.TransferSyntaxUID.name == "JPEG-LS Lossless Image Compression"
+    views = []
+    for dataset in (plain, jpeg_ls):
+        dataset.Modality = "DX"
+        out = io.BytesIO()
+        dataset.save_as(out)
+        views.append(np.asarray(images.decode_grayscale(out.getvalue())[0]))
+    np.testing.assert_array_equal(views[0], views[1])
+    assert views[0].std() > 10  # an image, not a blank
+
+
+def test_dicom_age_strings_become_ten_year_bands():
+    bands = {"045Y": "40-49", "089Y": "80-89", "090Y": "90+", "105Y": "90+", "006M": "0-9", "003W": "0-9"}
+    for value, band in bands.items():
+        assert sources.dicom_age_band(value) == band, value
+    assert sources.dicom_age_band("45") == sources.dicom_age_band("") == ""
+
+
+def write_rsna(root: Path, gray: np.ndarray) -> dict:
+    """The RSNA challenge's folder with 8 labelled patients (3 with opacities, one with two boxes), an
+    unlabelled image and a labelled one that is missing. -> {patientId: (Target, class, boxes)}."""
+    labelled = {
+        "p0": (1, "Lung Opacity", [[264.0, 152.0, 213.0, 379.0], [562.0, 152.0, 256.0, 453.0]]),
+        "p1": (1, "Lung Opacity", [[100.5, 200.0, 50.0, 60.0]]),
+        "p2": (1, "Lung Opacity", [[10.0, 20.0, 30.0, 40.0]]),
+        "p3": (0, "No Lung Opacity / Not Normal", []),
+        "p4": (0, "Normal", []),
+        "p5": (0, "Normal", []),
+        "p6": (0, "No Lung Opacity / Not Normal", []),
+        "p7": (0, "Normal", []),
+        "gone": (0, "Normal", []),
+    }
+    images_folder = root / sources.RSNA_IMAGES
+    images_folder.mkdir(parents=True)
+    for number, patient in enumerate([*labelled, "unlabelled"]):
+        if patient != "gone":
+            attributes = {
+                "PatientID": patient,
+                "PatientSex": "FM"[number % 2],
+                "PatientAge": f"{20 + 9 * number:03d}Y",
+            }
+            (images_folder / f"{patient}.dcm").write_bytes(make_dicom(gray, patient=attributes))
+    with (
+        open(root / sources.RSNA_LABELS, "w", newline="") as labels,
+        open(root / sources.RSNA_CLASSES, "w", newline="") as classes,
+    ):
+        label_rows, class_rows = csv.writer(labels), csv.writer(classes)
+        label_rows.writerow(["patientId", "x", "y", "width", "height", "Target"])
+        class_rows.writerow(["patientId", "class"])
+        for patient, (target, detailed, boxes) in labelled.items():
+            for box in boxes or [["", "", "", ""]]:  # a row per box, as the challenge's files have
+                label_rows.writerow([patient, *box, target])
+                class_rows.writerow([patient, detailed])
+    return labelled
+
+
+def test_the_rsna_layout_keeps_labels_classes_boxes_sex_and_age_band_but_no_patient_id(xray, tmp_path):
+    from .test_shards import read_records
+
+    _, gray = xray
+    labelled = write_rsna(tmp_path / "rsna", gray)
+    options = shards.ShardOptions(stored_size_px=32, min_shards=1, val_fraction=0.25)
+    result = shards.make_shards(str(tmp_path / "rsna"), str(tmp_path / "ds"), options, workers=1)
+    manifest = result.manifest
+    assert manifest.source["format"] == "rsna"
+    assert {"PatientID", "PatientSex", "PatientAge", "PixelData"} <= set(
+        manifest.source["dicom_attributes_read"]
+    )
+    assert "PatientName" not in manifest.source["dicom_attributes_read"]
+    assert manifest.skipped == [{"source": "stage_2_train_images/gone.dcm", "reason": "no such file"}]
+    assert any("ignored 1 files in stage_2_train_images/" in note for note in manifest.notes)
+    assert manifest.counts["train"]["PNEUMONIA"] + manifest.counts.get("val", {}).get("PNEUMONIA", 0) == 3
+    assert set(manifest.splits) == {"train", "val"}  # the challenge's test images have no labels
+    salt = manifest.options["patient_salt"]
+    by_hash = {shards.pseudonym(patient, salt): patient for patient in labelled}
+    records = read_records(
+        [uri for split in manifest.splits for uri in manifest.shard_uris(result.manifest_uri, split)]
+    )
+    assert len(records) == 8
+    for record in records:
+        patient = by_hash[record[schema.PATIENT_KEY].decode()]
+        target, detailed, boxes = labelled[patient]
+        number = list(labelled).index(patient)
+        assert record[schema.SOURCE_KEY].decode() == f"stage_2_train_images/{patient}.dcm"
+        assert record[schema.LABEL_KEY] == target
+        assert record[schema.SUBTYPE_KEY].decode() == detailed.lower()
+        assert record[schema.BOXES_KEY] == [v for box in boxes for v in box]
+        assert record[schema.SEX_KEY].decode() == "FM"[number % 2]
+        assert record[schema.AGE_BAND_KEY].decode() == sources.age_band(20 + 9 * number)
+
+
+def test_rsna_labels_that_contradict_themselves_are_an_error_naming_the_line(xray, tmp_path):
+    _, gray = xray
+    write_rsna(tmp_path, gray)
+    with open(tmp_path / sources.RSNA_LABELS, "a") as labels:
+        labels.write("p4,1,2,3,4,1\n")
+    with pytest.raises(sources.SourceError, match=r"stage_2_train_labels.csv line 12: patientId p4 has rows"):
+        sources.list_source(str(tmp_path))
+    (tmp_path / sources.RSNA_LABELS).write_text("patientId,x,y,width,height,Target\n../../etc/passwd,,,,,0\n")
+    with pytest.raises(sources.SourceError, match="expected a plain relative name"):
+        sources.list_source(str(tmp_path))
+
+
+def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_salt_is_used(xray, tmp_path):
+    """PACS exports: files without an extension, named by UID; only the PatientID ties a patient's views
+    together (it is never stored)."""
+    from .test_shards import read_records
+
+    _, gray = xray
+    source = tmp_path / "source"
+    for label in ("NORMAL", "PNEUMONIA"):
+        (source / "train" / label).mkdir(parents=True)
+        for number in range(8):
+            patient = {"PatientID": f"MRN-{label}-{number // 2}"}  # two views per patient
+            (source / "train" / label / generate_uid()).write_bytes(make_dicom(gray, patient=patient))
+    (source / "train" / "NORMAL" / "README").write_text("not an image")
+    salt = "a salt of 16 chars or more"
+    options = shards.ShardOptions(stored_size_px=32, min_shards=1, val_fraction=0.5, patient_salt=salt)
+    result = shards.make_shards(str(source), str(tmp_path / "ds"), options, workers=1)
+    assert result.manifest.skipped == [{"source": "train/NORMAL/README", "reason": sources.NOT_AN_IMAGE}]
+    assert result.manifest.patients == {"train": 4, "val": 4}
+    splits_of = {}
+    for split in ("train", "val"):
+        for record in read_records(result.manifest.shard_uris(result.manifest_uri, split)):
+            splits_of.setdefault(record[schema.PATIENT_KEY].decode(), set()).add(split)
+    expected = {
+        shards.pseudonym(f"dicom:MRN-{c}-{n}", salt) for c in ("NORMAL", "PNEUMONIA") for n in range(4)
+    }
+    assert set(splits_of) == expected and all(len(found) == 1 for found in splits_of.values())
+    written = b"".join(p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file())
+    assert b"MRN-" not in written
+    with pytest.raises(shards.ShardError, match="patient_salt: must be at least 16 characters"):
+        shards.ShardOptions(patient_salt="short").validate()
+
+
+def test_dicom_patient_ids_are_read_from_a_bucket_as_from_a_folder(xray, tmp_path, bucket):
+    _, gray = xray
+    for label in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for number in range(2):
+            patient = {"PatientID": f"MRN-{label}-{number}"}
+            (tmp_path / "train" / label / generate_uid()).write_bytes(make_dicom(gray, patient=patient))
+    storage.copy_tree(str(tmp_path), storage.join(bucket, "pacs"))
+    local, remote = (
+        sources.list_source(root).images for root in (str(tmp_path), storage.join(bucket, "pacs"))
+    )
+    assert sorted(image.patient_id for image in remote) == sorted(image.patient_id for image in local)
+    assert {image.patient_id for image in remote} == {
+        f"dicom:MRN-{label}-{number}" for label in ("NORMAL", "PNEUMONIA") for number in range(2)
+    }
+
+
+def test_csv_sex_age_site_and_scanner_reach_the_records_and_bad_values_name_the_line(xray, tmp_path):
+    from .test_shards import read_records
+
+    png, _ = xray
+    rows = [
+        ("a.png", "NORMAL", "female", "34", "Site A", "", "test"),
+        ("b.png", "PNEUMONIA", "M", "91", "Site B", "DX-9", "test"),
+    ]
+    rows += [(f"t{i}.png", "NORMAL" if i % 2 else "PNEUMONIA", "", "", "", "", "train") for i in range(4)]
+    for row in rows:
+        (tmp_path / row[0]).write_bytes(png)
+    table = "path,label,sex,age,site,scanner,split\n" + "".join(",".join(row) + "\n" for row in rows)
+    (tmp_path / "list.csv").write_text(table)
+    options = shards.ShardOptions(stored_size_px=32, min_shards=1, val_fraction=0.0)
+    result = shards.make_shards(str(tmp_path / "list.csv"), str(tmp_path / "ds"), options, workers=1)
+    test = read_records(result.manifest.shard_uris(result.manifest_uri, "test"))
+    keys = (schema.SEX_KEY, schema.AGE_BAND_KEY, schema.SITE_KEY, schema.SCANNER_KEY)
+    found = {r[schema.SOURCE_KEY].decode(): tuple(r[key] for key in keys) for r in test}
+    assert found == {"a.png": (b"F", b"30-39", b"Site A", b""), "b.png": (b"M", b"90+", b"Site B", b"DX-9")}
+    (tmp_path / "list.csv").write_text(table.replace("female", "unknown"))
+    with pytest.raises(sources.SourceError, match=r"list.csv line 2: sex 'unknown' is not one of M, F, O"):
+        sources.list_source(str(tmp_path / "list.csv"))
+    (tmp_path / "list.csv").write_text(table.replace(",91,", ",ninety,"))
+    with pytest.raises(sources.SourceError, match=r"list.csv line 3: age 'ninety' is not a number"):
+        sources.list_source(str(tmp_path / "list.csv"))

@@ -105,7 +105,7 @@ def test_confident_cases_are_the_most_confident_of_each_kind():
     }
 
 
-def test_subgroups_come_from_the_subtype_and_the_kaggle_file_name_families():
+def test_subgroups_come_from_record_attributes_and_the_kaggle_file_name_families():
     scores = evaluate.Scores(
         labels=np.array([0, 0, 0, 0, 1, 1, 1, 1]),
         probabilities=np.array([0.1, 0.6, 0.2, 0.3, 0.9, 0.4, 0.8, 0.7]),
@@ -119,10 +119,15 @@ def test_subgroups_come_from_the_subtype_and_the_kaggle_file_name_families():
             "PNEUMONIA/person3_virus_3.jpeg",
             "PNEUMONIA/person4_virus_4.jpeg",
         ],
-        subtypes=["", "", "", "", "bacteria", "bacteria", "virus", "virus"],
+        attributes={
+            "subtype": ["", "", "", "", "bacteria", "bacteria", "virus", "virus"],
+            "sex": ["F", "M", "F", "M", "F", "M", "", ""],
+            "age_band": ["60-69"] * 8,
+        },
     )
     report = evaluate.subgroup_report(scores, threshold=0.5, resamples=200)
-    assert set(report) == {"subtype", "acquisition"}
+    assert set(report) == {"subtype", "acquisition", "sex"}  # one age band: no comparison
+    assert (report["sex"]["M"]["count"], report["sex"]["M"]["specificity"]["value"]) == (3, 0.5)
     assert set(report["acquisition"]) == {"IM", "NORMAL2-IM", "person"}
     im, normal2, person = (report["acquisition"][g] for g in ("IM", "NORMAL2-IM", "person"))
     assert (im["count"], im["negatives"], im["specificity"]["value"]) == (2, 2, 0.5)  # 0.6 is a false alarm
@@ -132,7 +137,7 @@ def test_subgroups_come_from_the_subtype_and_the_kaggle_file_name_families():
     assert report["subtype"]["virus"]["sensitivity"]["value"] == 1.0
     # One value is no comparison: an attribute the split does not vary is left out.
     same = evaluate.Scores(
-        scores.labels, scores.probabilities, [f"x{i}.png" for i in range(8)], ["virus"] * 8
+        scores.labels, scores.probabilities, [f"x{i}.png" for i in range(8)], {"subtype": ["virus"] * 8}
     )
     assert evaluate.subgroup_report(same, 0.5, resamples=100) == {}
 

@@ -34,11 +34,17 @@ def read_records(shard_uris: list[str]) -> list[dict]:
         schema.SOURCE_SHA256_KEY: tf.io.FixedLenFeature([], tf.string),
         schema.ORIGINAL_HEIGHT_KEY: tf.io.FixedLenFeature([], tf.int64),
         schema.ORIGINAL_WIDTH_KEY: tf.io.FixedLenFeature([], tf.int64),
+        schema.SEX_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.AGE_BAND_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.SITE_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.SCANNER_KEY: tf.io.FixedLenFeature([], tf.string),
+        schema.BOXES_KEY: tf.io.VarLenFeature(tf.float32),
     }
     records = []
     for serialized in tf.data.TFRecordDataset(shard_uris):
         parsed = tf.io.parse_single_example(serialized, spec)
-        record = {k: v.numpy() for k, v in parsed.items()}
+        record = {k: v.numpy() for k, v in parsed.items() if k != schema.BOXES_KEY}
+        record[schema.BOXES_KEY] = parsed[schema.BOXES_KEY].values.numpy().tolist()
         record["pixels"] = tf.io.decode_image(parsed[schema.IMAGE_KEY]).numpy()
         records.append(record)
     return records
@@ -51,6 +57,8 @@ def local_shards(result, split):
 def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root, tmp_path):
     result = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
     listing = {image.source: image for image in sources.list_kaggle(tiny_demo_root).images}
+    salt = result.manifest.options["patient_salt"]
+    assert len(salt) == 32  # a random 128-bit salt
     seen = []
     for split in ("train", "val", "test"):
         for record in read_records(local_shards(result, split)):
@@ -58,7 +66,11 @@ def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root,
             data = Path(source.uri).read_bytes()
             assert record["pixels"].shape == (32, 32, 1) and record["pixels"].dtype == np.uint8
             assert record[schema.LABEL_KEY] == source.label
-            assert record[schema.PATIENT_KEY].decode() == source.patient_id
+            # The patient id only as its salted hash (the split still groups by the id itself).
+            assert record[schema.PATIENT_KEY].decode() == shards.pseudonym(source.patient_id, salt)
+            assert source.patient_id.encode() not in record[schema.PATIENT_KEY]
+            assert record[schema.SEX_KEY] == record[schema.AGE_BAND_KEY] == b""
+            assert record[schema.BOXES_KEY] == []
             assert record[schema.SUBTYPE_KEY].decode() == source.subtype
             assert record[schema.SOURCE_SHA256_KEY].decode() == hashlib.sha256(data).hexdigest()
             assert record[schema.ORIGINAL_HEIGHT_KEY] >= 40 and record[schema.ORIGINAL_WIDTH_KEY] >= 40

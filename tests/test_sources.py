@@ -121,7 +121,7 @@ def test_system_and_stray_files_are_skipped_with_reasons(demo_copy):
         "train/NORMAL/.DS_Store": "system file, not an image",
         "train/PNEUMONIA/Thumbs.db": "system file, not an image",
         "__MACOSX/._x.jpeg": "system file, not an image",
-        "train/NORMAL/notes.txt": "not an image file (expected .jpeg, .jpg or .png)",
+        "train/NORMAL/notes.txt": sources.NOT_AN_IMAGE,
         "train/loose.jpeg": "not inside a class folder (NORMAL, PNEUMONIA)",
     }
 

@@ -29,6 +29,15 @@ def test_write_read_exists_list_delete_round_trip(base):
     assert not storage.exists(uri)
 
 
+def test_read_prefix_reads_the_first_bytes_or_the_whole_shorter_file(base):
+    uri = storage.join(base, "file.bin")
+    storage.write_bytes(uri, bytes(range(256)) * 4)
+    assert storage.read_prefix(uri, 300) == (bytes(range(256)) * 2)[:300]
+    assert storage.read_prefix(uri, 5000) == bytes(range(256)) * 4
+    with pytest.raises(storage.StorageNotFound, match="nope.bin"):
+        storage.read_prefix(storage.join(base, "nope.bin"), 10)
+
+
 def test_parent_is_the_folder_holding_a_file_or_folder():
     assert storage.parent("gs://bucket/data/manifest.json") == "gs://bucket/data"
     assert storage.parent("gs://bucket/run/export/") == "gs://bucket/run"
