@@ -57,7 +57,7 @@ def template(pixels: np.ndarray, syntax: str) -> Dataset:
 
 def generate(root: Path, count: int, side: int, syntax: str) -> list[Path]:
     """COUNT files, half NORMAL, half PNEUMONIA, each its own patient and UID (so distinct bytes)."""
-    done = root / "done"
+    done = root.with_name(root.name + ".done")  # beside the source: make_shards lists all of root
     if not done.exists():
         shutil.rmtree(root, ignore_errors=True)
         print(f"generating {count} DICOM files of {side} x {side} px in {root} (once)...", flush=True)

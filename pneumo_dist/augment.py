@@ -122,7 +122,38 @@ def _augment(
     mean = per_image(tf.reduce_mean(tf.cast(warped, tf.float32), axis=[1, 2, 3]) / 255.0)
     levels = _identity_tables()
     tables = tf.pow(tf.clip_by_value((levels - mean) * contrast + mean + brightness, 0.0, 1.0), gamma)
+    if config.erasing:
+        # Its own seed, derived: the other draws stay what they are without erasing.
+        warped = _erase(warped, config.erasing, tf.random.experimental.stateless_fold_in(seeds[0], 1))
     return warped, tables
+
+
+# Random erasing's ranges, Zhong et al. (AAAI 2020): area 2-40% of the image, aspect 0.3-3.3.
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+
+
+def _erase(images: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
+    """uint8 (B, H, W, 1): each image, with `probability`, gets one rectangle of random gray levels
+    (a side longer than the image's is cut to it)."""
+    batch, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    seeds = tf.random.experimental.stateless_split(seed, num=6)
+
+    def uniform(index: int, low: float, high: float) -> tf.Tensor:
+        return tf.reshape(tf.random.stateless_uniform([batch], seeds[index], low, high), [-1, 1, 1])
+
+    area = uniform(0, *ERASE_AREA) * (height * width)
+    aspect = tf.exp(uniform(1, math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])))
+    rect_height = tf.minimum(tf.sqrt(area * aspect), float(height))
+    rect_width = tf.minimum(tf.sqrt(area / aspect), float(width))
+    top = uniform(2, 0.0, 1.0) * (height - rect_height)
+    left = uniform(3, 0.0, 1.0) * (width - rect_width)
+    ys = tf.reshape(tf.range(height, dtype=tf.float32), [1, -1, 1])
+    xs = tf.reshape(tf.range(width, dtype=tf.float32), [1, 1, -1])
+    inside = (ys >= top) & (ys < top + rect_height) & (xs >= left) & (xs < left + rect_width)
+    inside &= uniform(4, 0.0, 1.0) < probability
+    noise = tf.random.stateless_uniform([batch, height, width], seeds[5], 0, 256, dtype=tf.int32)
+    return tf.where(inside[..., tf.newaxis], tf.cast(noise, tf.uint8)[..., tf.newaxis], images)
 
 
 def _bilinear_warp(images: tf.Tensor, rows: tuple, out_height: int, out_width: int) -> tf.Tensor:

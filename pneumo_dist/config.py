@@ -43,6 +43,10 @@ class AugmentConfig:
     brightness: float = 0.1  # added, in units of the full 0..1 range
     contrast: float = 0.15  # factor drawn from [1 - contrast, 1 + contrast], around each image's mean
     gamma: float = 0.15  # exponent drawn log-uniformly from [1 / (1 + gamma), 1 + gamma]
+    # Random erasing (Zhong et al., AAAI 2020): the probability that an image gets one rectangle of 2-40%
+    # of its area (aspect 0.3-3.3) filled with random gray levels, so that no small region (a lead
+    # marker, a border, a text label) can carry the label alone. Off by default: RESULTS.md has the run.
+    erasing: float = 0.0
 
     def validate(self) -> None:
         for name, limit in (("rotation_deg", 180), ("shear_deg", 45)):
@@ -52,6 +56,7 @@ class AugmentConfig:
             value = getattr(self, name)
             _check(0 <= value < 1, "augment", name, value, "must be in [0, 1)")
         _check(0 <= self.gamma <= 2, "augment", "gamma", self.gamma, "must be in [0, 2]")
+        _check(0 <= self.erasing <= 1, "augment", "erasing", self.erasing, "must be in [0, 1]")
 
 
 CACHE_MODES = ("none", "memory", "disk")

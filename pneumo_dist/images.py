@@ -182,7 +182,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int,
         table = _display(np.arange(low, high + 1, dtype=pixels.dtype)[np.newaxis], dataset)[0]
         unsigned = pixels.view(f"u{pixels.dtype.itemsize}")
         offsets = unsigned - unsigned.dtype.type(low % 2 ** (8 * pixels.dtype.itemsize))  # wraps right
-        gray = table[offsets]
+        gray = np.take(table, offsets)
     else:
         gray = _display(pixels, dataset)
     return Image.fromarray(gray, mode="L"), (rows, columns)

@@ -345,6 +345,7 @@ def list_csv(uri: str, allow_outside_paths: bool = False) -> Listing:
     folder = storage.parent(uri)
     listing = Listing("csv", [], described_by=[uri])
     seen: set[str] = set()
+    given_ids: set[str] = set()  # images whose row names the patient: the CSV's column wins
     for where, row in _csv_rows(uri, ("path", "label")):
         path = row["path"]
         label = parse_label(row["label"])
@@ -364,6 +365,8 @@ def list_csv(uri: str, allow_outside_paths: bool = False) -> Listing:
                 "to read files elsewhere"
             )
         parsed_patient, parsed_subtype = patient_and_subtype(name)
+        if row.get("patient_id"):
+            given_ids.add(image_uri)
         listing.images.append(
             SourceImage(
                 source=path,
@@ -379,8 +382,7 @@ def list_csv(uri: str, allow_outside_paths: bool = False) -> Listing:
             )
         )
     _describe_files(listing)
-    with_ids = {image.uri for image in listing.images if image.patient_id}
-    _read_dicom_patients(listing, skip=with_ids)  # the CSV's patient_id column wins
+    _read_dicom_patients(listing, skip=given_ids)
     unparsed_patients = sum(not image.patient_id for image in listing.images)
     if unparsed_patients:
         listing.notes.append(f"{unparsed_patients} rows have no patient id; each is its own patient")

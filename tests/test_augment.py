@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -105,11 +107,31 @@ def test_works_inside_a_compiled_function_under_a_strategy():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("rotation_deg", 200), ("zoom", 1.5), ("shift", -0.1), ("gamma", 3.0)]
+    "field, value", [("rotation_deg", 200), ("zoom", 1.5), ("shift", -0.1), ("gamma", 3.0), ("erasing", 1.5)]
 )
 def test_bad_ranges_are_named(field, value):
     with pytest.raises(ConfigError, match=f"augment.{field}="):
         AugmentConfig(**{field: value}).validate()
+
+
+def test_random_erasing_fills_one_rectangle_of_2_to_40_percent_per_image_at_its_probability():
+    images = tf.fill([64, 32, 32, 1], tf.constant(128, tf.uint8))
+    erased = augment.augment_batch(images, dataclasses.replace(NONE, erasing=1.0), SEED).numpy()[..., 0]
+    changed = erased != 128 / 255
+    for mask in changed:
+        rows, columns = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        box = mask[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+        # Noise of 0..255 leaves a pixel at 128 now and then (1 in 256): the box is nearly all changed.
+        assert (~box).sum() <= 2 + box.size // 50
+        assert 0.01 * 32 * 32 <= box.size <= 0.45 * 32 * 32
+    half = augment.augment_batch(images, dataclasses.replace(NONE, erasing=0.5), SEED).numpy()
+    assert 16 <= (half != 128 / 255).any(axis=(1, 2, 3)).sum() <= 48  # about half of 64 images
+    # The other draws do not move: without erasing, the same seed gives the same augmentation.
+    strong = AugmentConfig(rotation_deg=30, zoom=0.3, brightness=0.3)
+    plain = augment.augment_batch(demo_batch(), strong, SEED).numpy()
+    with_erasing = augment.augment_batch(demo_batch(), dataclasses.replace(strong, erasing=1.0), SEED)
+    untouched = (with_erasing.numpy() == plain).mean()
+    assert 0.5 < untouched < 0.995
 
 
 def random_rows(batch: int, seed: int) -> tuple:
