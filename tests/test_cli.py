@@ -40,6 +40,9 @@ def test_user_errors_exit_2_with_one_line_naming_the_problem(tmp_path):
     assert "Traceback" not in missing.stderr
     bad_option = run("jobs/make_shards.py", "demo", str(tmp_path / "out"), "--jpeg-quality", "0")
     assert bad_option.returncode == 2 and "option jpeg_quality=0" in bad_option.stderr
+    short_salt = run("jobs/make_shards.py", "demo", str(tmp_path / "out"), "--patient-salt", "s3cr3t")
+    assert short_salt.returncode == 2 and "patient_salt: must be at least 16" in short_salt.stderr
+    assert "s3cr3t" not in short_salt.stderr  # a salt is never echoed
     usage = run("jobs/make_shards.py")
     assert usage.returncode == 2 and "usage:" in usage.stderr
 

@@ -5,13 +5,23 @@ import pytest
 from pneumo_dist import config as config_lib
 from pneumo_dist.config import ConfigError, RunConfig
 
-REPO_CONFIGS = ["configs/demo.yaml", "configs/kaggle.yaml", "configs/mnist.yaml"]
+REPO_CONFIGS = ["configs/demo.yaml", "configs/kaggle.yaml", "configs/kaggle_cpu.yaml", "configs/mnist.yaml"]
 
 
 @pytest.mark.parametrize("path", REPO_CONFIGS)
 def test_shipped_configs_load_and_validate(path):
     config = config_lib.load_config(path)
     assert isinstance(config, RunConfig) and config.warnings() == []
+
+
+def test_the_cpu_recipe_opens_with_the_make_shards_command_of_its_image_size():
+    """The first comment line is the command that makes the shards the recipe expects."""
+    with open("configs/kaggle_cpu.yaml") as file:
+        first = file.readline()
+    match = re.fullmatch(r"#   python jobs/make_shards\.py \S+ (\S+) --size (\d+)\n", first)
+    config = config_lib.load_config("configs/kaggle_cpu.yaml")
+    assert match and match.group(1) == config.data.manifest_uri
+    assert int(match.group(2)) == config.data.image_size_px
 
 
 @pytest.mark.parametrize(
