@@ -4,7 +4,8 @@
 
 SRC: a Kaggle-layout folder (ROOT/{train,val,test}/{NORMAL,PNEUMONIA}/*; JPEG, PNG or DICOM), the RSNA
 Pneumonia Detection Challenge's folder (it holds stage_2_train_labels.csv), a MedMNIST .npz, a CSV of
-path,label[,patient_id][,split][,subtype][,sex][,age], or `demo` for the built-in generated data set.
+path,label[,patient_id][,split][,subtype][,sex][,age][,site][,scanner], or `demo` for the built-in
+generated data set.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--patient-salt",
         default=None,
-        help="key of the salted hash that records keep of each patient id (16+ characters; default: a "
-        "random one, kept when re-running into DST); the same salt links two datasets' patients",
+        help="key of the salted hash that records keep of each patient id (16+ characters; default: one "
+        "derived from the inputs, in the manifest); the same salt links two datasets' patients",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at DST")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
