@@ -406,7 +406,8 @@ def list_rsna(root: str, files: list[storage.FileInfo]) -> Listing:
         if target not in ("0", "1"):
             raise SourceError(f"{where}: Target {target!r} is not 0 or 1")
         if targets.setdefault(patient, int(target)) != int(target):
-            raise SourceError(f"{where}: patientId {patient} has rows with Target 0 and Target 1")
+            # The line, not the id: no patient identifier goes to a log.
+            raise SourceError(f"{where}: this patientId has rows with Target 0 and Target 1")
         if target == "1":
             try:
                 box = [float(row[key]) for key in ("x", "y", "width", "height")]
@@ -420,7 +421,7 @@ def list_rsna(root: str, files: list[storage.FileInfo]) -> Listing:
         for where, row in _csv_rows(classes_uri, ("patientId", "class")):
             detailed = row["class"].lower()
             if classes.setdefault(row["patientId"], detailed) != detailed:
-                raise SourceError(f"{where}: patientId {row['patientId']} has two classes")
+                raise SourceError(f"{where}: this patientId has another class on an earlier line")
     else:
         listing.notes.append(f"no {RSNA_CLASSES}: the records carry no detailed class")
     by_uri = {info.uri: info for info in files}

@@ -301,7 +301,9 @@ def test_rsna_labels_that_contradict_themselves_are_an_error_naming_the_line(xra
     write_rsna(tmp_path, gray)
     with open(tmp_path / sources.RSNA_LABELS, "a") as labels:
         labels.write("p4,1,2,3,4,1\n")
-    with pytest.raises(sources.SourceError, match=r"stage_2_train_labels.csv line 12: patientId p4 has rows"):
+    with pytest.raises(
+        sources.SourceError, match=r"stage_2_train_labels.csv line 12: this patientId has rows"
+    ):
         sources.list_source(str(tmp_path))
     (tmp_path / sources.RSNA_LABELS).write_text("patientId,x,y,width,height,Target\n../../etc/passwd,,,,,0\n")
     with pytest.raises(sources.SourceError, match="expected a plain relative name"):
