@@ -57,16 +57,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def image_paths(inputs: list[str]) -> list[str]:
     """Files as given (in order), folders expanded to their images (sorted)."""
-    from pneumo_dist.images import has_image_extension
+    from pneumo_dist.images import is_image_file
 
     paths = []
     for item in inputs:
         if os.path.isdir(item):
             found = [
-                os.path.join(folder, name)
+                path
                 for folder, _, names in os.walk(item)
-                for name in names
-                if has_image_extension(name)
+                for path in (os.path.join(folder, name) for name in names)
+                if is_image_file(path)
             ]
             paths += sorted(found)
         else:

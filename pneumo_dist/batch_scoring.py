@@ -45,12 +45,13 @@ class OperatingPoint:
 
 
 def list_images(inputs: list[str]) -> list[str]:
-    """Image files (.jpeg/.jpg/.png) under local folders and gs:// prefixes, and files given as they
-    are; sorted and without repeats, so the same inputs always make the same parts."""
+    """Image files (.jpeg/.jpg/.png/.dcm, and DICOM files of any name, by their preamble) under local
+    folders and gs:// prefixes, and files given as they are; sorted and without repeats, so the same
+    inputs always make the same parts."""
     found = set()
     for item in inputs:
         if storage.is_gcs(item) or os.path.isdir(item):
-            found.update(f.uri for f in storage.list_files(item) if images.has_image_extension(f.uri))
+            found.update(f.uri for f in storage.list_files(item) if images.is_image_file(f.uri))
         else:
             found.add(item)
     return sorted(found)

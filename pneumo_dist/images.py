@@ -73,6 +73,20 @@ def is_dicom_name(name: str) -> bool:
     return name.lower().endswith(DICOM_EXTENSIONS)
 
 
+def is_image_file(uri: str) -> bool:
+    """What a folder search takes: an image extension, or a DICOM file by its preamble whatever its
+    name (PACS exports name files by UID). A file that cannot be read is not one."""
+    if has_image_extension(uri):
+        return True
+    from pneumo_dist import storage
+
+    offset, magic = _DICOM_MAGIC
+    try:
+        return is_dicom(storage.read_prefix(uri, offset + len(magic)))
+    except storage.StorageError:
+        return False
+
+
 def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px: int | None = None):
     """Bytes -> (8-bit grayscale PIL image, (original_height, original_width)).
 

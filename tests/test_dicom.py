@@ -342,6 +342,21 @@ def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_salt_is_u
         shards.ShardOptions(patient_salt="short").validate()
 
 
+def test_folder_searches_find_dicom_files_of_any_name(xray, tmp_path, bucket):
+    from pneumo_dist import batch_scoring
+
+    _, gray = xray
+    (tmp_path / "scans" / "deeper").mkdir(parents=True)
+    (tmp_path / "scans" / "a.png").write_bytes(xray[0])
+    (tmp_path / "scans" / "deeper" / generate_uid()).write_bytes(make_dicom(gray))  # a PACS name
+    (tmp_path / "scans" / "notes.txt").write_text("not an image")
+    (tmp_path / "scans" / "empty").write_bytes(b"")
+    storage.copy_tree(str(tmp_path / "scans"), storage.join(bucket, "scans"))
+    for root in (str(tmp_path / "scans"), storage.join(bucket, "scans")):
+        found = [path[len(root) + 1 :] for path in batch_scoring.list_images([root])]
+        assert len(found) == 2 and found[0] == "a.png" and found[1].startswith("deeper/1.2."), found
+
+
 def test_dicom_patient_ids_are_read_from_a_bucket_as_from_a_folder(xray, tmp_path, bucket):
     _, gray = xray
     for label in ("NORMAL", "PNEUMONIA"):

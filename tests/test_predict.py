@@ -189,6 +189,11 @@ def test_predict_job_writes_a_row_per_image_and_reports_bad_ones(export, source_
     folder = tmp_path / "images"
     shutil.copytree(source_root / "test" / "NORMAL", folder)
     (folder / "broken.jpeg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image, and not taken for one")
+    from .test_dicom import make_dicom
+
+    first = sorted(folder.glob("*.jpeg"))[0]
+    (folder / "1.2.826.0.1.3680043.8").write_bytes(make_dicom(np.asarray(Image.open(first).convert("L"))))
     out = tmp_path / "predictions.csv"
     run = subprocess.run(
         [
@@ -209,7 +214,10 @@ def test_predict_job_writes_a_row_per_image_and_reports_bad_ones(export, source_
     import csv
 
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == len(list(folder.iterdir()))
+    assert len(rows) == len(list(folder.iterdir())) - 1  # all but notes.txt; the DICOM file is in
+    (dicom,) = [r for r in rows if r["path"].endswith("1.2.826.0.1.3680043.8")]
+    (jpeg,) = [r for r in rows if r["path"] == str(first)]
+    assert float(dicom["probability"]) == pytest.approx(float(jpeg["probability"]), abs=1e-3)
     broken = [r for r in rows if r["path"].endswith("broken.jpeg")]
     assert broken[0]["error"] and not broken[0]["label"]
     good = [r for r in rows if not r["error"]]
