@@ -204,18 +204,22 @@ def _worker_records(files: list[str], context, shuffle_files: bool, data: DataCo
 # A record's way in, split as TF Model Garden splits it (its Decoder and Parser): `decode_example` reads
 # the serialized tf.train.Example's features, the inverse of tfrecord.py's encoder; `parse_record` makes
 # of them what the model's input needs (pixels, a float label).
+# What evaluation reports figures by, besides the source path: each record's (b"" when unknown, or in
+# records written before the key existed).
+_ATTRIBUTE_KEYS = {
+    "subtype": schema.SUBTYPE_KEY,
+    "sex": schema.SEX_KEY,
+    "age_band": schema.AGE_BAND_KEY,
+    "site": schema.SITE_KEY,
+    "scanner": schema.SCANNER_KEY,
+}
+RECORD_ATTRIBUTES = tuple(_ATTRIBUTE_KEYS)
 _FEATURES = {
     schema.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
     schema.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
     schema.SOURCE_KEY: tf.io.FixedLenFeature([], tf.string),
-    schema.SUBTYPE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    schema.SEX_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    schema.AGE_BAND_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    schema.SITE_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
-    schema.SCANNER_KEY: tf.io.FixedLenFeature([], tf.string, default_value=b""),
+    **{key: tf.io.FixedLenFeature([], tf.string, default_value=b"") for key in _ATTRIBUTE_KEYS.values()},
 }
-# What evaluation reports figures by, besides the source path: each record's (b"" when unknown).
-RECORD_ATTRIBUTES = ("subtype", "sex", "age_band", "site", "scanner")
 
 
 def decode_example(serialized: tf.Tensor) -> dict:
@@ -225,11 +229,7 @@ def decode_example(serialized: tf.Tensor) -> dict:
         "encoded": example[schema.IMAGE_KEY],
         "label": example[schema.LABEL_KEY],
         "source": example[schema.SOURCE_KEY],
-        "subtype": example[schema.SUBTYPE_KEY],
-        "sex": example[schema.SEX_KEY],
-        "age_band": example[schema.AGE_BAND_KEY],
-        "site": example[schema.SITE_KEY],
-        "scanner": example[schema.SCANNER_KEY],
+        **{name: example[key] for name, key in _ATTRIBUTE_KEYS.items()},
     }
 
 

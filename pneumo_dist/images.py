@@ -184,7 +184,8 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int,
         return Image.fromarray(pixels.astype(np.uint8)).convert("L"), (rows, columns)
     windowed = "VOILUTSequence" in dataset or ("WindowCenter" in dataset and "WindowWidth" in dataset)
     # Integer pixels of up to 16 bits: the display of each stored value from lowest to highest, then a
-    # look-up per pixel, instead of float64 arithmetic on millions of pixels (4x faster at 2048 x 2048).
+    # look-up per pixel, instead of float64 arithmetic on millions of pixels (2.4x faster at 2048 x 2048,
+    # BENCHMARKS.md).
     # Not for a min..max stretch after a Modality LUT table, whose extremes need not be at the lowest
     # and highest stored values.
     if (

@@ -133,10 +133,10 @@ def make_shards(
             listing.images, options.val_fraction, options.keep_val, options.seed
         )
         options = _resolve_stored_size(options, listing)
+        inputs = _inputs_digest(listing, assigned)  # read once: the salt and the fingerprint use it
         if options.patient_salt is None:
-            salt = _fingerprint(source_uri, listing, assigned, options)[:32]
-            options = dataclasses.replace(options, patient_salt=salt)
-        fingerprint = _fingerprint(source_uri, listing, assigned, options)
+            options = dataclasses.replace(options, patient_salt=_fingerprint(inputs, options)[:32])
+        fingerprint = _fingerprint(inputs, options)
         manifest_uri = storage.join(destination, schema.MANIFEST_NAME)
 
         existing = _read_manifest_if_any(manifest_uri)
@@ -211,21 +211,26 @@ def pseudonym(patient_id: str, salt: str) -> str:
     return hmac.new(salt.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _fingerprint(source_uri: str, listing: sources.Listing, assigned: list[SourceImage], options) -> str:
-    """Identifies the inputs and options; the same fingerprint means the same dataset."""
-    digest = hashlib.sha256()
-    settings = dataclasses.asdict(options) | {"format": listing.source_format}
-    # Whether we stop, or may read outside a CSV's folder, does not change what is written.
-    settings.pop("strict")
-    settings.pop("allow_outside_paths")
-    digest.update(json.dumps(settings, sort_keys=True).encode())
+def _inputs_digest(listing: sources.Listing, assigned: list[SourceImage]) -> bytes:
+    """sha256 of what the dataset is made from: the source's form, the files that label it, and each
+    image with its split."""
+    digest = hashlib.sha256(listing.source_format.encode())
     for uri in listing.described_by:
         digest.update(storage.read_bytes(uri))  # labels, patient ids, subtypes, ...
     for image in assigned:
         line = f"{image.source}|{image.split}|{image.label}|{image.size_bytes}"
         # A CSV's images also count their modification time: a CSV names files it does not describe.
         digest.update(f"{line}|{image.version}\n".encode() if image.version else f"{line}\n".encode())
-    return digest.hexdigest()
+    return digest.digest()
+
+
+def _fingerprint(inputs: bytes, options: ShardOptions) -> str:
+    """Identifies the inputs (_inputs_digest) and options; the same fingerprint means the same dataset."""
+    settings = dataclasses.asdict(options)
+    # Whether we stop, or may read outside a CSV's folder, does not change what is written.
+    settings.pop("strict")
+    settings.pop("allow_outside_paths")
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + inputs).hexdigest()
 
 
 def _plan_shards(

@@ -245,37 +245,31 @@ def _dicom_patient_id(image: SourceImage) -> str | None:
         return ""
     if not is_dicom(data):
         return "" if is_dicom_name(image.source) else None
-    patient = _header_patient_id(data)
+    (patient,) = _dicom_header(data, "PatientID")
     if not patient and len(data) == _DICOM_HEADER_BYTES:  # maybe a longer header: read the whole file
         try:
-            patient = _header_patient_id(storage.read_bytes(image.uri))
+            (patient,) = _dicom_header(storage.read_bytes(image.uri), "PatientID")
         except storage.StorageError:
             return ""
     return patient
 
 
-def _header_patient_id(data: bytes) -> str:
-    import pydicom
-
-    try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["PatientID"])
-        return str(header.get("PatientID", "") or "").strip()
-    except Exception:  # noqa: BLE001 - a header cut off by the prefix, or a damaged file
-        return ""
-
-
 def dicom_sex_and_age_band(data: bytes) -> tuple[str, str]:
     """A DICOM file's PatientSex (M/F/O) and PatientAge as a ten-year band; "" for what it lacks."""
+    sex, age = _dicom_header(data, "PatientSex", "PatientAge")
+    return SEXES.get(sex.upper(), ""), dicom_age_band(age)
+
+
+def _dicom_header(data: bytes, *names: str) -> list[str]:
+    """These DICOM_PATIENT_ATTRIBUTES of a DICOM file's header, as stripped text; all "" when the
+    header cannot be read (a header cut off by a prefix, or a damaged file, which decoding reports)."""
     import pydicom
 
     try:
-        header = pydicom.dcmread(
-            io.BytesIO(data), stop_before_pixels=True, specific_tags=["PatientSex", "PatientAge"]
-        )
-        sex, age = str(header.get("PatientSex", "") or ""), str(header.get("PatientAge", "") or "")
-    except Exception:  # noqa: BLE001 - decoding the pixels says what is wrong with the file
-        return "", ""
-    return SEXES.get(sex.strip().upper(), ""), dicom_age_band(age)
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(names))
+        return [str(header.get(name, "") or "").strip() for name in names]
+    except Exception:  # noqa: BLE001 - pydicom raises many types for data it cannot parse
+        return [""] * len(names)
 
 
 def _own_patients(listing: Listing) -> None:

@@ -109,28 +109,29 @@ def child(folder: str, name: str, read_from: str) -> str:
 
 
 def read_bytes(uri: str) -> bytes:
-    if not is_gcs(uri):
-        try:
-            return Path(uri).read_bytes()
-        except FileNotFoundError:
-            raise StorageNotFound(f"no such file: {uri}") from None
-        except OSError as error:  # a folder, no permission, an I/O error
-            raise UnreadableFile(f"cannot read {uri}: {error.strerror or error}") from None
-    return _gcs_call(uri, lambda blob: blob.download_as_bytes(timeout=GCS_TIMEOUT_S, retry=_retry()))
+    return _read(uri, None)
 
 
 def read_prefix(uri: str, size: int) -> bytes:
     """A file's first `size` bytes (all of it when shorter): one ranged request on gs://."""
+    return _read(uri, size)
+
+
+def _read(uri: str, size: int | None) -> bytes:
+    """The whole file (size None) or its first `size` bytes."""
     if not is_gcs(uri):
         try:
             with open(uri, "rb") as file:
-                return file.read(size)
+                return file.read(-1 if size is None else size)
         except FileNotFoundError:
             raise StorageNotFound(f"no such file: {uri}") from None
-        except OSError as error:
+        except OSError as error:  # a folder, no permission, an I/O error
             raise UnreadableFile(f"cannot read {uri}: {error.strerror or error}") from None
+    # A whole object is read without a Range header: Cloud Storage sends no checksum for a part of one,
+    # so only a whole download is checked.
+    ranged = {} if size is None else {"start": 0, "end": size - 1}
     return _gcs_call(
-        uri, lambda blob: blob.download_as_bytes(start=0, end=size - 1, timeout=GCS_TIMEOUT_S, retry=_retry())
+        uri, lambda blob: blob.download_as_bytes(**ranged, timeout=GCS_TIMEOUT_S, retry=_retry())
     )
 
 
