@@ -60,6 +60,7 @@ class AugmentConfig:
 
 
 CACHE_MODES = ("none", "memory", "disk")
+EQUALIZE_MODES = ("none", "histogram")
 READ_MODES = ("stage", "stream")
 CLASS_BALANCE_MODES = ("weights", "sample", "none")
 
@@ -84,6 +85,10 @@ class DataConfig:
     stage_dir: str = ""  # default: <system temp>/pneumo-dist-stage
     deterministic: bool = False  # training read order; evaluation is always deterministic
     seed: int = 0
+    # Per-image intensity standardisation of every record as it is read (data.standardize_intensity):
+    # "histogram" equalises each image's gray levels, so that exposure and the scanner's contrast curve
+    # matter less. The export records it: evaluation, PneumoniaDetector and the SavedModel apply it too.
+    equalize: str = "none"
     threads: int = 0  # tf.data's private thread pool; 0: the CPUs this process may use (data.host_threads)
 
     def validate(self) -> None:
@@ -103,6 +108,7 @@ class DataConfig:
             ("class_balance", CLASS_BALANCE_MODES),
             ("cache", CACHE_MODES),
             ("read_mode", READ_MODES),
+            ("equalize", EQUALIZE_MODES),
         ):
             value = getattr(self, name)
             _check(value in allowed, "data", name, value, f"must be one of {', '.join(allowed)}")
@@ -160,6 +166,11 @@ class TrainConfig:
     nesterov: bool = True
     grad_clip_norm: float = 0.0  # global norm; 0 = off
     label_smoothing: float = 0.0
+    # When > 0, an exponential moving average of the weights, updated after every step with this decay
+    # (ramped up as min(decay, (1 + step) / (10 + step)) over the first steps, as TensorFlow's
+    # ExponentialMovingAverage does with num_updates): validation scores the averaged weights, and the
+    # best averaged weights are the export. 0: off.
+    ema_decay: float = 0.0
     head_warmup_epochs: int = 0  # epochs with the whole backbone frozen before unfreezing
     early_stopping_patience: int = 5  # epochs without a better validation AUC; 0 = off
     target_sensitivity: float = 0.95  # the sensitivity policy's threshold reaches this on validation
@@ -215,6 +226,7 @@ class TrainConfig:
             self.label_smoothing,
             "must be in [0, 0.5)",
         )
+        _check(0 <= self.ema_decay < 1, "train", "ema_decay", self.ema_decay, "must be in [0, 1) (0: off)")
         _check(
             0 <= self.head_warmup_epochs < self.epochs,
             "train",

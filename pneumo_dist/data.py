@@ -118,7 +118,7 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
 
     def stream(part: tf.data.Dataset, name: str) -> tf.data.Dataset:
         images = part.map(
-            lambda r: parse_record(r, stored_px, keep_source=False),
+            lambda r: parse_record(r, stored_px, keep_source=False, equalize=data.equalize),
             num_parallel_calls=AUTOTUNE,
             deterministic=data.deterministic,
         )
@@ -153,7 +153,7 @@ def eval_dataset(
     decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=True)
     stored_px = dataset.manifest.image.stored_size_px
     images = decoded.map(
-        lambda r: parse_record(r, stored_px, keep_source=with_source),
+        lambda r: parse_record(r, stored_px, keep_source=with_source, equalize=data.equalize),
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
@@ -239,6 +239,29 @@ def decode_image(encoded: tf.Tensor, stored_px: int) -> tf.Tensor:
     return tf.ensure_shape(image, [stored_px, stored_px, 1])
 
 
+def standardize_intensity(image: tf.Tensor, equalize: str) -> tf.Tensor:
+    """uint8 (H, W, 1) -> uint8 (H, W, 1) as DataConfig.equalize says: unchanged ("none"), or
+    histogram-equalised ("histogram"): gray level v becomes round(255 (cdf(v) - c0) / (n - c0)), with
+    cdf(v) the number of pixels at or below v, c0 the count of the darkest level present and n all
+    pixels (the mapping of OpenCV's equalizeHist, in integers). The result depends only on the order
+    of the levels, so two exposures or contrast curves of one image that keep that order (a gamma, a
+    window) give the same pixels. An image of one gray level is left as it is."""
+    if equalize == "none":
+        return image
+    if equalize != "histogram":
+        raise ValueError(f"unknown intensity standardisation {equalize!r}")
+    levels = tf.reshape(tf.cast(image, tf.int32), [-1])
+    counts = tf.math.bincount(levels, minlength=256, maxlength=256, dtype=tf.int64)
+    cdf = tf.cumsum(counts)
+    darkest = tf.gather(counts, tf.reduce_min(levels))
+    span = cdf[-1] - darkest
+    # Rounded half up, in integers; levels below the darkest (absent) come out negative and unused.
+    table = (2 * 255 * (cdf - darkest) + span) // tf.maximum(2 * span, 1)
+    table = tf.where(span > 0, table, tf.range(256, dtype=tf.int64))
+    equalized = tf.gather(tf.cast(tf.clip_by_value(table, 0, 255), tf.uint8), levels)
+    return tf.reshape(equalized, tf.shape(image))
+
+
 def resize_images(images: tf.Tensor, stored_px: int, image_size_px: int) -> tf.Tensor:
     """uint8 (..., stored_px, stored_px, 1) -> uint8 (..., image_size_px, image_size_px, 1)."""
     if stored_px == image_size_px:
@@ -256,11 +279,11 @@ def _resize_batches(batches: tf.data.Dataset, stored_px: int, image_size_px: int
     return batches.map(resize, num_parallel_calls=AUTOTUNE)
 
 
-def parse_record(record: dict, stored_px: int, keep_source: bool) -> dict:
-    """decode_example's features -> uint8 (stored_px, stored_px, 1) image, float32 label (and source
-    and RECORD_ATTRIBUTES, for evaluation's per-image rows and subgroups)."""
+def parse_record(record: dict, stored_px: int, keep_source: bool, equalize: str = "none") -> dict:
+    """decode_example's features -> uint8 (stored_px, stored_px, 1) image (standardize_intensity'd),
+    float32 label (and source and RECORD_ATTRIBUTES, for evaluation's per-image rows and subgroups)."""
     element = {
-        "image": decode_image(record["encoded"], stored_px),
+        "image": standardize_intensity(decode_image(record["encoded"], stored_px), equalize),
         "label": tf.cast(record["label"], tf.float32),
     }
     if keep_source:
@@ -280,7 +303,8 @@ def _cache(
     worker = f"{context.input_pipeline_id}of{context.num_input_pipelines}" if context else "0of1"
     folder = data.cache_dir or os.path.join(data.stage_dir or default_stage_dir(), "cache")
     os.makedirs(folder, exist_ok=True)
-    key = f"{dataset.manifest.fingerprint[:16]}-{data.image_size_px}px-{name}-{worker}-pid{os.getpid()}"
+    key = f"{dataset.manifest.fingerprint[:16]}-{data.image_size_px}px-{data.equalize}-{name}-{worker}"
+    key += f"-pid{os.getpid()}"
     return images.cache(os.path.join(folder, key))
 
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from pneumo_dist import storage
-from pneumo_dist.config import THRESHOLD_POLICIES
+from pneumo_dist.config import EQUALIZE_MODES, THRESHOLD_POLICIES
 from pneumo_dist.errors import PneumoDistError
 
 FOLDER = "export"  # in a run's output folder
@@ -39,6 +39,7 @@ class Preprocessing:
     stored_size_px: int  # as make_shards stored the records
     image_format: str  # jpeg or png
     jpeg_quality: int | None
+    equalize: str = "none"  # data.standardize_intensity's mode, applied to the stored-size pixels
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ def read(folder: str) -> ExportInfo:
             stored_size_px=int(step["stored_size_px"]),
             image_format=str(step["image_format"]),
             jpeg_quality=int(step["jpeg_quality"]) if step.get("jpeg_quality") is not None else None,
+            equalize=str(step.get("equalize", "none")),
         )
         target = raw.get("target_sensitivity")
         calibration = raw.get("calibration")
@@ -187,6 +189,11 @@ def read(folder: str) -> ExportInfo:
     numbers = [info.threshold, *info.operating_points.values()]
     if calibration is not None:
         numbers += [calibration.slope, calibration.intercept]
+    if preprocessing.equalize not in EQUALIZE_MODES:
+        raise ExportError(
+            f"{info_uri}: unknown preprocessing equalize {preprocessing.equalize!r} (this pneumo-dist knows "
+            f"{', '.join(EQUALIZE_MODES)}): exported by a newer pneumo-dist?"
+        )
     if not all(math.isfinite(n) for n in numbers) or not 0.0 <= info.threshold <= 1.0:
         raise ExportError(
             f"{info_uri}: malformed (a threshold or calibration is not a finite number); export it again"

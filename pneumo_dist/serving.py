@@ -6,7 +6,8 @@ and returns P(PNEUMONIA) (calibrated as PneumoniaDetector's), the label at the e
 threshold and the model version. Everything PneumoniaDetector does to an image is in the graph:
 
   source bytes -> 8-bit gray (images.decode_grayscale) -> stored size (images.resize_square) -> the
-  stored format (JPEG at the manifest's quality, or PNG) -> data.decode_image -> data.resize_images
+  stored format (JPEG at the manifest's quality, or PNG) -> data.decode_image ->
+  data.standardize_intensity -> data.resize_images
 
 Where the graph differs from Pillow (PneumoniaDetector's way), and why it does not matter:
 - Resizing to the stored size is Pillow's Lanczos in the graph (pillow_lanczos), to the bit; libjpeg
@@ -57,6 +58,7 @@ class ServingModel(tf.Module):
         self._stored_size = preprocessing.stored_size_px
         self._format = preprocessing.image_format
         self._quality = preprocessing.jpeg_quality or images.DEFAULT_JPEG_QUALITY
+        self._equalize = preprocessing.equalize
         self._calibration = info.calibration
         self._threshold = float(threshold)
         self._version = version
@@ -89,9 +91,9 @@ class ServingModel(tf.Module):
             tf.reduce_all(tf.shape(gray)[:2] == size), lambda: gray, lambda: pillow_lanczos(gray, size)
         )
         resized = tf.ensure_shape(resized, [size, size, 1])
-        if self._format == "png":
-            return resized  # lossless: decoding it again gives these pixels
-        return data.decode_image(tf.io.encode_jpeg(resized, quality=self._quality), size)
+        if self._format != "png":  # (a PNG is lossless: decoding it again gives these pixels)
+            resized = data.decode_image(tf.io.encode_jpeg(resized, quality=self._quality), size)
+        return data.standardize_intensity(resized, self._equalize)
 
 
 def pillow_lanczos(gray, size: int):

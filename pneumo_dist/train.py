@@ -7,6 +7,7 @@ The output folder it writes: run_folder.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -237,6 +238,10 @@ class _Built:
     epoch: tf.Variable
     checkpoint: tf.train.Checkpoint
     loss_sum: tf.Variable
+    # train.ema_decay's moving averages of classifier.weights, in order (empty: off), and the function
+    # that swaps them with the weights.
+    averaged: list[tf.Variable] = field(default_factory=list)
+    swap_averaged: Callable | None = None
     train_loops: dict = field(default_factory=dict)  # head_only -> train_loop
     predict_step: Callable | None = None
     as_built_path: str = ""  # the checkpoint of the state as built, written for reuse
@@ -357,7 +362,23 @@ class _Run:
             dropout_rate = tf.Variable(config.model.dropout, trainable=False, name="dropout_rate")
             model_lib.set_dropout_rate(classifier, dropout_rate)
             epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            checkpoint = tf.train.Checkpoint(model=classifier, optimizer=optimizer, epoch=epoch)
+            tracked = {"model": classifier, "optimizer": optimizer, "epoch": epoch}
+            averaged = []
+            if config.train.ema_decay:
+                # Every weight, BatchNorm's moving statistics too (as timm's ModelEmaV2 averages its
+                # buffers): the averaged model is then a consistent one. Updated identically by every
+                # replica after the all-reduced update, so the first replica's update is every one's.
+                averaged = [
+                    tf.Variable(
+                        weight.read_value(),
+                        trainable=False,
+                        name=f"averaged_{index}",
+                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                    )
+                    for index, weight in enumerate(classifier.weights)
+                ]
+                tracked["averaged"] = averaged
+            checkpoint = tf.train.Checkpoint(**tracked)
             # Each replica adds its loss share here during a loop; read (summed) once per loop.
             loss_sum = tf.Variable(
                 0.0,
@@ -376,6 +397,8 @@ class _Run:
             epoch=epoch,
             checkpoint=checkpoint,
             loss_sum=loss_sum,
+            averaged=averaged,
+            swap_averaged=_swapper(classifier.weights, averaged) if averaged else None,
         )
 
     def describe(self) -> str:
@@ -430,8 +453,12 @@ class _Run:
                     with writer.as_default(step=int(self.optimizer.iterations.numpy())):
                         tf.summary.scalar("loop_train_loss", loop_loss / steps)
             seconds = time.perf_counter() - start
-            labels, probabilities = self.predict("val")
-            metrics = metrics_lib.binary_metrics(labels, probabilities)
+            with self._averaged_weights():  # (the weights themselves when train.ema_decay is 0)
+                labels, probabilities = self.predict("val")
+                metrics = metrics_lib.binary_metrics(labels, probabilities)
+                improved = not math.isnan(metrics["auc"]) and metrics["auc"] > state["best_auc"]
+                if improved:
+                    self._save_best_weights()
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / self.steps_per_epoch,
@@ -445,7 +472,6 @@ class _Run:
             if epoch == first_epoch:
                 record["setup_s"] = self.setup_seconds  # the first epoch this process ran
                 record["reused_build"] = int(self.reused_build)  # (a number: Ray reports take numbers)
-            improved = not math.isnan(metrics["auc"]) and metrics["auc"] > state["best_auc"]
             if improved:
                 state.update(best_auc=metrics["auc"], best_epoch=epoch, epochs_since_best=0)
                 self.best_val_scores = labels, probabilities  # the export's threshold comes from these
@@ -486,6 +512,7 @@ class _Run:
         loss_scaling = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         variables = classifier.trainable_variables
         loss_sum = self.loss_sum
+        averaged, weights = self.built.averaged, classifier.weights
 
         def forward_backward(images, labels):
             # The seed comes from the step counter on the device: no host round-trip.
@@ -512,6 +539,11 @@ class _Run:
             # updates: the optimizer is not jit-compiled on its own (one XLA program per variable).
             optimizer.apply_gradients(zip(gradients, variables, strict=True))
             loss_sum.assign_add(loss)
+            if averaged:
+                step = tf.cast(optimizer.iterations, tf.float32)  # 1 after the first update
+                decay = tf.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+                for average, weight in zip(averaged, weights, strict=True):
+                    average.assign_sub((1.0 - decay) * (average - tf.cast(weight, average.dtype)))
 
         if self.step_kind == STEP_ONE_PROGRAM:
             # Augmentation, forward, backward, all-reduce and update: one XLA program per step.
@@ -568,20 +600,36 @@ class _Run:
 
     # --- checkpoints --------------------------------------------------------------------------------
 
-    def _save_checkpoint(self, epoch: int, state: dict, improved: bool) -> None:
+    @contextlib.contextmanager
+    def _averaged_weights(self):
+        """The model holds train.ema_decay's averaged weights inside, its own outside (a no-op when off)."""
+        swap = self.built.swap_averaged
+        if swap is None:
+            yield
+            return
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+
+    def _save_best_weights(self) -> None:
+        """The model's weights as the best so far (local; _save_checkpoint publishes them)."""
         folder = os.path.join(self.work, CHECKPOINTS)
         os.makedirs(folder, exist_ok=True)
-        if improved:
-            # Saved beside and renamed into place: a run killed mid-save keeps the previous best weights
-            # instead of a truncated file that would fail its export on every resume.
-            # (The name must end in .weights.h5: Keras picks the file format by the suffix.)
-            partial = os.path.join(folder, f".best-partial-{os.getpid()}.weights.h5")
-            try:
-                self.classifier.save_weights(partial)
-                os.replace(partial, os.path.join(folder, BEST_WEIGHTS))
-            finally:
-                if os.path.exists(partial):
-                    os.remove(partial)
+        # Saved beside and renamed into place: a run killed mid-save keeps the previous best weights
+        # instead of a truncated file that would fail its export on every resume.
+        # (The name must end in .weights.h5: Keras picks the file format by the suffix.)
+        partial = os.path.join(folder, f".best-partial-{os.getpid()}.weights.h5")
+        try:
+            self.classifier.save_weights(partial)
+            os.replace(partial, os.path.join(folder, BEST_WEIGHTS))
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+
+    def _save_checkpoint(self, epoch: int, state: dict, improved: bool) -> None:
+        folder = os.path.join(self.work, CHECKPOINTS)
         self.epoch.assign(epoch)
         prefix = self.checkpoint.write(os.path.join(folder, f"ckpt-{epoch}"))
         state["checkpoint"] = os.path.basename(prefix)
@@ -694,6 +742,7 @@ class _Run:
                     stored_size_px=stored.stored_size_px,
                     image_format=stored.format,
                     jpeg_quality=stored.jpeg_quality,
+                    equalize=self.config.data.equalize,
                 ),
                 created_utc=storage.utc_timestamp(),
                 calibration=calibration,
@@ -745,6 +794,19 @@ class _Run:
             return None, scores
         calibration = export_lib.Calibration(*fitted)
         return calibration, calibration.apply(scores)
+
+
+def _swapper(weights: list[tf.Variable], averaged: list[tf.Variable]) -> Callable:
+    """-> a function that swaps the values of `weights` and `averaged` (pairwise), on the device."""
+
+    @tf.function
+    def swap():
+        for weight, average in zip(weights, averaged, strict=True):
+            own = tf.identity(weight.read_value())
+            weight.assign(tf.cast(average, weight.dtype))
+            average.assign(tf.cast(own, average.dtype))
+
+    return swap
 
 
 def _fresh_state() -> dict:

@@ -74,6 +74,53 @@ def test_training_batches_have_the_per_replica_shape_and_never_end(demo_shards):
     assert all(b["label"].dtype == tf.float32 and "source" not in b for b in batches)
 
 
+def equalized_reference(image: np.ndarray) -> np.ndarray:
+    """Histogram equalisation as OpenCV's equalizeHist defines it, in floats (rounded half up)."""
+    counts = np.bincount(image.ravel(), minlength=256)
+    cdf = np.cumsum(counts)
+    darkest = counts[image.min()]
+    table = np.floor(255 * (cdf - darkest) / (cdf[-1] - darkest) + 0.5)
+    return np.clip(table, 0, 255).astype(np.uint8)[image]
+
+
+def test_histogram_equalization_flattens_the_levels_and_ignores_the_contrast_curve():
+    rng = np.random.default_rng(0)
+    # A dim, low-contrast "radiograph": levels 20..99, most of them dark.
+    image = (20 + 80 * rng.beta(2, 5, (64, 64, 1))).astype(np.uint8)
+    equalized = data.standardize_intensity(tf.constant(image), "histogram").numpy()
+    np.testing.assert_array_equal(equalized, equalized_reference(image))
+    assert equalized.min() == 0 and equalized.max() == 255
+    quarters = np.histogram(equalized, bins=4, range=(0, 256))[0] / equalized.size
+    assert np.all(np.abs(quarters - 0.25) < 0.05), quarters  # about flat; the input sat in one quarter
+    # Another exposure of the same image (a gamma, then a window): the level order is kept, and so is
+    # every equalised pixel.
+    exposed = np.round(255 * ((image / 255.0) ** 0.6 - 0.1) / 0.8).clip(0, 255).astype(np.uint8)
+    assert not np.array_equal(exposed, image) and len(np.unique(exposed)) == len(np.unique(image))
+    again = data.standardize_intensity(tf.constant(exposed), "histogram").numpy()
+    np.testing.assert_array_equal(again, equalized)
+    flat = np.full((8, 8, 1), 7, np.uint8)  # one level: nothing to spread
+    np.testing.assert_array_equal(data.standardize_intensity(tf.constant(flat), "histogram").numpy(), flat)
+    np.testing.assert_array_equal(data.standardize_intensity(tf.constant(image), "none").numpy(), image)
+
+
+def test_the_pipelines_equalize_every_record_as_read(demo_shards):
+    plain, equalized = (config(demo_shards, equalize=mode, cache="none") for mode in ("none", "histogram"))
+    dataset = data.open_dataset(plain)
+    stored_px = dataset.manifest.image.stored_size_px
+    for cfg in (plain, equalized):
+        assert cfg.image_size_px == 32 and stored_px == 32  # no resize: the pixels compare directly
+    ours = next(iter(data.eval_dataset(equalized, dataset, "test")))["image"].numpy()
+    read = next(iter(data.eval_dataset(plain, dataset, "test")))["image"].numpy()
+    assert not np.array_equal(ours, read)
+    for image, expected in zip(ours, read, strict=True):
+        np.testing.assert_array_equal(image, equalized_reference(expected))
+    train_plain, train_equalized = (
+        next(iter(data.train_dataset(cfg, dataset)))["image"].numpy() for cfg in (plain, equalized)
+    )
+    for image, expected in zip(train_equalized, train_plain, strict=True):  # (deterministic order)
+        np.testing.assert_array_equal(image, equalized_reference(expected))
+
+
 def test_images_are_resized_to_the_model_input(demo_shards):
     cfg = config(demo_shards, image_size_px=48)
     batch = next(iter(data.eval_dataset(cfg, data.open_dataset(cfg), "test")))

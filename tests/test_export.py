@@ -54,6 +54,10 @@ def test_an_incomplete_or_damaged_description_says_what_is_wrong(tmp_path):
     info_path.write_text(json.dumps(raw | {"preprocessing": {"image_size_px": 64}}))
     with pytest.raises(export.ExportError, match="export.json: malformed .*stored_size_px"):
         export.read(folder)
+    newer = raw["preprocessing"] | {"equalize": "clahe"}
+    info_path.write_text(json.dumps(raw | {"preprocessing": newer}))
+    with pytest.raises(export.ExportError, match="unknown preprocessing equalize 'clahe'.*a newer"):
+        export.read(folder)
     info_path.write_text(json.dumps(raw | {"model": "../../elsewhere.keras"}))
     with pytest.raises(storage.UnsafeName):
         export.read(folder).model_uri(folder)

@@ -13,8 +13,8 @@ import tensorflow as tf
 import tf_keras
 from PIL import Image
 
+from pneumo_dist import data, images, metrics, serving
 from pneumo_dist import export as export_lib
-from pneumo_dist import images, metrics, serving
 from pneumo_dist.predict import PneumoniaDetector
 
 from .conftest import REPO
@@ -90,10 +90,14 @@ def gray_model(size: int) -> tf_keras.Model:
     )
 
 
-def export_info(stored_size_px: int, image_format: str) -> export_lib.ExportInfo:
-    """An export's info for a 32 px model whose records were stored as given."""
+def export_info(stored_size_px: int, image_format: str, equalize: str = "none") -> export_lib.ExportInfo:
+    """An export's info for a 32 px model whose records were stored (and are read) as given."""
     preprocessing = export_lib.Preprocessing(
-        image_size_px=32, stored_size_px=stored_size_px, image_format=image_format, jpeg_quality=95
+        image_size_px=32,
+        stored_size_px=stored_size_px,
+        image_format=image_format,
+        jpeg_quality=95,
+        equalize=equalize,
     )
     return export_lib.ExportInfo(
         files=[],
@@ -132,11 +136,12 @@ def sources() -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("image_format", ["jpeg", "png"])
-def test_the_graph_prepares_every_image_kind_to_the_pixels_of_its_record(image_format):
-    module = serving.ServingModel(gray_model(32), export_info(64, image_format), "v", 0.5)
+@pytest.mark.parametrize("equalize", ["none", "histogram"])
+def test_the_graph_prepares_every_image_kind_to_the_pixels_of_its_record(image_format, equalize):
+    module = serving.ServingModel(gray_model(32), export_info(64, image_format, equalize), "v", 0.5)
     for name, content in sources().items():
         stored, _ = images.to_stored_image(content, 64, image_format, 95)
-        expected = tf.io.decode_image(stored, channels=1).numpy()
+        expected = data.parse_record({"encoded": stored, "label": 0}, 64, False, equalize)["image"].numpy()
         np.testing.assert_array_equal(
             module._stored_pixels(tf.constant(content)).numpy(), expected, err_msg=name
         )

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tf_keras
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import data, storage, train
+from pneumo_dist import data, metrics, storage, train
 
 from .conftest import FROM_SCRATCH_OVERRIDES, REPO
 
@@ -96,6 +97,53 @@ def test_resume_on_gcs_continues_at_the_saved_epoch_and_optimizer_step(learnable
     assert storage.list_files(storage.join(output, "tensorboard"))  # event files uploaded
     # The local working copy of a gs:// run (a ResNet50 checkpoint: ~1 GB at full size) is gone.
     assert not list(system_temp.glob("pneumo-train-*"))
+
+
+def test_weight_averaging_validates_and_exports_the_averaged_weights(learnable_shards, tmp_path):
+    output = tmp_path / "run"
+    config = make_config(
+        learnable_shards,
+        str(output),
+        "train.epochs=2",
+        "train.max_steps_per_epoch=3",
+        "train.early_stopping_patience=0",
+        "train.ema_decay=0.5",
+        "train.serving_export=false",
+        "data.equalize=histogram",
+    )
+    with train.scratch_folder() as scratch:
+        run = train._Run(config, train.choose_strategy(local=True), scratch)
+        weights, averaged = run.classifier.weights, run.built.averaged
+        assert len(averaged) == len(weights) > 300  # BatchNorm's statistics too
+        before = [a.numpy() for a in averaged]
+        for start, weight in zip(before, weights, strict=True):
+            np.testing.assert_array_equal(start, weight.numpy())
+        run.built.train_loops[False] = loop = run._make_train_loop()
+        loop(iter(run.train_batches), tf.constant(1, tf.int32))
+        decay = 2 / 11  # min(0.5, (1 + step) / (10 + step)) after the first step
+        for start, weight, average in zip(before, weights, averaged, strict=True):
+            expected = decay * start + (1 - decay) * weight.numpy()
+            np.testing.assert_allclose(average.numpy(), expected, rtol=1e-5, atol=1e-6)
+        own, means = [w.numpy() for w in weights], [a.numpy() for a in averaged]
+        assert not all(np.array_equal(m, w) for m, w in zip(means, own, strict=True))
+        with run._averaged_weights():
+            for weight, mean in zip(weights, means, strict=True):
+                np.testing.assert_array_equal(weight.numpy(), mean)
+        for weight, value in zip(weights, own, strict=True):
+            np.testing.assert_array_equal(weight.numpy(), value)
+        result = run.fit(resume=False, on_step=None, on_epoch=None)
+    # The export is the best averaged weights, read as training read its records (equalised): scored
+    # by evaluate.py's way, it has the AUC validation gave it, which the raw weights would not have.
+    from pneumo_dist import evaluate
+    from pneumo_dist.predict import PneumoniaDetector
+
+    detector = PneumoniaDetector.load(result.export_uri)
+    assert detector.info.preprocessing.equalize == "histogram"
+    split_config = evaluate.split_data_config(detector, learnable_shards, batch_size=16)
+    scores = evaluate.score_split(detector, split_config, data.open_dataset(split_config), "val")
+    auc = metrics.binary_metrics(scores.labels, scores.probabilities)["auc"]
+    assert auc == pytest.approx(result.best_val_auc, abs=1e-6)
+    assert result.best_val_auc != pytest.approx(0.5, abs=0.01)  # a model that ranks something
 
 
 def test_a_run_removes_the_scratch_folders_of_dead_processes_only(system_temp):
