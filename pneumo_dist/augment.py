@@ -156,6 +156,35 @@ def _erase(images: tf.Tensor, probability: float, seed: tf.Tensor) -> tf.Tensor:
     return tf.where(inside[..., tf.newaxis], tf.cast(noise, tf.uint8)[..., tf.newaxis], images)
 
 
+def mixup(inputs: tf.Tensor, alpha: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Model inputs (B, ...) -> (mixed inputs, lam (B,)): image i becomes lam_i * image i + (1 - lam_i)
+    * image B-1-i (the batch reversed, timm's pairing; the batch is shuffled), lam_i ~ Beta(alpha,
+    alpha). The caller mixes the losses of i and B-1-i by the same lam."""
+    lam = symmetric_beta(tf.shape(inputs)[:1], alpha, tf.random.experimental.stateless_fold_in(seed, 2))
+    shape = tf.concat([tf.shape(lam), tf.ones([tf.rank(inputs) - 1], tf.int32)], axis=0)
+    mix = tf.cast(tf.reshape(lam, shape), inputs.dtype)
+    return mix * inputs + (1.0 - mix) * tf.reverse(inputs, axis=[0]), lam
+
+
+# Candidates per draw of symmetric_beta: Johnk's acceptance rate is Gamma(a + 1)^2 / Gamma(2a + 1),
+# 0.5 at a = 1 and higher below, so all 32 fail with probability <= 2^-32.
+_BETA_CANDIDATES = 32
+
+
+def symmetric_beta(shape: tf.Tensor, alpha: float, seed: tf.Tensor) -> tf.Tensor:
+    """Beta(alpha, alpha) draws for 0 < alpha <= 1, by Johnk's method (Johnk 1964; Devroye 1986, IX.3):
+    X = U^(1/a), Y = V^(1/a), accepted when X + Y <= 1, giving X / (X + Y); in logs, so that small
+    alphas cannot underflow. TensorFlow's gamma sampler, the usual way, has no XLA kernel; this is
+    uniforms, logs and a selection, which XLA compiles into the step."""
+    candidates = tf.concat([tf.reshape(shape, [-1]), [_BETA_CANDIDATES]], axis=0)
+    u, v = tf.unstack(tf.random.stateless_uniform(tf.concat([[2], candidates], 0), seed, 1e-12, 1.0))
+    log_x, log_y = tf.math.log(u) / alpha, tf.math.log(v) / alpha
+    accepted = tf.reduce_logsumexp(tf.stack([log_x, log_y]), axis=0) <= 0.0
+    first = tf.argmax(tf.cast(accepted, tf.int32), axis=-1)  # the first accepted candidate
+    draws = tf.gather(tf.sigmoid(log_x - log_y), first, batch_dims=len(accepted.shape) - 1)
+    return tf.where(tf.reduce_any(accepted, axis=-1), draws, 0.5)
+
+
 def _bilinear_warp(images: tf.Tensor, rows: tuple, out_height: int, out_width: int) -> tf.Tensor:
     """uint8 (B, H, W, 1) -> uint8 (B, out_height, out_width, 1): output pixel (x, y) takes the bilinear
     value at input (a0 x + a1 y + a2, b0 x + b1 y + b2), black outside the image; `rows` holds those six

@@ -47,6 +47,11 @@ class AugmentConfig:
     # of its area (aspect 0.3-3.3) filled with random gray levels, so that no small region (a lead
     # marker, a border, a text label) can carry the label alone. Off by default: RESULTS.md has the run.
     erasing: float = 0.0
+    # Mixup (Zhang et al., ICLR 2018): each training image becomes lam * itself + (1 - lam) * its
+    # partner in the batch (the batch reversed, as timm pairs them), lam ~ Beta(mixup, mixup) per
+    # image, and its loss the same mix of the two images' (class-weighted) losses. A model cannot then
+    # rest on one small region or on how sure it can be of a training image. 0: off (the default).
+    mixup: float = 0.0
 
     def validate(self) -> None:
         for name, limit in (("rotation_deg", 180), ("shear_deg", 45)):
@@ -57,6 +62,7 @@ class AugmentConfig:
             _check(0 <= value < 1, "augment", name, value, "must be in [0, 1)")
         _check(0 <= self.gamma <= 2, "augment", "gamma", self.gamma, "must be in [0, 2]")
         _check(0 <= self.erasing <= 1, "augment", "erasing", self.erasing, "must be in [0, 1]")
+        _check(0 <= self.mixup <= 1, "augment", "mixup", self.mixup, "must be in [0, 1] (0: off)")
 
 
 CACHE_MODES = ("none", "memory", "disk")

@@ -508,24 +508,26 @@ class _Run:
         cfg, augment_cfg = self.train_cfg, self.config.augment
         size = self.config.data.image_size_px
         global_batch = self.data_cfg.global_batch_size
-        weight_normal, weight_pneumonia = self.class_weights
+        class_weights = self.class_weights
         loss_scaling = isinstance(optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         variables = classifier.trainable_variables
         loss_sum = self.loss_sum
         averaged, weights = self.built.averaged, classifier.weights
+        mixing = augment_cfg.enabled and augment_cfg.mixup > 0
 
         def forward_backward(images, labels):
             # The seed comes from the step counter on the device: no host round-trip.
             replica = tf.distribute.get_replica_context().replica_id_in_sync_group
             seed = augment.step_seed(cfg.seed, optimizer.iterations, replica)
             inputs = augment.model_inputs(images, augment_cfg, seed, size)
+            lam = None
+            if mixing:
+                inputs, lam = augment.mixup(inputs, augment_cfg.mixup, seed)
             with tf.GradientTape() as tape:
                 probabilities = classifier(inputs, training=True)[:, 0]
-                targets = labels * (1.0 - cfg.label_smoothing) + 0.5 * cfg.label_smoothing
-                per_example = tf_keras.backend.binary_crossentropy(targets, probabilities)
-                weights = tf.where(labels > 0.5, weight_pneumonia, weight_normal)
+                per_example = example_losses(labels, probabilities, class_weights, cfg.label_smoothing, lam)
                 # Divided by the global batch: the replicas' gradients are summed.
-                loss = tf.reduce_sum(per_example * weights) / global_batch
+                loss = tf.reduce_sum(per_example) / global_batch
                 if classifier.losses:
                     loss += tf.nn.scale_regularization_loss(tf.add_n(classifier.losses))
                 scaled = optimizer.get_scaled_loss(loss) if loss_scaling else loss
@@ -794,6 +796,27 @@ class _Run:
             return None, scores
         calibration = export_lib.Calibration(*fitted)
         return calibration, calibration.apply(scores)
+
+
+def example_losses(
+    labels: tf.Tensor,
+    probabilities: tf.Tensor,
+    class_weights: tuple[float, float],
+    label_smoothing: float = 0.0,
+    lam: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """(B,) binary cross-entropy of each example, weighted by its class's weight (NORMAL, PNEUMONIA).
+    With `lam` (augment.mixup's), example i is a mix of images i and B-1-i, and its loss the same mix
+    of theirs: lam_i * loss(label_i) + (1 - lam_i) * loss(label_B-1-i), each weighted by its own class."""
+
+    def weighted(labels):
+        targets = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
+        losses = tf_keras.backend.binary_crossentropy(targets, probabilities)
+        return losses * tf.where(labels > 0.5, class_weights[1], class_weights[0])
+
+    if lam is None:
+        return weighted(labels)
+    return lam * weighted(labels) + (1.0 - lam) * weighted(tf.reverse(labels, axis=[0]))
 
 
 def _swapper(weights: list[tf.Variable], averaged: list[tf.Variable]) -> Callable:

@@ -2,6 +2,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import scipy.stats
 import tensorflow as tf
 import tf_keras
 
@@ -170,3 +171,25 @@ def test_the_warp_resizes_as_tf_image_resize_does(size):
     assert warped.shape == (4, size, size, 1)
     # Inside the border: the warp fills black where resize clamps to the edge pixel.
     np.testing.assert_allclose(warped[:, 1:-1, 1:-1], resized[:, 1:-1, 1:-1], atol=0.51)
+
+
+@pytest.mark.parametrize("alpha", [0.4, 1.0])
+def test_mixup_ratios_are_beta_distributed_and_compile(alpha):
+    draw = tf.function(
+        lambda seed: augment.symmetric_beta(tf.constant([20000]), alpha, seed), jit_compile=True
+    )
+    ratios = draw(tf.constant([3, 4], tf.int64)).numpy()
+    assert ratios.min() >= 0 and ratios.max() <= 1
+    assert scipy.stats.kstest(ratios, "beta", args=(alpha, alpha)).pvalue > 0.01
+    assert ratios.var() == pytest.approx(1 / (4 * (2 * alpha + 1)), rel=0.05)  # Beta(a, a)'s variance
+    again = draw(tf.constant([3, 4], tf.int64)).numpy()
+    np.testing.assert_array_equal(again, ratios)  # stateless: the same seed, the same draws
+
+
+def test_mixup_mixes_each_image_with_its_partner_in_the_reversed_batch():
+    inputs = tf.random.stateless_uniform([6, 8, 8, 3], [1, 2])
+    mixed, lam = augment.mixup(inputs, 0.4, SEED)
+    x, lam = inputs.numpy(), lam.numpy()
+    assert lam.shape == (6,) and len(set(lam)) == 6
+    for i in range(6):
+        np.testing.assert_allclose(mixed[i], lam[i] * x[i] + (1 - lam[i]) * x[5 - i], rtol=1e-5, atol=1e-6)

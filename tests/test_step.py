@@ -44,7 +44,15 @@ def step_hlo(run: train._Run) -> str:
 
 
 def test_one_xla_program_per_step_holds_augmentation_forward_backward_and_update(learnable_shards, tmp_path):
-    overrides = ("train.xla=on", "train.optimizer=adam", "train.learning_rate=0.001", "model.dropout=0.1")
+    # Mixup and the weights' moving average (train.ema_decay) are in the program too.
+    overrides = (
+        "train.xla=on",
+        "train.optimizer=adam",
+        "augment.mixup=0.4",
+        "train.ema_decay=0.99",
+        "train.learning_rate=0.001",
+        "model.dropout=0.1",
+    )
     run = make_run(learnable_shards, tmp_path, *overrides)
     assert run.step_kind == train.STEP_ONE_PROGRAM
     hlo = step_hlo(run)
@@ -56,11 +64,14 @@ def test_one_xla_program_per_step_holds_augmentation_forward_backward_and_update
     assert ops.count("gather") >= 4 and "cosine" in ops and "convolution" in ops
     # Adam's update of every trainable variable (one square root each), not one program per variable.
     assert ops.count("sqrt") >= len(run.classifier.trainable_variables) > 100
+    # Mixup's Beta draws (logs of uniforms) and the average's update of every weight, BatchNorm's too.
+    assert "log" in ops and "reverse" in ops
+    assert entry.count("f32[") >= len(run.classifier.trainable_variables) + len(run.built.averaged)
     # A trial with another learning rate and dropout rate compiles the same program (both are variables
     # read as the step runs): what XLA's persistent cache needs to serve it on a GPU instead of compiling
     # again (its key hashes the HLO module: tensorflow/compiler/jit/device_executable_persistor.h).
     other = make_run(
-        learnable_shards, tmp_path / "other", *overrides[:2], "train.learning_rate=0.003", "model.dropout=0.4"
+        learnable_shards, tmp_path / "other", *overrides[:4], "train.learning_rate=0.003", "model.dropout=0.4"
     )
     assert step_hlo(other) == hlo
 

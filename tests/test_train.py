@@ -146,6 +146,26 @@ def test_weight_averaging_validates_and_exports_the_averaged_weights(learnable_s
     assert result.best_val_auc != pytest.approx(0.5, abs=0.01)  # a model that ranks something
 
 
+def test_a_mixed_examples_loss_is_the_same_mix_of_its_two_images_weighted_losses():
+    labels, probabilities = np.array([1.0, 0.0, 0.0, 1.0]), np.array([0.9, 0.2, 0.6, 0.3])
+    lam, class_weights = np.array([0.7, 0.1, 1.0, 0.5]), (0.5, 2.0)  # NORMAL, PNEUMONIA
+
+    def loss(label, p):
+        return -class_weights[int(label)] * (label * np.log(p) + (1 - label) * np.log(1 - p))
+
+    as_tensors = [tf.constant(x, tf.float32) for x in (labels, probabilities)]
+    plain = train.example_losses(*as_tensors, class_weights).numpy()
+    np.testing.assert_allclose(
+        plain, [loss(y, p) for y, p in zip(labels, probabilities, strict=True)], rtol=1e-5
+    )
+    mixed = train.example_losses(*as_tensors, class_weights, lam=tf.constant(lam, tf.float32)).numpy()
+    expected = [
+        lam[i] * loss(labels[i], probabilities[i]) + (1 - lam[i]) * loss(labels[3 - i], probabilities[i])
+        for i in range(4)
+    ]
+    np.testing.assert_allclose(mixed, expected, rtol=1e-5)
+
+
 def test_a_run_removes_the_scratch_folders_of_dead_processes_only(system_temp):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
