@@ -95,6 +95,10 @@ class DataConfig:
     # "histogram" equalises each image's gray levels, so that exposure and the scanner's contrast curve
     # matter less. The export records it: evaluation, PneumoniaDetector and the SavedModel apply it too.
     equalize: str = "none"
+    # The fraction of the stored image's side cut from each edge as records are read (before the
+    # equalisation; the export records it too): what lies near the borders (lead markers, text, the
+    # arms, the collimator's edge) then cannot carry the label. 0: nothing cut.
+    border_crop: float = 0.0
     threads: int = 0  # tf.data's private thread pool; 0: the CPUs this process may use (data.host_threads)
 
     def validate(self) -> None:
@@ -109,6 +113,7 @@ class DataConfig:
         _check(
             self.batch_per_replica >= 0, "data", "batch_per_replica", self.batch_per_replica, "must be >= 0"
         )
+        _check(0 <= self.border_crop <= 0.25, "data", "border_crop", self.border_crop, "must be in [0, 0.25]")
         _check(self.shuffle_buffer >= 1, "data", "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         for name, allowed in (
             ("class_balance", CLASS_BALANCE_MODES),

@@ -115,10 +115,11 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
     records = _worker_records(dataset.shards("train"), context, shuffle_files=True, data=data)
     decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
     stored_px = dataset.manifest.image.stored_size_px
+    read_px = read_size(stored_px, data.border_crop)
 
     def stream(part: tf.data.Dataset, name: str) -> tf.data.Dataset:
         images = part.map(
-            lambda r: parse_record(r, stored_px, keep_source=False, equalize=data.equalize),
+            lambda r: parse_record(r, stored_px, False, data.equalize, data.border_crop),
             num_parallel_calls=AUTOTUNE,
             deterministic=data.deterministic,
         )
@@ -132,8 +133,8 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
     else:
         images = stream(decoded, "all")
     batches = images.batch(batch, drop_remainder=True)
-    if needs_antialias(stored_px, data.image_size_px):
-        batches = _resize_batches(batches, stored_px, data.image_size_px)
+    if needs_antialias(read_px, data.image_size_px):
+        batches = _resize_batches(batches, read_px, data.image_size_px)
     # Otherwise the batches keep the stored size: the training step's augmentation warp resizes them
     # (augment.model_inputs), one resampling instead of two.
     return _with_threads(batches.prefetch(AUTOTUNE), data)
@@ -152,14 +153,15 @@ def eval_dataset(
     records = _worker_records(dataset.shards(split), context, shuffle_files=False, data=data)
     decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=True)
     stored_px = dataset.manifest.image.stored_size_px
+    read_px = read_size(stored_px, data.border_crop)
     images = decoded.map(
-        lambda r: parse_record(r, stored_px, keep_source=with_source, equalize=data.equalize),
+        lambda r: parse_record(r, stored_px, with_source, data.equalize, data.border_crop),
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
     images = _cache(images, data, dataset, split, context)
     batches = images.batch(per_replica_batch(data, context))
-    return _with_threads(_resize_batches(batches, stored_px, data.image_size_px).prefetch(AUTOTUNE), data)
+    return _with_threads(_resize_batches(batches, read_px, data.image_size_px).prefetch(AUTOTUNE), data)
 
 
 def needs_antialias(stored_px: int, image_size_px: int) -> bool:
@@ -239,6 +241,21 @@ def decode_image(encoded: tf.Tensor, stored_px: int) -> tf.Tensor:
     return tf.ensure_shape(image, [stored_px, stored_px, 1])
 
 
+def read_size(stored_px: int, border_crop: float) -> int:
+    """The side of a record's pixels as read: the stored side less `border_crop` of it at each edge."""
+    return stored_px - 2 * round(border_crop * stored_px)
+
+
+def read_pixels(image: tf.Tensor, equalize: str, border_crop: float) -> tf.Tensor:
+    """Stored pixels, uint8 (S, S, 1) -> the pixels training reads, (read_size, read_size, 1): the
+    border cut (DataConfig.border_crop), then standardize_intensity. Every path to the model goes
+    through here: the input pipelines, PneumoniaDetector and the SavedModel."""
+    cut = round(border_crop * image.shape[0])
+    if cut:
+        image = image[cut:-cut, cut:-cut]
+    return standardize_intensity(image, equalize)
+
+
 def standardize_intensity(image: tf.Tensor, equalize: str) -> tf.Tensor:
     """uint8 (H, W, 1) -> uint8 (H, W, 1) as DataConfig.equalize says: unchanged ("none"), or
     histogram-equalised ("histogram"): gray level v becomes round(255 (cdf(v) - c0) / (n - c0)), with
@@ -279,11 +296,13 @@ def _resize_batches(batches: tf.data.Dataset, stored_px: int, image_size_px: int
     return batches.map(resize, num_parallel_calls=AUTOTUNE)
 
 
-def parse_record(record: dict, stored_px: int, keep_source: bool, equalize: str = "none") -> dict:
-    """decode_example's features -> uint8 (stored_px, stored_px, 1) image (standardize_intensity'd),
-    float32 label (and source and RECORD_ATTRIBUTES, for evaluation's per-image rows and subgroups)."""
+def parse_record(
+    record: dict, stored_px: int, keep_source: bool, equalize: str = "none", border_crop: float = 0.0
+) -> dict:
+    """decode_example's features -> uint8 (read_size, read_size, 1) image (read_pixels'), float32
+    label (and source and RECORD_ATTRIBUTES, for evaluation's per-image rows and subgroups)."""
     element = {
-        "image": standardize_intensity(decode_image(record["encoded"], stored_px), equalize),
+        "image": read_pixels(decode_image(record["encoded"], stored_px), equalize, border_crop),
         "label": tf.cast(record["label"], tf.float32),
     }
     if keep_source:
@@ -303,8 +322,8 @@ def _cache(
     worker = f"{context.input_pipeline_id}of{context.num_input_pipelines}" if context else "0of1"
     folder = data.cache_dir or os.path.join(data.stage_dir or default_stage_dir(), "cache")
     os.makedirs(folder, exist_ok=True)
-    key = f"{dataset.manifest.fingerprint[:16]}-{data.image_size_px}px-{data.equalize}-{name}-{worker}"
-    key += f"-pid{os.getpid()}"
+    read = f"{data.image_size_px}px-{data.equalize}-crop{data.border_crop:g}"
+    key = f"{dataset.manifest.fingerprint[:16]}-{read}-{name}-{worker}-pid{os.getpid()}"
     return images.cache(os.path.join(folder, key))
 
 

@@ -71,6 +71,7 @@ def split_data_config(detector: PneumoniaDetector, manifest_uri: str, batch_size
         manifest_uri=manifest_uri,
         image_size_px=detector.image_size_px,
         equalize=detector.info.preprocessing.equalize,
+        border_crop=detector.info.preprocessing.border_crop,
         global_batch_size=batch_size,
         cache="none",
         read_mode=read_mode,

@@ -39,7 +39,9 @@ class Preprocessing:
     stored_size_px: int  # as make_shards stored the records
     image_format: str  # jpeg or png
     jpeg_quality: int | None
-    equalize: str = "none"  # data.standardize_intensity's mode, applied to the stored-size pixels
+    # How the stored pixels are read (data.read_pixels): DataConfig.equalize and border_crop.
+    equalize: str = "none"
+    border_crop: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ def read(folder: str) -> ExportInfo:
             image_format=str(step["image_format"]),
             jpeg_quality=int(step["jpeg_quality"]) if step.get("jpeg_quality") is not None else None,
             equalize=str(step.get("equalize", "none")),
+            border_crop=float(step.get("border_crop", 0.0)),
         )
         target = raw.get("target_sensitivity")
         calibration = raw.get("calibration")
@@ -194,6 +197,8 @@ def read(folder: str) -> ExportInfo:
             f"{info_uri}: unknown preprocessing equalize {preprocessing.equalize!r} (this pneumo-dist knows "
             f"{', '.join(EQUALIZE_MODES)}): exported by a newer pneumo-dist?"
         )
+    if not 0.0 <= preprocessing.border_crop <= 0.25:
+        raise ExportError(f"{info_uri}: malformed (border_crop {preprocessing.border_crop}); export it again")
     if not all(math.isfinite(n) for n in numbers) or not 0.0 <= info.threshold <= 1.0:
         raise ExportError(
             f"{info_uri}: malformed (a threshold or calibration is not a finite number); export it again"

@@ -6,8 +6,8 @@ and returns P(PNEUMONIA) (calibrated as PneumoniaDetector's), the label at the e
 threshold and the model version. Everything PneumoniaDetector does to an image is in the graph:
 
   source bytes -> 8-bit gray (images.decode_grayscale) -> stored size (images.resize_square) -> the
-  stored format (JPEG at the manifest's quality, or PNG) -> data.decode_image ->
-  data.standardize_intensity -> data.resize_images
+  stored format (JPEG at the manifest's quality, or PNG) -> data.decode_image -> data.read_pixels
+  (border cut, equalisation) -> data.resize_images
 
 Where the graph differs from Pillow (PneumoniaDetector's way), and why it does not matter:
 - Resizing to the stored size is Pillow's Lanczos in the graph (pillow_lanczos), to the bit; libjpeg
@@ -58,18 +58,18 @@ class ServingModel(tf.Module):
         self._stored_size = preprocessing.stored_size_px
         self._format = preprocessing.image_format
         self._quality = preprocessing.jpeg_quality or images.DEFAULT_JPEG_QUALITY
-        self._equalize = preprocessing.equalize
+        self._equalize, self._border_crop = preprocessing.equalize, preprocessing.border_crop
         self._calibration = info.calibration
         self._threshold = float(threshold)
         self._version = version
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(self, image_bytes):
-        size = self._stored_size
-        stored = tf.map_fn(
-            self._stored_pixels, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8)
+        size = data.read_size(self._stored_size, self._border_crop)
+        read = tf.map_fn(
+            self._read_pixels, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8)
         )
-        pixels = data.resize_images(stored, size, self._image_size)
+        pixels = data.resize_images(read, size, self._image_size)
         probability = self._forward(tf.cast(pixels, tf.float32))
         if self._calibration is not None:
             p = tf.clip_by_value(tf.cast(probability, tf.float64), 1e-7, 1.0 - 1e-7)
@@ -83,8 +83,8 @@ class ServingModel(tf.Module):
             "model_version": tf.fill(tf.shape(probability), self._version),
         }
 
-    def _stored_pixels(self, encoded):
-        """One source file -> uint8 (stored, stored, 1): the pixels of its record in the shards."""
+    def _read_pixels(self, encoded):
+        """One source file -> uint8 (read, read, 1): the pixels of its record, as training read them."""
         gray = _decode_gray(encoded, self._stored_size)
         size = self._stored_size
         resized = tf.cond(
@@ -93,7 +93,7 @@ class ServingModel(tf.Module):
         resized = tf.ensure_shape(resized, [size, size, 1])
         if self._format != "png":  # (a PNG is lossless: decoding it again gives these pixels)
             resized = data.decode_image(tf.io.encode_jpeg(resized, quality=self._quality), size)
-        return data.standardize_intensity(resized, self._equalize)
+        return data.read_pixels(resized, self._equalize, self._border_crop)
 
 
 def pillow_lanczos(gray, size: int):

@@ -745,6 +745,7 @@ class _Run:
                     image_format=stored.format,
                     jpeg_quality=stored.jpeg_quality,
                     equalize=self.config.data.equalize,
+                    border_crop=self.config.data.border_crop,
                 ),
                 created_utc=storage.utc_timestamp(),
                 calibration=calibration,

@@ -94,6 +94,7 @@ def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
         (["train.deployment_prevalence=1.0"], "deployment_prevalence=1.0: must be in .0, 1., or 0"),
         (["train.calibration=isotonic"], "train.calibration='isotonic': must be one of platt, none"),
         (["data.equalize=clahe"], "data.equalize='clahe': must be one of none, histogram"),
+        (["data.border_crop=0.3"], "data.border_crop=0.3: must be in .0, 0.25."),
         (["train.ema_decay=1.0"], "train.ema_decay=1.0: must be in .0, 1."),
     ],
 )

@@ -121,6 +121,18 @@ def test_the_pipelines_equalize_every_record_as_read(demo_shards):
         np.testing.assert_array_equal(image, equalized_reference(expected))
 
 
+def test_a_border_crop_cuts_each_edge_before_the_resize_to_the_model_input(demo_shards):
+    plain, cropped = (config(demo_shards, border_crop=crop, cache="none") for crop in (0.0, 0.125))
+    dataset = data.open_dataset(plain)
+    assert data.read_size(32, 0.125) == 24
+    ours = next(iter(data.eval_dataset(cropped, dataset, "test")))["image"]
+    read = next(iter(data.eval_dataset(plain, dataset, "test")))["image"]
+    assert ours.shape[1:] == (32, 32, 1)  # cut to 24 px, then resized to the model's 32
+    np.testing.assert_array_equal(ours.numpy(), data.resize_images(read[:, 4:28, 4:28], 24, 32).numpy())
+    batch = next(iter(data.train_dataset(cropped, dataset)))["image"]
+    assert batch.shape[1:] == (24, 24, 1)  # the training step's warp resizes them
+
+
 def test_images_are_resized_to_the_model_input(demo_shards):
     cfg = config(demo_shards, image_size_px=48)
     batch = next(iter(data.eval_dataset(cfg, data.open_dataset(cfg), "test")))

@@ -90,7 +90,9 @@ def gray_model(size: int) -> tf_keras.Model:
     )
 
 
-def export_info(stored_size_px: int, image_format: str, equalize: str = "none") -> export_lib.ExportInfo:
+def export_info(
+    stored_size_px: int, image_format: str, equalize: str = "none", border_crop: float = 0.0
+) -> export_lib.ExportInfo:
     """An export's info for a 32 px model whose records were stored (and are read) as given."""
     preprocessing = export_lib.Preprocessing(
         image_size_px=32,
@@ -98,6 +100,7 @@ def export_info(stored_size_px: int, image_format: str, equalize: str = "none") 
         image_format=image_format,
         jpeg_quality=95,
         equalize=equalize,
+        border_crop=border_crop,
     )
     return export_lib.ExportInfo(
         files=[],
@@ -136,14 +139,17 @@ def sources() -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("image_format", ["jpeg", "png"])
-@pytest.mark.parametrize("equalize", ["none", "histogram"])
-def test_the_graph_prepares_every_image_kind_to_the_pixels_of_its_record(image_format, equalize):
-    module = serving.ServingModel(gray_model(32), export_info(64, image_format, equalize), "v", 0.5)
+@pytest.mark.parametrize("equalize, border_crop", [("none", 0.0), ("histogram", 0.1)])
+def test_the_graph_prepares_every_image_kind_to_the_pixels_of_its_record(image_format, equalize, border_crop):
+    info = export_info(64, image_format, equalize, border_crop)
+    module = serving.ServingModel(gray_model(32), info, "v", 0.5)
     for name, content in sources().items():
         stored, _ = images.to_stored_image(content, 64, image_format, 95)
-        expected = data.parse_record({"encoded": stored, "label": 0}, 64, False, equalize)["image"].numpy()
+        record = {"encoded": stored, "label": 0}
+        expected = data.parse_record(record, 64, False, equalize, border_crop)["image"].numpy()
+        assert expected.shape == (64 - 2 * round(64 * border_crop),) * 2 + (1,)
         np.testing.assert_array_equal(
-            module._stored_pixels(tf.constant(content)).numpy(), expected, err_msg=name
+            module._read_pixels(tf.constant(content)).numpy(), expected, err_msg=name
         )
 
 

@@ -110,6 +110,7 @@ def test_weight_averaging_validates_and_exports_the_averaged_weights(learnable_s
         "train.ema_decay=0.5",
         "train.serving_export=false",
         "data.equalize=histogram",
+        "data.border_crop=0.125",
     )
     with train.scratch_folder() as scratch:
         run = train._Run(config, train.choose_strategy(local=True), scratch)
@@ -132,17 +133,22 @@ def test_weight_averaging_validates_and_exports_the_averaged_weights(learnable_s
         for weight, value in zip(weights, own, strict=True):
             np.testing.assert_array_equal(weight.numpy(), value)
         result = run.fit(resume=False, on_step=None, on_epoch=None)
-    # The export is the best averaged weights, read as training read its records (equalised): scored
-    # by evaluate.py's way, it has the AUC validation gave it, which the raw weights would not have.
+    # The export is the best averaged weights, reading images as training read its records (border cut,
+    # equalised): scored by evaluate.py's way, it has the AUC validation gave it, which the raw weights
+    # would not have; PneumoniaDetector gives each source image the evaluator's probability.
     from pneumo_dist import evaluate
     from pneumo_dist.predict import PneumoniaDetector
 
     detector = PneumoniaDetector.load(result.export_uri)
-    assert detector.info.preprocessing.equalize == "histogram"
+    preprocessing = detector.info.preprocessing
+    assert (preprocessing.equalize, preprocessing.border_crop) == ("histogram", 0.125)
     split_config = evaluate.split_data_config(detector, learnable_shards, batch_size=16)
     scores = evaluate.score_split(detector, split_config, data.open_dataset(split_config), "val")
     auc = metrics.binary_metrics(scores.labels, scores.probabilities)["auc"]
     assert auc == pytest.approx(result.best_val_auc, abs=1e-6)
+    source = Path(learnable_shards).parent / "source"
+    predicted = [p.probability for p in detector.predict_batch([source / s for s in scores.sources])]
+    np.testing.assert_allclose(predicted, scores.probabilities, rtol=0, atol=1e-6)
     assert result.best_val_auc != pytest.approx(0.5, abs=0.01)  # a model that ranks something
 
 
