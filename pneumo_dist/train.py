@@ -366,13 +366,15 @@ class _Run:
             averaged = []
             if config.train.ema_decay:
                 # Every weight, BatchNorm's moving statistics too (as timm's ModelEmaV2 averages its
-                # buffers): the averaged model is then a consistent one. Updated identically by every
-                # replica after the all-reduced update, so the first replica's update is every one's.
+                # buffers): the averaged model is then a consistent one. Each replica updates its own
+                # copy from the same all-reduced weights, without communicating (ON_READ); a read
+                # outside the step (the swap, a checkpoint) takes the first replica's, equal to all.
                 averaged = [
                     tf.Variable(
                         weight.read_value(),
                         trainable=False,
                         name=f"averaged_{index}",
+                        synchronization=tf.VariableSynchronization.ON_READ,
                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
                     )
                     for index, weight in enumerate(classifier.weights)

@@ -161,7 +161,8 @@ def test_two_workers_agree_and_a_killed_one_restarts_the_trial_from_its_checkpoi
         name="fail",
         evaluate_test=False,
     )
-    process = start_tune("--config", config, "--set", "train.epochs=2")
+    # With the weights' moving average: each worker keeps its own copy, checkpointed and restored.
+    process = start_tune("--config", config, "--set", "train.epochs=2", "--set", "train.ema_decay=0.9")
     trials = tmp_path / "tune" / "fail" / "trials"
     wait_for_file(process, trials, "*/checkpoints/state.json")  # the first epoch is checkpointed
     victims = train_worker_pids(process.pid)
