@@ -195,3 +195,29 @@ def test_evaluate_job_bad_arguments_exit_2_with_one_line(export, learnable_shard
     run = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2
     assert message in run.stderr.strip().splitlines()[-1]
+
+
+def test_the_run_comparison_resamples_patients_and_reports_the_paired_difference(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"PNEUMONIA/person{p}_bacteria_{i}.jpeg" for p in range(40) for i in range(2)]
+    names += [f"NORMAL/IM-{p:04d}-0001.jpeg" for p in range(30)]
+    labels = np.array([1] * 80 + [0] * 30)
+    noisy = labels + rng.normal(0, 0.6, len(labels))  # a model that ranks imperfectly
+    better = labels + rng.normal(0, 0.3, len(labels))
+    for name, scores in (("base", noisy), ("same", noisy), ("better", better)):
+        rows = [
+            f"{n},{'PNEUMONIA' if y else 'NORMAL'},{1 / (1 + np.exp(-s)):.6f},x"
+            for n, y, s in zip(names, labels, scores, strict=True)
+        ]
+        (tmp_path / f"{name}.csv").write_text("source,label,probability,predicted\n" + "\n".join(rows))
+
+    def compare(other: str) -> str:
+        command = [sys.executable, str(REPO / "bench" / "compare_runs.py"), str(tmp_path / "base.csv")]
+        result = subprocess.run([*command, str(tmp_path / other), "--resamples", "300"], capture_output=True)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        return result.stdout.decode()
+
+    assert "110 images, 70 patients" in compare("same.csv")  # two images per pneumonia patient
+    assert "difference +0.0000 [+0.0000, +0.0000]" in compare("same.csv")
+    low = float(re.search(r"difference \+\d\.\d+ \[([-+]\d\.\d+),", compare("better.csv")).group(1))
+    assert low > 0  # the better model's gain is outside the paired interval's noise
