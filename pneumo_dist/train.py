@@ -634,6 +634,7 @@ class _Run:
 
     def _save_checkpoint(self, epoch: int, state: dict, improved: bool) -> None:
         folder = os.path.join(self.work, CHECKPOINTS)
+        os.makedirs(folder, exist_ok=True)
         self.epoch.assign(epoch)
         prefix = self.checkpoint.write(os.path.join(folder, f"ckpt-{epoch}"))
         state["checkpoint"] = os.path.basename(prefix)
