@@ -16,9 +16,9 @@ import csv
 import os
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from pneumo_dist import sources
+from pneumo_dist.metrics import roc_auc
 
 
 def read(path: str) -> dict[str, tuple[int, float]]:
@@ -53,9 +53,9 @@ def main() -> None:
         chosen = np.concatenate(
             [np.concatenate([g[i] for i in rng.integers(0, len(g), len(g))]) for g in groups]
         )
-        differences[r] = roc_auc_score(labels[chosen], b[chosen]) - roc_auc_score(labels[chosen], a[chosen])
+        differences[r] = roc_auc(labels[chosen], b[chosen]) - roc_auc(labels[chosen], a[chosen])
     low, high = np.percentile(differences, [2.5, 97.5])
-    auc_a, auc_b = roc_auc_score(labels, a), roc_auc_score(labels, b)
+    auc_a, auc_b = roc_auc(labels, a), roc_auc(labels, b)
     print(
         f"{len(names)} images, {len(patients)} patients: AUC {auc_a:.4f} -> {auc_b:.4f}, difference "
         f"{auc_b - auc_a:+.4f} [{low:+.4f}, {high:+.4f}] (95%, paired, {args.resamples} patient "

@@ -67,6 +67,7 @@ class AugmentConfig:
 
 CACHE_MODES = ("none", "memory", "disk")
 EQUALIZE_MODES = ("none", "histogram")
+MAX_BORDER_CROP = 0.25  # DataConfig.border_crop's bound (an export's too)
 READ_MODES = ("stage", "stream")
 CLASS_BALANCE_MODES = ("weights", "sample", "none")
 
@@ -113,7 +114,13 @@ class DataConfig:
         _check(
             self.batch_per_replica >= 0, "data", "batch_per_replica", self.batch_per_replica, "must be >= 0"
         )
-        _check(0 <= self.border_crop <= 0.25, "data", "border_crop", self.border_crop, "must be in [0, 0.25]")
+        _check(
+            0 <= self.border_crop <= MAX_BORDER_CROP,
+            "data",
+            "border_crop",
+            self.border_crop,
+            f"must be in [0, {MAX_BORDER_CROP}]",
+        )
         _check(self.shuffle_buffer >= 1, "data", "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         for name, allowed in (
             ("class_balance", CLASS_BALANCE_MODES),

@@ -243,14 +243,18 @@ def decode_image(encoded: tf.Tensor, stored_px: int) -> tf.Tensor:
 
 def read_size(stored_px: int, border_crop: float) -> int:
     """The side of a record's pixels as read: the stored side less `border_crop` of it at each edge."""
-    return stored_px - 2 * round(border_crop * stored_px)
+    return stored_px - 2 * _border_cut(stored_px, border_crop)
+
+
+def _border_cut(side: int, border_crop: float) -> int:
+    return round(border_crop * side)
 
 
 def read_pixels(image: tf.Tensor, equalize: str, border_crop: float) -> tf.Tensor:
     """Stored pixels, uint8 (S, S, 1) -> the pixels training reads, (read_size, read_size, 1): the
     border cut (DataConfig.border_crop), then standardize_intensity. Every path to the model goes
     through here: the input pipelines, PneumoniaDetector and the SavedModel."""
-    cut = round(border_crop * image.shape[0])
+    cut = _border_cut(image.shape[0], border_crop)
     if cut:
         image = image[cut:-cut, cut:-cut]
     return standardize_intensity(image, equalize)

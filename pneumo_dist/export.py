@@ -19,7 +19,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from pneumo_dist import storage
-from pneumo_dist.config import EQUALIZE_MODES, THRESHOLD_POLICIES
+from pneumo_dist.config import EQUALIZE_MODES, MAX_BORDER_CROP, THRESHOLD_POLICIES
 from pneumo_dist.errors import PneumoDistError
 
 FOLDER = "export"  # in a run's output folder
@@ -197,7 +197,7 @@ def read(folder: str) -> ExportInfo:
             f"{info_uri}: unknown preprocessing equalize {preprocessing.equalize!r} (this pneumo-dist knows "
             f"{', '.join(EQUALIZE_MODES)}): exported by a newer pneumo-dist?"
         )
-    if not 0.0 <= preprocessing.border_crop <= 0.25:
+    if not 0.0 <= preprocessing.border_crop <= MAX_BORDER_CROP:
         raise ExportError(f"{info_uri}: malformed (border_crop {preprocessing.border_crop}); export it again")
     if not all(math.isfinite(n) for n in numbers) or not 0.0 <= info.threshold <= 1.0:
         raise ExportError(

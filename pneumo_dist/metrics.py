@@ -39,6 +39,14 @@ def _ranking_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str,
     return {"auc": auc, "pr_auc": pr_auc, "ece": expected_calibration_error(labels, probabilities)}
 
 
+def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """ROC AUC as roc_auc_score computes it (nan with one class), without its per-call checks."""
+    positive = np.asarray(labels).reshape(-1) > 0.5
+    if not 0 < positive.sum() < len(positive):
+        return float("nan")
+    return _areas(positive, np.asarray(probabilities, dtype=np.float64).reshape(-1))[0]
+
+
 def _areas(positive: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
     """(ROC AUC, average precision) as scikit-learn's roc_auc_score and average_precision_score compute
     them (tied scores make one point of each curve), from one sort: a bootstrap computes them thousands
