@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.size, args.batches, args.steps, args.repeats = 32, "4", 1, 1
     args.batches = [int(b) for b in args.batches.split(",")]
-    from pneumo_dist import train
+    from pneumo_dist import distribute, train
 
-    train.configure_process(train.TrainConfig(xla_cache_dir=args.xla_cache_dir))  # before TF runs
+    distribute.configure_process(train.TrainConfig(xla_cache_dir=args.xla_cache_dir))  # before TF runs
     import tensorflow as tf
 
     # Enough training records for the largest global batch (all GPUs at the largest batch), plus val.

@@ -1,4 +1,4 @@
-"""What building ResNet50's training step costs with tf-keras' Adam and with train.FusedAdam (one
+"""What building ResNet50's training step costs with tf-keras' Adam and with optimizer.FusedAdam (one
 ResourceApplyAdam per variable), in one process, alternating: tracing the step (Python) and its first
 call (graph optimisation, kernel set-up, the first steps). Every trial, restarted worker and resumed
 run pays both.
@@ -22,6 +22,7 @@ import tensorflow as tf
 import tf_keras
 
 from pneumo_dist import config as config_lib
+from pneumo_dist import optimizer as optimizer_lib
 from pneumo_dist import shards, train
 from pneumo_dist.demo import DemoSpec, write_demo_dataset
 
@@ -29,7 +30,7 @@ FUSED, PLAIN = "FusedAdam", "tf-keras Adam"
 
 
 def build_once(config: config_lib.RunConfig, optimizer: str, scratch: str) -> dict[str, float]:
-    train.FusedAdam = ORIGINAL_FUSED if optimizer == FUSED else tf_keras.optimizers.Adam
+    optimizer_lib.FusedAdam = ORIGINAL_FUSED if optimizer == FUSED else tf_keras.optimizers.Adam
     run = train._Run(config, tf.distribute.get_strategy(), scratch)
     loop = run._make_train_loop()
     iterator = iter(run.train_batches)
@@ -47,7 +48,7 @@ def build_once(config: config_lib.RunConfig, optimizer: str, scratch: str) -> di
     }
 
 
-ORIGINAL_FUSED = train.FusedAdam
+ORIGINAL_FUSED = optimizer_lib.FusedAdam
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from pneumo_dist import train
+    from pneumo_dist import distribute, train
 
     bar: list[tqdm] = []
     bar_epoch: list[int] = []  # (a disabled bar, when stderr is not a terminal, keeps no desc)
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    train.configure_process(config.train)  # before TensorFlow's first op
-    strategy = train.choose_strategy(local=args.local, train_cfg=config.train)
+    distribute.configure_process(config.train)  # before TensorFlow's first op
+    strategy = distribute.choose_strategy(local=args.local, train_cfg=config.train)
     result = train.train(
         config, strategy, resume=args.resume, on_step=on_step, on_epoch=on_epoch, overwrite=args.overwrite
     )

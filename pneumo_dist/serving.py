@@ -25,7 +25,6 @@ naming the check); send one image per request where inputs are untrusted.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import tempfile
@@ -207,13 +206,3 @@ def save(model: tf_keras.Model, info: export_lib.ExportInfo, version: str, thres
         local = os.path.join(scratch, FOLDER)
         tf.saved_model.save(module, local, signatures=signatures)
         storage.publish(local, uri)
-
-
-def add_to_export(detector) -> None:
-    """Write saved_model/ into a finished export (a PneumoniaDetector's folder, local or gs://) and
-    name it in export.json, rewritten last: until then the export is the one it was."""
-    uri = storage.join(detector.uri, FOLDER)
-    save(detector.model, detector.info, detector.version, detector.info.threshold, uri)
-    files = sorted({*detector.info.files, FOLDER})
-    info = dataclasses.replace(detector.info, serving_model=FOLDER, files=files)
-    storage.write_bytes(storage.join(detector.uri, export_lib.INFO_NAME), export_lib.to_json(info).encode())

@@ -205,11 +205,11 @@ def run_search(
         best_export = storage.join(experiment, "best")
         storage.copy_tree(storage.join(best.output_uri, export.FOLDER), best_export)
         if config.train.serving_export or cfg.evaluate_test:
-            from pneumo_dist import predict, serving
+            from pneumo_dist import exporter, predict
 
             detector = predict.PneumoniaDetector.load(best_export)
             if config.train.serving_export:
-                serving.add_to_export(detector)
+                exporter.add_serving_model(detector)
             if cfg.evaluate_test:
                 test_metrics = report_on_test(detector, config)
     return SearchResult(trials, best, best_export, test_metrics, table_uri)
@@ -393,7 +393,7 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
     Train's). The first report also carries where the trial's start-up time went (PHASES). `reuse`:
     train.train's, for trials that run one after another in one process."""
     entered = time.time()
-    from pneumo_dist import data
+    from pneumo_dist import data, distribute
     from pneumo_dist import train as train_lib
 
     imported = time.time()
@@ -425,8 +425,8 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
         return
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
-    train_lib.configure_process(config.train, threads=data.host_threads())  # before TensorFlow's first op
-    strategy = train_lib.choose_strategy(train_cfg=config.train)
+    distribute.configure_process(config.train, threads=data.host_threads())  # before TensorFlow's first op
+    strategy = distribute.choose_strategy(train_cfg=config.train)
     strategy_ready = time.time()
     train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True, reuse=reuse)
 

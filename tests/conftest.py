@@ -211,7 +211,7 @@ def trained(learnable_shards, tmp_path_factory):
     """ResNet50 trained from scratch for 8 epochs at 32 px on learnable_shards, exported:
     (config, TrainResult, output folder, per-epoch records)."""
     from pneumo_dist import config as config_lib
-    from pneumo_dist import train
+    from pneumo_dist import distribute, train
 
     output = str(tmp_path_factory.mktemp("run") / "out")
     config = config_lib.load_config(
@@ -226,7 +226,7 @@ def trained(learnable_shards, tmp_path_factory):
         ],
     )
     epochs_seen = []
-    result = train.train(config, train.choose_strategy(local=True), on_epoch=epochs_seen.append)
+    result = train.train(config, distribute.choose_strategy(local=True), on_epoch=epochs_seen.append)
     return config, result, output, epochs_seen
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tf_keras
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import data, train
+from pneumo_dist import data, distribute, optimizer, train
 
 from .conftest import FROM_SCRATCH_OVERRIDES, REPO
 
@@ -54,7 +54,7 @@ def test_one_xla_program_per_step_holds_augmentation_forward_backward_and_update
         "model.dropout=0.1",
     )
     run = make_run(learnable_shards, tmp_path, *overrides)
-    assert run.step_kind == train.STEP_ONE_PROGRAM
+    assert run.step_kind == distribute.STEP_ONE_PROGRAM
     hlo = step_hlo(run)
     assert hlo.count("\nENTRY ") == 1  # one program: the function compiled whole, nothing left outside
     entry = hlo[hlo.index("\nENTRY ") + 1 :].split("\n", 1)[0]
@@ -123,9 +123,9 @@ def test_the_host_reads_the_loss_once_per_loop_and_the_loop_length_changes_nothi
 
 def test_multi_worker_collectives_are_nccl_in_packs_on_gpus_and_the_ring_on_cpus():
     implementation = tf.distribute.experimental.CommunicationImplementation
-    gpu = train.communication_options(gpus=True, pack_mb=32)
+    gpu = distribute.communication_options(gpus=True, pack_mb=32)
     assert gpu.implementation == implementation.NCCL and gpu.bytes_per_pack == 32 * 2**20
-    cpu = train.communication_options(gpus=False, pack_mb=0)
+    cpu = distribute.communication_options(gpus=False, pack_mb=0)
     assert cpu.implementation == implementation.RING and cpu.bytes_per_pack == 0
     assert config_lib.TrainConfig().all_reduce_pack_mb == 32
 
@@ -141,18 +141,18 @@ def test_gpu_replicas_compile_the_whole_step_and_cpu_replicas_leave_the_all_redu
 
     gpus = Strategy(["/job:worker/replica:0/task:0/device:GPU:0", "/job:worker/task:1/device:GPU:0"])
     cpus = Strategy(["/job:worker/task:0/device:CPU:0", "/job:worker/task:1/device:CPU:0"])
-    assert train.step_kind(gpus, xla=True) == train.STEP_ONE_PROGRAM
-    assert train.step_kind(cpus, xla=True) == train.STEP_SPLIT
-    assert train.step_kind(tf.distribute.get_strategy(), xla=True) == train.STEP_ONE_PROGRAM
-    assert train.step_kind(gpus, xla=False) == train.STEP_NO_XLA
+    assert distribute.step_kind(gpus, xla=True) == distribute.STEP_ONE_PROGRAM
+    assert distribute.step_kind(cpus, xla=True) == distribute.STEP_SPLIT
+    assert distribute.step_kind(tf.distribute.get_strategy(), xla=True) == distribute.STEP_ONE_PROGRAM
+    assert distribute.step_kind(gpus, xla=False) == distribute.STEP_NO_XLA
 
 
 def test_batch_per_replica_sets_the_global_batch_and_the_learning_rate_scales_with_it(demo_shards):
     cfg = config_lib.DataConfig(manifest_uri=demo_shards, global_batch_size=64, batch_per_replica=256)
     assert data.resolve_batch(cfg, 8).global_batch_size == 2048
     train_cfg = config_lib.TrainConfig(learning_rate=1e-4, lr_reference_batch=256)
-    assert train.scaled_learning_rate(train_cfg, 2048) == pytest.approx(8e-4)
-    assert train.scaled_learning_rate(config_lib.TrainConfig(learning_rate=1e-4), 2048) == 1e-4
+    assert optimizer.scaled_learning_rate(train_cfg, 2048) == pytest.approx(8e-4)
+    assert optimizer.scaled_learning_rate(config_lib.TrainConfig(learning_rate=1e-4), 2048) == 1e-4
     with pytest.raises(
         config_lib.ConfigError, match=r"global_batch_size=30: must be a multiple of the 4 replicas"
     ):
@@ -189,7 +189,7 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
     from pneumo_dist import export
 
     monkeypatch.setattr(train, "_kept", [])
-    strategy = train.choose_strategy(local=True)
+    strategy = distribute.choose_strategy(local=True)
 
     def make_config(name: str, *overrides: str) -> config_lib.RunConfig:
         return config_lib.load_config(
@@ -274,8 +274,8 @@ def test_the_fused_adam_update_is_tf_keras_adam(name):
     """One ResourceApplyAdam per variable gives tf-keras' own Adam/AdamW update, step after step, on
     mirrored variables inside a tf.function as in training (and XLA compiles it: the test above)."""
     fused, plain = {
-        "adam": (train.FusedAdam, tf_keras.optimizers.Adam),
-        "adamw": (train.FusedAdamW, tf_keras.optimizers.AdamW),
+        "adam": (optimizer.FusedAdam, tf_keras.optimizers.Adam),
+        "adamw": (optimizer.FusedAdamW, tf_keras.optimizers.AdamW),
     }[name]
     rng = np.random.default_rng(0)
     initial = [rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=4).astype("float32")]
@@ -286,11 +286,12 @@ def test_the_fused_adam_update_is_tf_keras_adam(name):
         with strategy.scope():
             variables = [tf.Variable(w) for w in initial]
             kwargs = {"weight_decay": 0.01} if name == "adamw" else {}
-            optimizer = kind(train.WarmupCosine(0.01, warmup_steps=2, total_steps=4, cosine=True), **kwargs)
+            schedule = optimizer.WarmupCosine(0.01, warmup_steps=2, total_steps=4, cosine=True)
+            update = kind(schedule, **kwargs)
 
         @tf.function
         def step(grads):
-            strategy.run(lambda g: optimizer.apply_gradients(zip(g, variables, strict=True)), args=(grads,))
+            strategy.run(lambda g: update.apply_gradients(zip(g, variables, strict=True)), args=(grads,))
 
         for grads in gradients:
             step([tf.constant(g) for g in grads])

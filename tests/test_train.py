@@ -11,7 +11,7 @@ import tensorflow as tf
 import tf_keras
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import data, metrics, storage, train
+from pneumo_dist import data, distribute, metrics, storage, train
 
 from .conftest import FROM_SCRATCH_OVERRIDES, REPO
 
@@ -79,14 +79,14 @@ def test_resume_on_gcs_continues_at_the_saved_epoch_and_optimizer_step(learnable
     output = storage.join(bucket, "runs", "resumed")
     quick = "train.max_steps_per_epoch=3"
     first = train.train(
-        make_config(learnable_shards, output, "train.epochs=2", quick), train.choose_strategy(local=True)
+        make_config(learnable_shards, output, "train.epochs=2", quick), distribute.choose_strategy(local=True)
     )
     assert [r["step"] for r in first.history] == [3, 6]
     assert storage.exists(storage.join(output, "checkpoints", "state.json"))
     seen = []
     resumed = train.train(
         make_config(learnable_shards, output, "train.epochs=3", quick),
-        train.choose_strategy(local=True),
+        distribute.choose_strategy(local=True),
         resume=True,
         on_epoch=seen.append,
     )
@@ -113,7 +113,7 @@ def test_weight_averaging_validates_and_exports_the_averaged_weights(learnable_s
         "data.border_crop=0.125",
     )
     with train.scratch_folder() as scratch:
-        run = train._Run(config, train.choose_strategy(local=True), scratch)
+        run = train._Run(config, distribute.choose_strategy(local=True), scratch)
         weights, averaged = run.classifier.weights, run.built.averaged
         assert len(averaged) == len(weights) > 300  # BatchNorm's statistics too
         before = [a.numpy() for a in averaged]
@@ -206,9 +206,9 @@ def test_overwrite_replaces_a_run_and_a_kill_while_saving_best_weights_leaves_no
         (output / name).write_text("earlier")
     config = make_config(learnable_shards, str(output), "train.epochs=1", "train.max_steps_per_epoch=2")
     with pytest.raises(train.TrainingError, match="already holds a run"):
-        train.train(config, train.choose_strategy(local=True))
+        train.train(config, distribute.choose_strategy(local=True))
     with pytest.raises(KeyboardInterrupt):  # the first epoch always improves on "nothing yet"
-        train.train(config, train.choose_strategy(local=True), overwrite=True)
+        train.train(config, distribute.choose_strategy(local=True), overwrite=True)
     assert list((output / "checkpoints").iterdir()) == []  # a later resume starts clean, not from 0 bytes
     assert not (output / "export").exists() and (output / "notes.txt").read_text() == "earlier"
 
@@ -216,7 +216,7 @@ def test_overwrite_replaces_a_run_and_a_kill_while_saving_best_weights_leaves_no
 def test_resume_without_a_checkpoint_says_so(learnable_shards, tmp_path):
     config = make_config(learnable_shards, str(tmp_path / "empty"), "train.epochs=1")
     with pytest.raises(train.TrainingError, match="--resume: no checkpoint in .*empty/checkpoints"):
-        train.train(config, train.choose_strategy(local=True), resume=True)
+        train.train(config, distribute.choose_strategy(local=True), resume=True)
 
 
 def test_a_dataset_without_validation_is_refused(tiny_demo_root, tmp_path):
@@ -230,7 +230,7 @@ def test_a_dataset_without_validation_is_refused(tiny_demo_root, tmp_path):
     )
     config = make_config(str(tmp_path / "noval"), str(tmp_path / "out"), "train.epochs=1")
     with pytest.raises(train.TrainingError, match="has no val split"):
-        train.train(config, train.choose_strategy(local=True))
+        train.train(config, distribute.choose_strategy(local=True))
 
 
 def run_job(*args):
