@@ -11,22 +11,27 @@ import tensorflow as tf
 
 from pneumo_dist.config import TrainConfig
 
-STEP_ONE_PROGRAM = "one XLA program per step (augmentation, forward, backward, all-reduce, update)"
-STEP_SPLIT = "XLA augmentation+forward+backward; all-reduce and update outside it (CPU replicas)"
+STEP_ONE_PROGRAM = "one XLA program per step (augmentation, forward, backward, update)"
+STEP_SPLIT = (
+    "split step: XLA augmentation+forward+backward per replica, then the strategy's all-reduce and the "
+    "update outside XLA"
+)
 STEP_NO_XLA = "no XLA"
 
 
 def step_kind(strategy: tf.distribute.Strategy, xla: bool) -> str:
-    """How the training step compiles. With XLA, one program per step where TensorFlow lets the
-    all-reduce into an XLA program: one replica, or replicas that are all GPUs (the strategies' own
-    rule, `_use_merge_call`: without a merge call the replica context's all-reduce is an XLA
-    collective). Replicas on CPUs need a merge call, which XLA cannot hold: the all-reduce and the
-    update then run outside the compiled part."""
+    """How the training step compiles. One replica: the whole step is one XLA program. Several
+    replicas: the split step. XLA's own all-reduce (what TensorFlow puts in the program for replicas
+    that are all GPUs) is not used: XlaLaunch's device assignment maps only the process's own devices,
+    so a replica group that spans processes (MultiWorkerMirroredStrategy, one process per GPU under Ray
+    Train) has been reported to fail at two or more workers (tensorflow/tensorflow#45940, #58961,
+    tensorflow/models#10752); inside XLA the strategy's packs (train.all_reduce_pack_mb) do not apply
+    either, and MirroredStrategy replaces its cross-device ops there. The split step all-reduces through
+    the strategy's collectives, in packs, the path CPU replicas must take anyway (a merge call, which
+    XLA cannot hold), so CI runs the same code a GPU cluster does."""
     if not xla:
         return STEP_NO_XLA
     if strategy.num_replicas_in_sync == 1:
-        return STEP_ONE_PROGRAM
-    if all("GPU" in device.upper() for device in strategy.extended.worker_devices):
         return STEP_ONE_PROGRAM
     return STEP_SPLIT
 
@@ -44,9 +49,32 @@ def choose_strategy(local: bool = False, train_cfg: TrainConfig | None = None) -
             communication_options=communication_options(gpus, pack_mb)
         )
     if gpus and len(tf.config.list_logical_devices("GPU")) > 1:
-        # NCCL between the GPUs of one node (MirroredStrategy's default, made explicit).
-        return tf.distribute.MirroredStrategy(cross_device_ops=tf.distribute.NcclAllReduce())
+        # Its default cross-device ops: collectives (NCCL between physical GPUs), which take the split
+        # step's packs (all_reduce_options); NcclAllReduce would ignore them (one pack).
+        return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def all_reduce_options(pack_mb: float) -> tf.distribute.experimental.CommunicationOptions:
+    """The split step's all-reduce: gradients in packs of `pack_mb` MiB (0: one pack), merged with the
+    strategy's own options (its implementation). The all-reduce of one pack runs while the next is
+    being packed, and the update of a pack's variables can start as soon as its pack is reduced."""
+    return tf.distribute.experimental.CommunicationOptions(bytes_per_pack=int(pack_mb * 2**20))
+
+
+def count_packs(sizes_bytes: list[int], pack_mb: float) -> int:
+    """How many packs TensorFlow's collectives make of gradients of these sizes (in the order they are
+    computed): cross_device_utils.group_by_size, which closes a pack once it exceeds the pack size, run
+    on the reversed list as CollectiveAllReduce does."""
+    limit = int(pack_mb * 2**20)
+    if not limit:
+        return 1
+    packs, last = 0, 0
+    for size in reversed(sizes_bytes):
+        if not packs or last > limit:
+            packs, last = packs + 1, 0
+        last += size
+    return packs
 
 
 def communication_options(gpus: bool, pack_mb: float) -> tf.distribute.experimental.CommunicationOptions:
@@ -63,19 +91,20 @@ def communication_options(gpus: bool, pack_mb: float) -> tf.distribute.experimen
     )
 
 
-def describe_strategy(strategy: tf.distribute.Strategy) -> str:
-    """One line for the start-up log: the strategy, its replicas and how it all-reduces."""
+def describe_strategy(strategy: tf.distribute.Strategy, kind: str, packs: int, pack_mb: float) -> str:
+    """One line for the start-up log: the strategy, its replicas, how it all-reduces (`packs` of
+    `pack_mb` MiB) and how the step compiles (`kind`)."""
     name = type(strategy).__name__
     replicas = strategy.num_replicas_in_sync
-    extended = strategy.extended
-    options = getattr(extended, "_communication_options", None)
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and options is not None:
-        implementation = options.implementation.name
-        pack = f"{options.bytes_per_pack / 2**20:g} MiB packs" if options.bytes_per_pack else "one pack"
-        return f"{name}, {replicas} replicas, all-reduce {implementation} in {pack}"
-    if isinstance(strategy, tf.distribute.MirroredStrategy):
-        return f"{name}, {replicas} replicas, all-reduce {type(extended._cross_device_ops).__name__}"
-    return f"{name} (one replica, no all-reduce)"
+    if replicas == 1:
+        return f"{name} (one replica, no all-reduce); {kind}"
+    options = getattr(strategy.extended, "_communication_options", None)
+    implementation = options.implementation.name if options is not None else "AUTO"
+    if implementation == "AUTO":  # the runtime's choice: NCCL between GPUs, the ring otherwise
+        devices = strategy.extended.worker_devices
+        implementation = "NCCL" if all("GPU" in d.upper() for d in devices) else "RING"
+    packing = f"{packs} packs of ~{pack_mb:g} MiB" if packs > 1 else "one pack"
+    return f"{name}, {replicas} replicas, all-reduce {implementation} in {packing}; {kind}"
 
 
 def configure_process(cfg: TrainConfig, threads: int | None = None) -> str:

@@ -47,12 +47,15 @@ def build_classifier(model: ModelConfig, image_size_px: int, policy: str = "floa
         # Frozen BatchNorm runs in inference mode even while the layers above it train (see ModelConfig).
         x = backbone(inputs, training=None if model.train_batchnorm else False)
         x = tf_keras.layers.GlobalAveragePooling2D(name="pool")(x)
-        x = tf_keras.layers.Dropout(model.dropout, name="dropout_pool")(x)
+        # The Dropout layers compute in float32 under mixed precision too: their rate is a float32
+        # variable (set_dropout_rate), which tf.nn.dropout refuses beside bfloat16/float16 inputs. The
+        # cast of a (batch, 2048) tensor costs nothing next to the backbone.
+        x = tf_keras.layers.Dropout(model.dropout, dtype="float32", name="dropout_pool")(x)
         regularizer = tf_keras.regularizers.L2(model.l2) if model.l2 else None
         x = tf_keras.layers.Dense(
             model.dense_units, activation="relu", kernel_regularizer=regularizer, name="dense"
         )(x)
-        x = tf_keras.layers.Dropout(model.dropout, name="dropout_dense")(x)
+        x = tf_keras.layers.Dropout(model.dropout, dtype="float32", name="dropout_dense")(x)
         # The probability stays float32 under mixed precision: a bfloat16 sigmoid saturates near 0 and 1.
         outputs = tf_keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia")(x)
     finally:

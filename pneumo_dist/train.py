@@ -306,12 +306,16 @@ class _Run:
         )
 
     def describe(self) -> str:
-        """The start-up line: strategy, batch, step and loop."""
+        """The start-up line: strategy, all-reduce, step, batch, loop and precision."""
         per_replica = self.data_cfg.global_batch_size // self.strategy.num_replicas_in_sync
+        pack_mb = self.train_cfg.all_reduce_pack_mb
+        sizes = [v.shape.num_elements() * v.dtype.size for v in self.classifier.trainable_variables]
+        packs = distribute.count_packs(sizes, pack_mb)
         return (
-            f"train: {distribute.describe_strategy(self.strategy)}; batch {self.data_cfg.global_batch_size} "
-            f"({per_replica} per replica), learning rate {self.learning_rate:.3g}; {self.steps_per_epoch} "
-            f"steps per epoch in loops of {self.steps_per_loop}; {self.step_kind}; {self.policy}"
+            f"train: {distribute.describe_strategy(self.strategy, self.step_kind, packs, pack_mb)}; "
+            f"batch {self.data_cfg.global_batch_size} ({per_replica} per replica), learning rate "
+            f"{self.learning_rate:.3g}; {self.steps_per_epoch} steps per epoch in loops of "
+            f"{self.steps_per_loop}; {self.policy}"
         )
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -419,9 +423,9 @@ class _Run:
         averaged, weights = self.built.averaged, classifier.weights
         mixing = augment_cfg.enabled and augment_cfg.mixup > 0
 
-        def forward_backward(images, labels):
-            # The seed comes from the step counter on the device: no host round-trip.
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        def forward_backward(images, labels, replica):
+            # The seed comes from the step counter on the device: no host round-trip. The replica id
+            # is an argument, not a constant read inside: every replica runs the same compiled program.
             seed = augment.step_seed(cfg.seed, optimizer.iterations, replica)
             inputs = augment.model_inputs(images, augment_cfg, seed, size)
             lam = None
@@ -440,10 +444,11 @@ class _Run:
                 gradients = optimizer.get_unscaled_gradients(gradients)
             return loss, gradients
 
-        def apply(loss, gradients):
-            # All-reduces the gradients across replicas (the strategy's communication options), then
-            # updates: the optimizer is not jit-compiled on its own (one XLA program per variable).
-            optimizer.apply_gradients(zip(gradients, variables, strict=True))
+        def update(loss, gradients, aggregated: bool):
+            # The optimizer is not jit-compiled on its own (that would be one XLA program per
+            # variable); its fused kernels are one op per variable (optimizer.FusedAdam).
+            pairs = zip(gradients, variables, strict=True)
+            optimizer.apply_gradients(pairs, skip_gradients_aggregation=aggregated)
             loss_sum.assign_add(loss)
             if averaged:
                 step = tf.cast(optimizer.iterations, tf.float32)  # 1 after the first update
@@ -452,18 +457,30 @@ class _Run:
                     average.assign_sub((1.0 - decay) * (average - tf.cast(weight, average.dtype)))
 
         if self.step_kind == distribute.STEP_ONE_PROGRAM:
-            # Augmentation, forward, backward, all-reduce and update: one XLA program per step.
+            # One replica: augmentation, forward, backward and update in one XLA program per step.
             @tf.function(jit_compile=True)
             def replica_step(batch):
-                loss, gradients = forward_backward(batch["image"], batch["label"])
-                apply(loss, gradients)
+                replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+                loss, gradients = forward_backward(batch["image"], batch["label"], replica)
+                update(loss, gradients, aggregated=False)
 
+            self.forward_backward = replica_step
         else:
-            compiled = tf.function(forward_backward, jit_compile=True) if self.xla else forward_backward
+            # Several replicas: the gradients leave the compiled part and are all-reduced by the
+            # strategy's collectives (NCCL between GPUs, in packs of train.all_reduce_pack_mb), as
+            # XLA's own all-reduce cannot span processes (distribute.step_kind); then the update.
+            compiled = tf.function(forward_backward, jit_compile=self.xla)
+            packs = distribute.all_reduce_options(cfg.all_reduce_pack_mb)
 
             def replica_step(batch):
-                loss, gradients = compiled(batch["image"], batch["label"])
-                apply(loss, gradients)
+                context = tf.distribute.get_replica_context()
+                replica = context.replica_id_in_sync_group
+                loss, gradients = compiled(batch["image"], batch["label"], replica)
+                if strategy.num_replicas_in_sync > 1:
+                    gradients = context.all_reduce(tf.distribute.ReduceOp.SUM, gradients, options=packs)
+                update(loss, gradients, aggregated=True)
+
+            self.forward_backward = compiled  # (tests count its traces)
 
         self.replica_step = replica_step  # (tests read its compiled HLO)
 

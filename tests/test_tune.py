@@ -10,6 +10,7 @@ import csv
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -162,7 +163,10 @@ def test_two_workers_agree_and_a_killed_one_restarts_the_trial_from_its_checkpoi
         evaluate_test=False,
     )
     # With the weights' moving average: each worker keeps its own copy, checkpointed and restored.
-    process = start_tune("--config", config, "--set", "train.epochs=2", "--set", "train.ema_decay=0.9")
+    # XLA on: the split step (distribute.step_kind), as on a GPU cluster.
+    process = start_tune(
+        "--config", config, "--set", "train.epochs=2", "--set", "train.ema_decay=0.9", "--set", "train.xla=on"
+    )
     trials = tmp_path / "tune" / "fail" / "trials"
     wait_for_file(process, trials, "*/checkpoints/state.json")  # the first epoch is checkpointed
     victims = train_worker_pids(process.pid)
@@ -187,6 +191,33 @@ def test_two_workers_agree_and_a_killed_one_restarts_the_trial_from_its_checkpoi
     assert (trial / "export" / "export.json").exists()
     # The restarted workers removed the killed one's local working folder.
     assert not glob.glob(f"{tempfile.gettempdir()}/pneumo-train-{socket.gethostname()}-{victims[-1]}-*")
+
+
+def test_two_ray_train_worker_processes_end_with_one_processs_weights(learnable_shards, tmp_path):
+    from pneumo_dist import distribute
+
+    from .test_step import SAME_WEIGHTS_ATOL, run_step_check
+
+    one, one_weights = run_step_check("one", learnable_shards, tmp_path / "one")
+    completed = subprocess.run(
+        [sys.executable, "tests/step_check.py", "ray", learnable_shards, str(tmp_path / "ray")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=SEARCH_TIMEOUT_S,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for rank in (0, 1):
+        folder = tmp_path / "ray" / f"rank-{rank}"
+        info = json.loads((folder / "info.json").read_text())
+        # MultiWorkerMirroredStrategy, one replica per process, the split step with XLA, in packs.
+        assert info["step_kind"] == distribute.STEP_SPLIT and info["traces"] == 1
+        assert info["describe"].startswith("train: CollectiveAllReduceStrategy, 2 replicas, all-reduce RING")
+        announced = int(re.search(r"in (\d+) packs of ~4 MiB", info["describe"]).group(1))
+        assert announced > 1 and announced in info["packs"]
+        with np.load(folder / "weights.npz") as weights:
+            for reference, name in zip(one_weights, weights.files, strict=True):
+                np.testing.assert_allclose(weights[name][0], reference[0], rtol=0, atol=SAME_WEIGHTS_ATOL)
 
 
 def test_an_interrupted_search_resumes(learnable_shards, tmp_path):
