@@ -227,6 +227,13 @@ class _Run:
         self.best_val_scores: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities)
         self.policy = model_lib.resolve_precision(config.train)
         self.xla = model_lib.resolve_xla(config.train)
+        if self.xla and config.train.deterministic_ops:
+            # Found at the first step otherwise: "GPU MaxPool gradient ops do not yet have a
+            # deterministic XLA implementation" (XLA's CPU and GPU alike, TF 2.21).
+            raise TrainingError(
+                "train.deterministic_ops needs train.xla: off (XLA has no deterministic gradient of "
+                "ResNet50's max pooling)"
+            )
         self.class_weights = data.loss_class_weights(self.dataset, config.data.class_balance)
         self.learning_rate = optimizer_lib.scaled_learning_rate(config.train, self.data_cfg.global_batch_size)
         self.reused_build = built is not None
@@ -510,11 +517,16 @@ class _Run:
     def _make_predict_step(self):
         strategy, classifier = self.strategy, self.classifier
 
+        # Compiled like the training step where XLA is on: XLA compiles one program per batch shape
+        # (the full batch and the split's last one).
+        @tf.function(jit_compile=self.xla)
+        def score(images):
+            return classifier(augment.model_inputs(images, None, None), training=False)[:, 0]
+
         @tf.function(reduce_retracing=True)
         def predict_step(batch):
             def replica_fn(element):
-                images = augment.model_inputs(element["image"], None, None)
-                return element["label"], classifier(images, training=False)[:, 0]
+                return element["label"], score(element["image"])
 
             labels, probabilities = strategy.run(replica_fn, args=(batch,))
             return strategy.gather(labels, axis=0), strategy.gather(probabilities, axis=0)

@@ -163,10 +163,9 @@ def test_two_workers_agree_and_a_killed_one_restarts_the_trial_from_its_checkpoi
         evaluate_test=False,
     )
     # With the weights' moving average: each worker keeps its own copy, checkpointed and restored.
-    # XLA on: the split step (distribute.step_kind), as on a GPU cluster.
-    process = start_tune(
-        "--config", config, "--set", "train.epochs=2", "--set", "train.ema_decay=0.9", "--set", "train.xla=on"
-    )
+    # XLA on: the split step (distribute.step_kind), as on a GPU cluster (XLA has no deterministic ops).
+    overrides = ("train.epochs=2", "train.ema_decay=0.9", "train.xla=on", "train.deterministic_ops=false")
+    process = start_tune("--config", config, *[arg for o in overrides for arg in ("--set", o)])
     trials = tmp_path / "tune" / "fail" / "trials"
     wait_for_file(process, trials, "*/checkpoints/state.json")  # the first epoch is checkpointed
     victims = train_worker_pids(process.pid)
