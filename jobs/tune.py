@@ -30,6 +30,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="everything: Tune's status tables, Ray's and every worker's output (TensorFlow's included)",
     )
     parser.add_argument(
+        "--cluster-config",
+        metavar="FILE",
+        help="the Ray cluster config (cluster/gpu.yaml) to check the trials' resources against before "
+        "Ray starts; default: the head's ~/ray_bootstrap_config.yaml when there is one",
+    )
+    parser.add_argument(
         "--address",
         help="Ray address; default: the cluster this runs on, else in-process; 'local': a private Ray",
     )
@@ -51,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
     config = config_lib.load_config(args.config, args.set)
     for warning in config.warnings():
         print(f"tune: warning: {warning}", file=sys.stderr)
+    from pneumo_dist import cluster
+
+    found = cluster.find(args.cluster_config)
+    if found is not None:
+        cluster.check(config, found)
 
     from pneumo_dist import storage, tune
 

@@ -470,7 +470,26 @@ class RunConfig:
                     f"tune.grace_period ({tune.grace_period}) is not below train.epochs "
                     f"({self.train.epochs}): ASHA cannot stop any trial early"
                 )
+        reasons = self.gpu_recipe_reasons()
+        if reasons and not tune.gpus_per_worker:
+            found.append(
+                f"a GPU recipe ({', '.join(reasons)}) with tune.gpus_per_worker 0: every trial trains on "
+                "CPUs (hours per trial) and a cluster starts no GPU node for it; set "
+                "tune.gpus_per_worker: 1 (jobs/tune.py) or run train.py where a GPU is"
+            )
         return found
+
+    def gpu_recipe_reasons(self) -> list[str]:
+        """What makes this config a GPU recipe: reduced precision, ImageNet weights (fine-tuning
+        ResNet50 at full width), or inputs of 224 px and more."""
+        reasons = []
+        if self.train.precision in ("bfloat16", "float16"):
+            reasons.append(f"train.precision {self.train.precision}")
+        if self.model.weights == "imagenet":
+            reasons.append("model.weights imagenet")
+        if self.data.image_size_px >= 224:
+            reasons.append(f"data.image_size_px {self.data.image_size_px}")
+        return reasons
 
     def _largest(self, key: str) -> float:
         """A train value, or the largest the search space can draw for it."""

@@ -107,12 +107,25 @@ def describe_strategy(strategy: tf.distribute.Strategy, kind: str, packs: int, p
     return f"{name}, {replicas} replicas, all-reduce {implementation} in {packing}; {kind}"
 
 
-def configure_process(cfg: TrainConfig, threads: int | None = None) -> str:
+def own_gpu_indices(cuda_visible_devices: str | None, assigned: list[str]) -> list[int] | None:
+    """The positions, among the GPUs CUDA_VISIBLE_DEVICES shows this process, of the ones assigned to
+    it (Ray's ids, as CUDA_VISIBLE_DEVICES spells them); None: no restriction (no GPU assigned, or
+    only the assigned ones are visible anyway)."""
+    visible = [d.strip() for d in (cuda_visible_devices or "").split(",") if d.strip()]
+    if not assigned or not visible or sorted(visible) == sorted(assigned):
+        return None
+    return sorted(visible.index(gpu) for gpu in assigned if gpu in visible)
+
+
+def configure_process(
+    cfg: TrainConfig, threads: int | None = None, gpu_indices: list[int] | None = None
+) -> str:
     """Process-wide settings, effective only before TensorFlow runs its first op (call it first):
     XLA's persistent compilation cache (a trial that compiles what an earlier one on the node compiled
     loads it instead), TF_GPU_THREAD_MODE=gpu_private (each GPU launches kernels from its own threads,
     NVIDIA's TensorFlow recipes), and, given `threads`, TensorFlow's op thread pools sized to this
-    process's CPUs rather than to every vCPU of the node. Returns the cache folder ("" = none).
+    process's CPUs rather than to every vCPU of the node; given `gpu_indices`, only those of the GPUs
+    the process sees are TensorFlow's (own_gpu_indices). Returns the cache folder ("" = none).
 
     Once per process: a later call (train.train after its job already set the process up) returns the
     first call's folder and changes nothing."""
@@ -128,6 +141,9 @@ def configure_process(cfg: TrainConfig, threads: int | None = None) -> str:
         if "tf_xla_persistent_cache_directory" not in flags:
             os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={cache}".strip()
     os.environ.setdefault("TF_GPU_THREAD_MODE", "gpu_private")
+    if gpu_indices is not None:
+        gpus = tf.config.list_physical_devices("GPU")
+        tf.config.set_visible_devices([gpus[i] for i in gpu_indices], "GPU")
     if threads:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)

@@ -358,6 +358,7 @@ def run_trial(params: dict, setup: dict) -> None:
         trainer = TensorflowTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
+            tensorflow_config=ray_gpu_sharing(),
             scaling_config=ray_train.ScalingConfig(
                 num_workers=cfg["workers_per_trial"],
                 use_gpu=cfg["gpus_per_worker"] > 0,
@@ -379,6 +380,32 @@ def run_trial(params: dict, setup: dict) -> None:
     state = _read_state(storage.join(setup["trial_root"], trial_id))
     if not state.get("finished"):
         raise SearchError(f"trial {trial_id}: its training ended before it finished")
+
+
+def _ray_gpu_ids() -> list[str]:
+    import ray
+
+    return [str(gpu) for gpu in ray.get_gpu_ids()]
+
+
+def ray_gpu_sharing():
+    """Ray Train's TensorFlow backend with every GPU of a node visible to each of its workers there
+    (CUDA_VISIBLE_DEVICES of them all), as Ray's PyTorch backend does: NCCL reaches another process's
+    GPU peer to peer (NVLink, PCIe) only if that GPU is visible to it, and through host memory
+    otherwise. Each worker then makes only its own GPU visible to TensorFlow (train_trial), so that
+    MultiWorkerMirroredStrategy still has one replica per process."""
+    from ray.train.tensorflow import TensorflowConfig
+    from ray.train.tensorflow.config import _TensorflowBackend
+
+    class SharedGpuBackend(_TensorflowBackend):
+        share_cuda_visible_devices = True
+
+    class SharedGpuConfig(TensorflowConfig):
+        @property
+        def backend_cls(self):
+            return SharedGpuBackend
+
+    return SharedGpuConfig()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -425,7 +452,10 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
         return
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
-    distribute.configure_process(config.train, threads=data.host_threads())  # before TensorFlow's first op
+    # Before TensorFlow's first op: thread pools of this worker's CPUs, and of the node's GPUs (all of
+    # them visible to every worker: ray_gpu_sharing) only the ones Ray gave this worker.
+    own_gpus = distribute.own_gpu_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), _ray_gpu_ids())
+    distribute.configure_process(config.train, threads=data.host_threads(), gpu_indices=own_gpus)
     strategy = distribute.choose_strategy(train_cfg=config.train)
     strategy_ready = time.time()
     train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True, reuse=reuse)

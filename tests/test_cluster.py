@@ -101,3 +101,100 @@ def test_file_mounts_ship_the_code_without_data_outputs_or_history(name):
     assert config["file_mounts"]["/home/ray/pneumo-dist"] == "."
     assert {"/.git/", "/data/", "/outputs/"} <= set(config["rsync_exclude"])
     assert config["rsync_filter"] == [".gitignore"]
+
+
+def shipped_configs() -> list:
+    return sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
+def test_every_shipped_config_fits_a_node_type_of_the_gpu_cluster_and_gpu_recipes_ask_for_gpus(path):
+    from pneumo_dist import cluster
+    from pneumo_dist import config as config_lib
+
+    config = config_lib.load_config(str(path))
+    gpu_cluster = cluster.Cluster.read(str(REPO / "cluster" / "gpu.yaml"))
+    cluster.check_fits(config.tune, gpu_cluster)
+    if config.gpu_recipe_reasons():
+        assert config.tune.gpus_per_worker >= 1 and not config.warnings(), path.name
+        cluster.check(config, gpu_cluster)  # its results go to a bucket too
+
+
+def test_the_kaggle_recipe_is_a_gpu_recipe_of_one_gpu_per_trial():
+    from pneumo_dist import config as config_lib
+
+    config = config_lib.load_config(str(REPO / "configs" / "kaggle.yaml"))
+    assert config.gpu_recipe_reasons() and config.tune.workers_per_trial == 1
+    assert config.tune.gpus_per_worker == 1
+
+
+def test_a_trial_that_fits_no_node_type_or_a_local_storage_on_a_growing_cluster_is_refused(tmp_path):
+    from pneumo_dist import cluster
+    from pneumo_dist import config as config_lib
+
+    gpu_cluster = cluster.Cluster.read(str(REPO / "cluster" / "gpu.yaml"))
+    too_big = config_lib.load_config(None, ["tune.gpus_per_worker=16", "tune.cpus_per_worker=8"])
+    with pytest.raises(
+        config_lib.ConfigError, match=r"asks for 8 CPU \+ 16 GPU.*gpu_h100_8 \(208 CPU, 8 GPU\)"
+    ):
+        cluster.check_fits(too_big.tune, gpu_cluster)
+    local = config_lib.load_config(None, ["tune.storage_uri=outputs/tune"])
+    with pytest.raises(config_lib.ConfigError, match="local folder.*up to 8 worker nodes"):
+        cluster.check_storage(local.tune, gpu_cluster)
+    on_premises = cluster.Cluster.read(str(REPO / "cluster" / "local.yaml"))  # its two worker_ips
+    with pytest.raises(config_lib.ConfigError, match="up to 2 worker nodes"):
+        cluster.check(local, on_premises)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("cluster_name: x\n")
+    with pytest.raises(config_lib.ConfigError, match="broken.yaml: not a Ray cluster config"):
+        cluster.Cluster.read(str(broken))
+
+
+def test_a_gpu_recipe_on_cpu_only_trials_is_warned_of():
+    from pneumo_dist import config as config_lib
+
+    config = config_lib.load_config(str(REPO / "configs" / "kaggle.yaml"), ["tune.gpus_per_worker=0"])
+    (warning,) = [w for w in config.warnings() if "GPU recipe" in w]
+    assert "model.weights imagenet" in warning and "data.image_size_px 224" in warning
+    demo = config_lib.load_config(str(REPO / "configs" / "demo.yaml"))
+    assert not [w for w in demo.warnings() if "GPU recipe" in w]
+
+
+def test_each_ray_worker_gives_tensorflow_only_its_own_gpu_of_those_it_sees():
+    from pneumo_dist import distribute
+
+    assert distribute.own_gpu_indices("0,1,2,3,4,5,6,7", ["5"]) == [5]
+    assert distribute.own_gpu_indices("4,5,6,7", ["6", "7"]) == [2, 3]
+    assert distribute.own_gpu_indices("3", ["3"]) is None  # Ray's own restriction: nothing to do
+    assert distribute.own_gpu_indices(None, []) is None and distribute.own_gpu_indices("0,1", []) is None
+
+
+def test_multi_worker_trials_share_the_nodes_gpus_for_nccls_peer_to_peer():
+    from pneumo_dist import tune
+
+    assert tune.ray_gpu_sharing().backend_cls.share_cuda_visible_devices
+
+
+def test_the_search_job_checks_the_cluster_config_before_ray_starts():
+    import subprocess
+    import sys
+
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "jobs/tune.py",
+            "--config",
+            "configs/demo.yaml",
+            "--cluster-config",
+            "cluster/gpu.yaml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "tune: error: tune.storage_uri=outputs/tune is a local folder, but cluster/gpu.yaml can start up to "
+        "8 worker nodes: checkpoints and results would stay on whichever node wrote them; use a gs:// URI"
+    ]
