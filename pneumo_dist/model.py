@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections.abc import Iterator
@@ -105,6 +106,21 @@ def saveable_rates(classifier: tf_keras.Model) -> Iterator[None]:
     finally:
         for layer, rate in zip(layers, rates, strict=True):
             object.__setattr__(layer, "rate", rate)
+
+
+def is_mixed_precision(classifier: tf_keras.Model) -> bool:
+    """Whether the backbone computes in bfloat16/float16 (a train.precision other than float32)."""
+    return classifier.get_layer(BACKBONE_NAME).compute_dtype != "float32"
+
+
+def float32_copy(classifier: tf_keras.Model, model: ModelConfig) -> tf_keras.Model:
+    """The same classifier computing in float32, with the same weights (under mixed precision the
+    variables are float32 already): what is exported, whatever the training precision. Build it outside
+    a distribution strategy's scope: it is a plain model."""
+    size = classifier.input_shape[1]
+    copy = build_classifier(dataclasses.replace(model, weights="none"), size, "float32")
+    copy.set_weights(classifier.get_weights())
+    return copy
 
 
 def inference_model(classifier: tf_keras.Model) -> tf_keras.Model:

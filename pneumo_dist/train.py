@@ -7,6 +7,7 @@ The output folder it writes: run_folder.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import glob
@@ -89,7 +90,11 @@ def train(
     # A gs:// output (and every non-chief worker) works in a local folder that must not outlive the run:
     # it holds a full checkpoint, ~1 GB for ResNet50 with its optimizer state.
     with scratch_folder() as scratch:
-        return _Run(config, strategy, scratch, reuse).fit(resume, on_step, on_epoch)
+        run = _Run(config, strategy, scratch, reuse)
+        try:
+            return run.fit(resume, on_step, on_epoch)
+        finally:
+            run.close()  # a checkpoint still uploading finishes, before its local files go
 
 
 def _refuse_existing_run(output: str) -> None:
@@ -224,6 +229,9 @@ class _Run:
         self.steps_per_epoch = steps
         self.steps_per_loop = min(config.train.steps_per_loop or DEFAULT_STEPS_PER_LOOP, steps)
         self.host_reads = 0  # loss reads from the device: one per loop (tests count them)
+        # The chief's upload of the last checkpoint to a gs:// output, while the next epoch trains.
+        self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._upload: concurrent.futures.Future | None = None
         self.best_val_scores: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities)
         self.policy = model_lib.resolve_precision(config.train)
         self.xla = model_lib.resolve_xla(config.train)
@@ -368,6 +376,7 @@ class _Run:
                     with writer.as_default(step=int(self.optimizer.iterations.numpy())):
                         tf.summary.scalar("loop_train_loss", loop_loss / steps)
             seconds = time.perf_counter() - start
+            self._wait_for_upload()  # the previous checkpoint's: before best weights are written
             with self._averaged_weights():  # (the weights themselves when train.ema_decay is 0)
                 labels, probabilities = self.predict("val")
                 metrics = metrics_lib.binary_metrics(labels, probabilities)
@@ -576,11 +585,33 @@ class _Run:
             return
         remote = storage.join(self.output, CHECKPOINTS)
         files = [name for name in os.listdir(folder) if name.startswith(f"ckpt-{epoch}.")]
-        storage.publish(folder, remote, files + ([BEST_WEIGHTS] if improved else []))
-        # The state file is the commit point: a checkpoint it does not name may be incomplete.
         storage.write_bytes(os.path.join(folder, STATE_NAME), json.dumps(state, indent=1).encode())
-        storage.publish(folder, remote, [STATE_NAME])
-        storage.discard(folder, remote, old)
+
+        def upload() -> None:
+            storage.publish(folder, remote, files + ([BEST_WEIGHTS] if improved else []))
+            # The state file is the commit point: a checkpoint it does not name may be incomplete.
+            storage.publish(folder, remote, [STATE_NAME])
+            storage.discard(folder, remote, old)
+
+        if not storage.is_gcs(remote) or state["finished"]:
+            upload()
+            return
+        # To a bucket, ResNet50's checkpoint (~0.3 GB with its optimizer state) uploads while the next
+        # epoch trains; that epoch waits for it before it writes any checkpoint file (_wait_for_upload).
+        if self._uploads is None:
+            self._uploads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
+        self._upload = self._uploads.submit(upload)
+
+    def close(self) -> None:
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=True)
+        self._wait_for_upload()
+
+    def _wait_for_upload(self) -> None:
+        """Until the last checkpoint's upload is done; an upload's error is raised here."""
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.result()
 
     def _restore(self) -> dict:
         remote = storage.join(self.output, CHECKPOINTS)

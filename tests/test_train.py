@@ -281,3 +281,38 @@ def test_train_job_rejects_a_bad_config_before_loading_tensorflow():
     )
     assert result.stdout.split() == ["2", "False"], result.stderr
     assert "train: error: the defaults" not in result.stderr and "unknown key train.lr" in result.stderr
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_reduced_precision_learns_with_xla_and_exports_a_float32_model(learnable_shards, tmp_path, precision):
+    # What train.precision: auto gives a GPU, with the weights' average and random erasing on (and
+    # float16's loss scaling), forced on the CPU with XLA on.
+    output = str(tmp_path / "out")
+    config = make_config(
+        learnable_shards,
+        output,
+        f"train.precision={precision}",
+        "train.xla=on",
+        "train.epochs=8",
+        "train.early_stopping_patience=0",
+        "train.ema_decay=0.9",
+        "augment.erasing=0.1",
+        "train.serving_export=true",
+    )
+    history = []
+    result = train.train(config, distribute.choose_strategy(local=True), on_epoch=history.append)
+    # float32 on the same data: 0.85 (test_training_learns_the_demo_signal)
+    assert result.best_val_auc > 0.85, [round(r["val_auc"], 3) for r in history]
+    detector = tf_keras.models.load_model(Path(output) / "export" / "model.keras", compile=False)
+    assert {w.dtype for w in detector.weights} == {tf.float32}
+    assert {layer.compute_dtype for layer in detector.get_layer("pneumo_resnet50").layers} == {"float32"}
+    # The float32 export scores the validation split as the reduced-precision model did, nearly.
+    from pneumo_dist import evaluate
+    from pneumo_dist.predict import PneumoniaDetector
+
+    exported = PneumoniaDetector.load(result.export_uri)
+    split_config = evaluate.split_data_config(exported, learnable_shards, batch_size=16)
+    scores = evaluate.score_split(exported, split_config, data.open_dataset(split_config), "val")
+    auc = metrics.binary_metrics(scores.labels, scores.probabilities)["auc"]
+    assert auc == pytest.approx(result.best_val_auc, abs=0.02)
+    assert (Path(output) / "export" / "saved_model" / "saved_model.pb").exists()
