@@ -212,8 +212,7 @@ class _Run:
             # call (~11 s on 2 cores, BENCHMARKS.md).
             random.seed(config.train.seed)
             np.random.seed(config.train.seed)
-        if config.train.deterministic_ops:
-            tf.config.experimental.enable_op_determinism()
+        _set_op_determinism(config.train.deterministic_ops)
 
         self.dataset = data.open_dataset(config.data)
         if "val" not in self.dataset.manifest.splits:
@@ -666,6 +665,18 @@ class _Run:
     def _warn(self, message: str) -> None:
         if self.chief:
             print(f"train: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _set_op_determinism(deterministic: bool) -> None:
+    """TensorFlow's op determinism as the run asks: it is process-wide, so a run without it that follows
+    one with it in the same process (a search's reused process) turns it off again; left on, it makes
+    XLA refuse ResNet50's max-pool gradient. (No public switch-off in TF 2.21: TensorFlow's own.)"""
+    from tensorflow.python.framework import config as tf_config
+
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    elif tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
 
 
 def example_losses(

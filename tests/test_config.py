@@ -24,6 +24,10 @@ def test_the_cpu_recipe_opens_with_the_make_shards_command_of_its_image_size():
     assert int(match.group(2)) == config.data.image_size_px
 
 
+# Not a GPU recipe (the defaults are: ImageNet weights at 224 px), which has a warning of its own.
+CPU_RECIPE = ["model.weights=none", "data.image_size_px=64"]
+
+
 @pytest.mark.parametrize(
     "overrides, warning",
     [
@@ -33,9 +37,9 @@ def test_the_cpu_recipe_opens_with_the_make_shards_command_of_its_image_size():
     ],
 )
 def test_settings_that_defeat_asha_are_warned_of(overrides, warning):
-    (found,) = config_lib.load_config(None, overrides).warnings()
+    (found,) = config_lib.load_config(None, [*CPU_RECIPE, *overrides]).warnings()
     assert re.search(warning, found)
-    assert not config_lib.load_config(None, [*overrides, "tune.scheduler=fifo"]).warnings()
+    assert not config_lib.load_config(None, [*CPU_RECIPE, *overrides, "tune.scheduler=fifo"]).warnings()
 
 
 def test_the_warm_up_warning_sees_the_search_space(tmp_path):
@@ -43,7 +47,7 @@ def test_the_warm_up_warning_sees_the_search_space(tmp_path):
     path.write_text(
         "tune:\n  grace_period: 2\n  search_space:\n    train.warmup_epochs: {uniform: [0.5, 3]}\n"
     )
-    (found,) = config_lib.load_config(str(path)).warnings()
+    (found,) = config_lib.load_config(str(path), CPU_RECIPE).warnings()
     assert "up to 3" in found
 
 

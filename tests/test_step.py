@@ -161,9 +161,12 @@ def test_the_pack_count_is_tensorflows():
 
 def run_step_check(mode: str, shards: str, out) -> tuple[dict, list[np.ndarray]]:
     """tests/step_check.py in its own process -> (its info.json, the weights of each replica)."""
+    # Not this process's XLA flags: configure_process set its own persistent cache folder there.
+    env = {k: v for k, v in os.environ.items() if k != "TF_XLA_FLAGS"}
     completed = subprocess.run(
         [sys.executable, "tests/step_check.py", mode, shards, str(out)],
         cwd=REPO,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,

@@ -201,6 +201,7 @@ def test_two_ray_train_worker_processes_end_with_one_processs_weights(learnable_
     completed = subprocess.run(
         [sys.executable, "tests/step_check.py", "ray", learnable_shards, str(tmp_path / "ray")],
         cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "TF_XLA_FLAGS"},
         capture_output=True,
         text=True,
         timeout=SEARCH_TIMEOUT_S,
