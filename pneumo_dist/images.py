@@ -25,6 +25,10 @@ _PILLOW_FORMATS = ("JPEG", "PNG")
 # Kaggle's largest images are about 2,900 x 2,500 px; 50 MP leaves room for other collections while a
 # decompression bomb (a tiny file claiming gigapixels) is refused before it is decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
+# The longest side accepted: 4x the largest flat-panel detectors' ~4,300 px. It bounds the serving
+# signature's Lanczos weights (an out x in matrix per pass: 256 x 16,384 float64 = 32 MiB at most), which a
+# 1 x 999,999 px PNG, within max_pixels, took to 2.9 GiB.
+MAX_SIDE_PX = 16_384
 # The decoded image's own size, checked before decoding: 50 MP of 16-bit gray is 100 MB, of RGBA 200 MB.
 # Converting it costs at most about as much again (measured: BENCHMARKS.md), and make_shards runs one
 # worker per core.
@@ -114,6 +118,8 @@ def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px
         raise BadImage(
             f"decompression bomb refused: {width}x{height} px is more than max_pixels={max_pixels:,}"
         )
+    if max(width, height) > MAX_SIDE_PX:
+        raise BadImage(f"{width}x{height} px: a side longer than {MAX_SIDE_PX:,} px is not an X-ray")
     decoded_bytes = width * height * _bytes_per_pixel(image.mode)
     if decoded_bytes > MAX_DECODED_BYTES:
         raise BadImage(
@@ -150,6 +156,18 @@ def is_dicom(data: bytes) -> bool:
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """_read_dicom, with any other error than its own reasons a BadImage too: a hostile file's attribute
+    of any VR and value reaches pydicom and numpy, which raise many kinds of errors (tests/dicom_fuzz.py
+    makes them)."""
+    try:
+        return _read_dicom(data, max_pixels)
+    except BadImage:
+        raise
+    except Exception as error:  # noqa: BLE001 - see above
+        raise BadImage(f"not a usable DICOM file: {_reason(error)}") from None
+
+
+def _read_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
     """A DICOM file -> (8-bit gray image as a radiologist's viewer shows it, (rows, columns)): the
     Modality LUT (rescale slope/intercept, or its table), then the VOI LUT table or the first window
     (DICOM PS3.3 C.11.2.1.2, linear or sigmoid), else the image's own min..max; MONOCHROME1 inverted."""
@@ -160,8 +178,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int,
         modality = str(dataset.get("Modality", "") or "")
         frames = int(dataset.get("NumberOfFrames", 1) or 1)
         rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
-    except (pydicom.errors.InvalidDicomError, ValueError, TypeError, OSError, EOFError) as error:
-        raise BadImage(f"not a readable DICOM file: {error}") from None
+    except Exception as error:  # noqa: BLE001 - a hostile file can make pydicom raise anything
+        # (RecursionError for sequences nested thousands deep, struct.error, KeyError, ...)
+        raise BadImage(f"not a readable DICOM file: {_reason(error)}") from None
     if modality and modality not in XRAY_MODALITIES:
         raise BadImage(f"DICOM modality {modality} is not a radiograph ({', '.join(XRAY_MODALITIES)})")
     if "PixelData" not in dataset:
@@ -174,14 +193,117 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int,
         raise BadImage(
             f"decompression bomb refused: {columns}x{rows} px is more than max_pixels={max_pixels:,}"
         )
+    if max(rows, columns) > MAX_SIDE_PX:
+        raise BadImage(f"{columns}x{rows} px: a side longer than {MAX_SIDE_PX:,} px is not an X-ray")
+    _check_decoded_size(dataset, rows, columns)
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # noqa: BLE001 - pydicom raises many types for data it cannot decode
-        syntax = dataset.file_meta.get("TransferSyntaxUID")
         name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
-        raise BadImage(f"DICOM pixel data cannot be decoded ({name}): {error}") from None
+        raise BadImage(f"DICOM pixel data cannot be decoded ({name}): {_reason(error)}") from None
+    if pixels.shape[:2] != (rows, columns):
+        raise BadImage(
+            f"DICOM pixel data is {pixels.shape[1]}x{pixels.shape[0]}, its header says {columns}x{rows}"
+        )
+    try:
+        return _display_image(pixels, dataset), (rows, columns)
+    except Exception as error:  # noqa: BLE001 - display attributes of any value and VR reach numpy
+        raise BadImage(
+            f"DICOM display attributes unusable (window, LUT, rescale): {_reason(error)}"
+        ) from None
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as one short line (a hostile file's own text can be long)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# The largest sample pydicom decodes to, in bits; a header's BitsAllocated above it is refused.
+_MAX_BITS_ALLOCATED = 32
+
+
+def _check_decoded_size(dataset, rows: int, columns: int) -> None:
+    """Refuse, before any decoding, what would decode to more than MAX_DECODED_BYTES: the header's
+    samples x bits, and for compressed pixel data the size the compressed frame itself declares (a JPEG
+    frame's SOF, a JPEG 2000 codestream's SIZ), which is what a decoder allocates whatever the header's
+    Rows and Columns say."""
+    try:
+        samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+        bits = int(dataset.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError) as error:
+        raise BadImage(f"DICOM SamplesPerPixel/BitsAllocated unusable: {_reason(error)}") from None
+    if samples not in (1, 3) or not 1 <= bits <= _MAX_BITS_ALLOCATED:
+        raise BadImage(f"DICOM with {samples} samples of {bits} bits per pixel: not a radiograph")
+    decoded = rows * columns * samples * max(1, (bits + 7) // 8)
+    if decoded > MAX_DECODED_BYTES:
+        raise BadImage(
+            f"decompression bomb refused: {columns}x{rows} px of {samples} x {bits} bits would take "
+            f"{decoded / 2**20:.0f} MiB decoded, more than the {MAX_DECODED_BYTES / 2**20:.0f} MiB allowed"
+        )
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    try:
+        encapsulated = syntax is not None and syntax.is_encapsulated
+    except (ValueError, AttributeError):  # pydicom: "UID is not a transfer syntax"
+        raise BadImage(f"DICOM transfer syntax unknown: {str(syntax)[:64]}") from None
+    if not encapsulated or syntax == "1.2.840.10008.1.2.5":
+        return  # native pixels (their size is the header's) or RLE (pydicom decodes to the header's size)
+    frame = _encapsulated_frame_size(dataset.PixelData)
+    if frame is None:
+        raise BadImage("DICOM compressed pixel data without a readable frame header (size unknown)")
+    frame_rows, frame_columns, _ = frame
+    # Equal to the header's, the frame is within the header's checks above.
+    if (frame_rows, frame_columns) != (rows, columns):
+        raise BadImage(
+            f"DICOM header says {columns}x{rows} px but its compressed frame is {frame_columns}x{frame_rows}"
+        )
+
+
+# JPEG start-of-frame markers (ITU T.81 B.1.1.3; JPEG-LS T.87's SOF55 = 0xF7): the frame's size.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def _encapsulated_frame_size(pixel_data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) that the first compressed frame declares: a JPEG / JPEG-LS frame's
+    SOF segment or a JPEG 2000 codestream's SIZ segment (ISO 15444-1 A.5.1); None if neither is found."""
+    from pydicom.encaps import generate_fragments
+
+    try:
+        fragments = generate_fragments(pixel_data)
+        next(fragments)  # the Basic Offset Table
+        head = b"".join(fragment for _, fragment in zip(range(4), fragments, strict=False))[: 1 << 16]
+    except Exception:  # noqa: BLE001 - malformed item tags
+        return None
+    if head.startswith(b"\xff\xd8"):
+        position = 2
+        while position + 4 <= len(head) and head[position] == 0xFF:
+            marker = head[position + 1]
+            length = int.from_bytes(head[position + 2 : position + 4], "big")
+            if marker in _JPEG_SOF and position + 10 <= len(head):
+                rows = int.from_bytes(head[position + 5 : position + 7], "big")
+                columns = int.from_bytes(head[position + 7 : position + 9], "big")
+                return rows, columns, head[position + 9]
+            position += 2 + length
+        return None
+    siz = head.find(b"\xff\x51")
+    if head.startswith(b"\xff\x4f\xff\x51") or (siz >= 0 and head[:12].find(b"jP") >= 0):
+        if siz < 0 or siz + 40 > len(head):
+            return None
+
+        def number(offset: int) -> int:
+            return int.from_bytes(head[siz + offset : siz + offset + 4], "big")
+
+        columns, rows = number(6) - number(14), number(10) - number(18)
+        components = int.from_bytes(head[siz + 38 : siz + 40], "big")
+        return rows, columns, components
+    return None
+
+
+def _display_image(pixels: np.ndarray, dataset) -> Image.Image:
+    """Decoded DICOM pixels -> the 8-bit gray image a viewer shows."""
     if pixels.ndim == 3:  # RGB (pydicom converts YBR): as any colour image
-        return Image.fromarray(pixels.astype(np.uint8)).convert("L"), (rows, columns)
+        return Image.fromarray(pixels.astype(np.uint8)).convert("L")
     windowed = "VOILUTSequence" in dataset or ("WindowCenter" in dataset and "WindowWidth" in dataset)
     # Integer pixels of up to 16 bits: the display of each stored value from lowest to highest, then a
     # look-up per pixel, instead of float64 arithmetic on millions of pixels (2.4x faster at 2048 x 2048,
@@ -200,7 +322,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int,
         gray = np.take(table, offsets)
     else:
         gray = _display(pixels, dataset)
-    return Image.fromarray(gray, mode="L"), (rows, columns)
+    return Image.fromarray(gray, mode="L")
 
 
 def _display(pixels: np.ndarray, dataset) -> np.ndarray:

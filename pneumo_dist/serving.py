@@ -65,8 +65,13 @@ class ServingModel(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(self, image_bytes):
         size = data.read_size(self._stored_size, self._border_crop)
+        # One image at a time: a request's memory is one image's decoding and resizing (README), not
+        # map_fn's default of 10 in parallel.
         read = tf.map_fn(
-            self._read_pixels, image_bytes, fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8)
+            self._read_pixels,
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8),
+            parallel_iterations=1,
         )
         pixels = data.resize_images(read, size, self._image_size)
         probability = self._forward(tf.cast(pixels, tf.float32))
@@ -147,10 +152,20 @@ def _decode_gray(encoded, draft_px: int):
 
 
 def _check_pixels(height, width):
+    """images.decode_grayscale's limits: pixels, and the longest side (which bounds pillow_lanczos's
+    weights to out x MAX_SIDE_PX)."""
     pixels = tf.cast(height, tf.int64) * tf.cast(width, tf.int64)
+    longest = tf.maximum(height, width)
     return tf.debugging.Assert(
-        pixels <= images.DEFAULT_MAX_PIXELS,
-        ["decompression bomb refused: more pixels than", images.DEFAULT_MAX_PIXELS, height, width],
+        (pixels <= images.DEFAULT_MAX_PIXELS) & (longest <= images.MAX_SIDE_PX),
+        [
+            "image refused: more pixels than",
+            images.DEFAULT_MAX_PIXELS,
+            "or a side longer than",
+            images.MAX_SIDE_PX,
+            height,
+            width,
+        ],
     )
 
 

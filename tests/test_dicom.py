@@ -8,6 +8,9 @@ give JPEG-LS."""
 
 import csv
 import io
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,8 @@ from pydicom.uid import (
 from pneumo_dist import images, schema, shards, sources, storage
 from pneumo_dist.demo import DemoSpec, write_demo_dataset
 from pneumo_dist.predict import PneumoniaDetector
+
+from .conftest import REPO
 
 DIGITAL_XRAY_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 PHI = {
@@ -399,3 +404,32 @@ def test_csv_sex_age_site_and_scanner_reach_the_records_and_bad_values_name_the_
     (tmp_path / "list.csv").write_text(table.replace(",91,", ",ninety,"))
     with pytest.raises(sources.SourceError, match=r"list.csv line 3: age 'ninety' is not a number"):
         sources.list_source(str(tmp_path / "list.csv"))
+
+
+def test_dicom_bombs_are_refused_before_decoding_with_their_reason():
+    from . import dicom_fuzz
+
+    made = dicom_fuzz.cases()
+    with pytest.raises(images.BadImage, match="header says 64x64 px but its compressed frame is 6000x6000"):
+        images.decode_grayscale(made["jpeg frame larger than its header"])
+    with pytest.raises(images.BadImage, match="compressed frame is 3000x3000"):
+        images.decode_grayscale(made["jpeg 2000 frame larger than its header"])
+    with pytest.raises(images.BadImage, match=r"7000x7000 px of 3 x 32 bits would take 561 MiB decoded"):
+        images.decode_grayscale(made["rle 7000 x 7000 x 3 x 32 bit"])
+    with pytest.raises(images.BadImage, match="display attributes unusable"):
+        images.decode_grayscale(made["200-bit VOI LUT"])
+
+
+def test_malformed_dicom_files_are_bad_images_and_memory_stays_bounded():
+    """61 generated files (bombs, wrong values and VRs, bad LUTs, deep nesting, wrong BitsAllocated,
+    lying headers, truncations, changed header bytes) in a process of their own: before 2026-12-02, 10
+    raised other errors than BadImage (one took a whole make_shards or predict job down) and the bombs
+    took the peak up by 73 MiB."""
+    completed = subprocess.run(
+        [sys.executable, "tests/dicom_fuzz.py"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["escaped"] == []
+    assert result["bad"] >= 36  # every named case and truncation; some changed header bytes are harmless
+    assert result["peak_mib"] - result["start_mib"] < 32

@@ -160,3 +160,18 @@ def test_a_file_that_is_not_an_image_fails_the_request_naming_why(tmp_path):
     assert signature(image_bytes=tf.constant([good]))["label"].shape == (1,)
     with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG or PNG"):
         signature(image_bytes=tf.constant([good, b"%PDF-1.4 not an x-ray"]))
+
+
+def test_an_image_with_a_side_too_long_is_refused_by_the_signature_and_the_detector_alike():
+    """A 2 KB PNG of 1 x 999,999 px (within max_pixels) took the signature to 2.9 GiB and 8 s before
+    2026-12-02: Lanczos weights of 256 x 999,999 float64 per pass."""
+    needle = encoded(Image.new("L", (999_999, 1)), "PNG")
+    assert len(needle) < 4096
+    module = serving.ServingModel(gray_model(32), export_info(64, "png"), "v", 0.5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="a side longer than"):
+        module._read_pixels(tf.constant(needle))
+    with pytest.raises(images.BadImage, match="999999x1 px: a side longer than 16,384 px"):
+        images.decode_grayscale(needle)
+    # The longest side accepted still serves.
+    edge = encoded(Image.new("L", (images.MAX_SIDE_PX, 2)), "PNG")
+    assert module._read_pixels(tf.constant(edge)).shape == (64, 64, 1)
