@@ -332,7 +332,7 @@ def ray_worker(settings: dict) -> None:
 
     from pneumo_dist import data, distribute, train, tune
 
-    args = argparse.Namespace(**settings)
+    args = argparse.Namespace(**{k: v for k, v in settings.items() if k != "collector"})
     args.workdir = tempfile.mkdtemp(prefix="gpu-bench-worker-")
     own_gpus = distribute.own_gpu_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), tune._ray_gpu_ids())
     distribute.configure_process(
@@ -343,9 +343,11 @@ def ray_worker(settings: dict) -> None:
     run = make_run(args, strategy, batch)
     synthetic, first_call = step_seconds(run, args.steps, synthetic=True, repeats=args.repeats)
     real, _ = step_seconds(run, args.steps, synthetic=False, repeats=args.repeats)
-    ray_train.report(
-        {"synthetic_s": synthetic, "real_s": real, "first_call_s": first_call, "describe": run.describe()}
-    )
+    row = {"synthetic_s": synthetic, "real_s": real, "first_call_s": first_call, "describe": run.describe()}
+    if ray_train.get_context().get_world_rank() == 0:
+        import ray
+
+        ray.get(settings["collector"].put.remote(row))
 
 
 def measure_ray(args) -> dict:
@@ -361,8 +363,21 @@ def measure_ray(args) -> dict:
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not find this script
     tune.connect_ray(None)
     gpus = ray.cluster_resources().get("GPU", 0) >= args.ray
-    settings = {k: v for k, v in vars(args).items() if k != "workdir"}
-    result = TensorflowTrainer(
+
+    @ray.remote(num_cpus=0)
+    class Collector:  # rank 0's figures, wherever in the cluster it runs
+        def __init__(self):
+            self.row = None
+
+        def put(self, row: dict) -> None:
+            self.row = row
+
+        def get(self) -> dict | None:
+            return self.row
+
+    collector = Collector.remote()
+    settings = {k: v for k, v in vars(args).items() if k != "workdir"} | {"collector": collector}
+    TensorflowTrainer(
         ray_worker,
         train_loop_config=settings,
         tensorflow_config=tune.ray_gpu_sharing(),
@@ -371,7 +386,7 @@ def measure_ray(args) -> dict:
         ),
         run_config=ray_train.RunConfig(name="gpu-bench", storage_path=tempfile.mkdtemp(dir=args.workdir)),
     ).fit()
-    metrics = result.metrics
+    metrics = ray.get(collector.get.remote())
     batch = args.batches[-1]
     row = {
         "ray_workers": args.ray,

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def score(
     folder = export_lib.folder_of(model_uri)
     info = check_model(model_uri, point)
     parts = [paths[start : start + part_size] for start in range(0, len(paths), part_size)]
-    _claim(out, paths, part_size, folder, point)
+    _claim(out, paths, part_size, folder, point, _model_identity(folder, info, point))
     written = {storage.basename(f.uri) for f in storage.list_files(out)}  # one listing, not one per part
     done = {i for i in range(len(parts)) if PART_NAME.format(i) in written}
     pending = [i for i in range(len(parts)) if i not in done]
@@ -141,14 +142,35 @@ def check_model(model_uri: str, point: OperatingPoint) -> export_lib.ExportInfo:
     return info
 
 
-def _claim(out: str, paths: list[str], part_size: int, model_folder: str, point: OperatingPoint) -> None:
-    """Write OUT/_job.json, or check that the one there describes this job."""
+def _model_identity(folder: str, info: export_lib.ExportInfo, point: OperatingPoint) -> dict:
+    """What the rows' scores depend on: the model file's version (the rows' model_version), the
+    threshold it is used at and the calibration. Another model put in the same folder changes it."""
+    from pneumo_dist import predict
+
+    model_uri = info.model_uri(folder)
+    with tempfile.TemporaryDirectory(prefix="pneumo-model-version-") as scratch:
+        local = model_uri
+        if storage.is_gcs(model_uri):
+            local = os.path.join(scratch, "model")
+            storage.download(model_uri, local)
+        version = export_lib.model_version(local)
+    threshold, _ = predict.operating_point(info, point.threshold, point.policy, point.prevalence)
+    calibration = dataclasses.asdict(info.calibration) if info.calibration else None
+    return {"model_version": version, "threshold": threshold, "calibration": calibration}
+
+
+def _claim(
+    out: str, paths: list[str], part_size: int, model_folder: str, point: OperatingPoint, model: dict
+) -> None:
+    """Write OUT/_job.json, or check that the one there describes this job: the same images, parts,
+    model folder, operating point, and the same model in it (version, threshold, calibration)."""
     job = {
         "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
         "images": len(paths),
         "part_size": part_size,
         "model": model_folder,
         "operating_point": dataclasses.asdict(point),
+        **model,
     }
     uri = storage.join(out, JOB_FILE)
     if storage.exists(uri):
@@ -156,6 +178,16 @@ def _claim(out: str, paths: list[str], part_size: int, model_folder: str, point:
             previous = json.loads(storage.read_bytes(uri))
         except (json.JSONDecodeError, UnicodeDecodeError):
             previous = None
+        if (
+            isinstance(previous, dict)
+            and {k: previous.get(k) for k in model} != model
+            and all(previous.get(k) == v for k, v in job.items() if k not in model)
+        ):
+            raise ScoringError(
+                f"{out} holds scores of model {previous.get('model_version')} (threshold "
+                f"{previous.get('threshold')}), and {model_folder} now holds model {model['model_version']} "
+                f"(threshold {model['threshold']}): give another --out, or restore that model to finish it"
+            )
         if previous != job:
             raise ScoringError(
                 f"{out} holds the output of another scoring job (other images, part size, model or "

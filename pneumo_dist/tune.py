@@ -114,7 +114,7 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> str:
         # (No runtime_env here: a submitted job's own, with its working_dir, must stay as it is.)
         ray.init(address=address or "auto", **quiet)
         return "cluster"
-    except ConnectionError as error:
+    except (ConnectionError, ValueError) as error:  # ValueError: an address Ray cannot parse
         if address not in (None, "auto"):
             raise SearchError(f"--address {address}: no Ray cluster to join there ({error})") from None
     ray.init(address="local", **quiet, **private)

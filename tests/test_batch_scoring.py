@@ -7,6 +7,7 @@ the single-process PneumoniaDetector's answers whatever the model."""
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -114,3 +115,18 @@ def test_a_bad_threshold_or_model_fails_before_ray_starts_and_writes_nothing(sma
     with pytest.raises(PneumoDistError, match="no export.json"):
         batch_scoring.score(paths, str(tmp_path), out, address="never-reached")
     assert not (tmp_path / "scores").exists()
+
+
+def test_a_restart_with_another_model_in_the_same_folder_is_refused_before_ray_starts(small_export, tmp_path):
+    """Before 2026-12-02 such a restart wrote 300 rows of one model and 880 of another into one output."""
+    folder = tmp_path / "export"
+    shutil.copytree(small_export, folder)
+    out, paths = str(tmp_path / "scores"), [str(tmp_path / "x.jpeg")]
+    with pytest.raises(PneumoDistError, match="never-reached"):  # claimed, then Ray cannot be joined
+        batch_scoring.score(paths, str(folder), out, address="never-reached")
+    job = json.loads((tmp_path / "scores" / batch_scoring.JOB_FILE).read_text())
+    assert job["model_version"] == PneumoniaDetector.load(str(folder)).version and job["threshold"] == 0.7
+    with open(folder / "model.keras", "ab") as model:  # another model file in the same folder
+        model.write(b"\0")
+    with pytest.raises(PneumoDistError, match=f"holds scores of model {job['model_version']}"):
+        batch_scoring.score(paths, str(folder), out, address="never-reached")
