@@ -296,7 +296,10 @@ def list_npz(path: str, source_name: str) -> Listing:
                     raise SourceError(
                         f"{source_name}: has no {key!r} array (found: {', '.join(arrays.files)})"
                     )
-            images, labels = arrays[images_key], arrays[labels_key].reshape(-1)
+            try:
+                images, labels = arrays[images_key], arrays[labels_key].reshape(-1)
+            except ValueError as error:  # object arrays: pickled Python objects, never loaded
+                raise SourceError(f"{source_name}: {images_key!r} or {labels_key!r}: {error}") from None
             if images.ndim not in (3, 4) or images.dtype != np.uint8:
                 raise SourceError(
                     f"{source_name}: {images_key!r} must be uint8 (N, H, W[, C]), got {images.dtype} "

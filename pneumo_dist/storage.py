@@ -209,12 +209,12 @@ def create_exclusive(uri: str, data: bytes) -> None:
     """Create `uri` holding `data` only if nothing is there yet, else raise AlreadyExists: a lock that
     two processes (or two machines, on GCS) cannot both take."""
     if not is_gcs(uri):
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(uri, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             raise AlreadyExists(f"{uri} already exists") from None
-        except OSError as error:
+        except OSError as error:  # a file where a folder must be, a read-only or pseudo file system
             raise StorageError(f"cannot write {uri}: {error.strerror or error}") from None
         with os.fdopen(fd, "wb") as file:
             file.write(data)
@@ -337,15 +337,24 @@ def discard(local_folder: str, uri: str, names: Iterable[str]) -> None:
             delete(join(uri, name))
 
 
-def _walk_local(folder: str):
+def _walk_local(folder: str, ancestors: tuple[tuple[int, int], ...] = ()):
     # os.scandir rather than Path.rglob: it knows each entry's type without another system call.
     try:
         entries = list(os.scandir(folder))
+        here = os.stat(folder)
     except (FileNotFoundError, NotADirectoryError):
         return
+    except OSError as error:  # no permission, a link loop the system itself stopped
+        raise StorageError(f"cannot list {folder}: {error.strerror or error}") from None
+    ancestors = (*ancestors, (here.st_dev, here.st_ino))
     for entry in entries:
         if entry.is_dir():  # follows links: a source folder may link to where the images really are
-            yield from _walk_local(entry.path)
+            target = entry.stat()
+            if (target.st_dev, target.st_ino) in ancestors:
+                raise StorageError(
+                    f"{entry.path} is a symbolic link loop: it leads back to a folder above it"
+                )
+            yield from _walk_local(entry.path, ancestors)
         elif entry.is_file():
             entry_stat = entry.stat()
             yield FileInfo(entry.path, entry_stat.st_size, str(entry_stat.st_mtime_ns))

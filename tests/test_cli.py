@@ -85,3 +85,24 @@ def test_tf_keras_is_the_keras_after_importing_pneumo_dist():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
     refused = run("-c", "import pneumo_dist", env=env | {"TF_USE_LEGACY_KERAS": "0"})
     assert refused.returncode != 0 and "pneumo-dist needs tf-keras" in refused.stderr
+
+
+def test_hostile_sources_and_destinations_are_one_line_and_exit_2(tmp_path):
+    """Each of these ended in a traceback before 2026-12-02."""
+    import numpy as np
+
+    (tmp_path / "a-file").write_text("")
+    np.savez(tmp_path / "objects.npz", train_images=np.array([object()], dtype=object), train_labels=[0])
+    (tmp_path / "loop" / "train" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "loop" / "train" / "NORMAL" / "up").symlink_to("..")
+    cases = {
+        ("demo", str(tmp_path / "a-file")): "a-file/_work/lock.json: Not a directory",
+        (str(tmp_path / "objects.npz"), str(tmp_path / "o1")): "Object arrays cannot be loaded",
+        (str(tmp_path / "loop"), str(tmp_path / "o2")): "NORMAL/up is a symbolic link loop",
+        ("demo", "/proc/pneumo-dist-test"): "cannot write /proc/pneumo-dist-test",
+    }
+    for args, expected in cases.items():
+        result = run("jobs/make_shards.py", *args, "--workers", "1")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
+    assert (tmp_path / "a-file").read_text() == ""  # nothing of ours written over it
