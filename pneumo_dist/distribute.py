@@ -9,7 +9,7 @@ import tempfile
 
 import tensorflow as tf
 
-from pneumo_dist.config import TrainConfig
+from pneumo_dist.config import ConfigError, TrainConfig
 
 STEP_ONE_PROGRAM = "one XLA program per step (augmentation, forward, backward, update)"
 STEP_SPLIT = (
@@ -136,7 +136,7 @@ def configure_process(
         # Per user and private: the cache holds executables this process will run.
         cache = os.path.join(tempfile.gettempdir(), f"pneumo-dist-xla-cache-{os.getuid()}")
     if cache:
-        os.makedirs(cache, mode=0o700, exist_ok=True)
+        _check_cache_folder(cache)
         flags = os.environ.get("TF_XLA_FLAGS", "")
         if "tf_xla_persistent_cache_directory" not in flags:
             os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={cache}".strip()
@@ -153,6 +153,25 @@ def configure_process(
             pass
     _process_cache.append(cache)
     return cache
+
+
+def _check_cache_folder(cache: str) -> None:
+    """Create the XLA cache folder (private), or refuse one that another user owns or others may write:
+    XLA loads the executables it finds there. The default path in the shared temporary folder is
+    predictable, so a folder someone else made there first is refused, not used."""
+    try:
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+        found = os.stat(cache)
+    except OSError as error:
+        raise ConfigError(
+            f"train.xla_cache_dir={cache}: cannot create it ({error.strerror or error})"
+        ) from None
+    if found.st_uid != os.getuid() or found.st_mode & 0o022:
+        raise ConfigError(
+            f"train.xla_cache_dir={cache} is owned by another user or writable by others (mode "
+            f"{found.st_mode & 0o777:o}): XLA would run executables from it; give another folder, or "
+            f'chmod go-w it if it is yours, or "" for no cache'
+        )
 
 
 _process_cache: list[str] = []  # configure_process's folder, once it has run

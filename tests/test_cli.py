@@ -106,3 +106,28 @@ def test_hostile_sources_and_destinations_are_one_line_and_exit_2(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, result.stderr)
     assert (tmp_path / "a-file").read_text() == ""  # nothing of ours written over it
+
+
+def test_an_xla_cache_folder_that_cannot_be_made_or_others_may_write_is_refused(tmp_path, demo_shards):
+    (tmp_path / "a-file").write_text("")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # as a folder someone else made first at the default path would be
+    for cache, expected in (
+        (tmp_path / "a-file" / "cache", "cannot create it (Not a directory)"),
+        (shared, "writable by others (mode 777)"),
+    ):
+        result = run(
+            "jobs/train.py",
+            "--local",
+            "--set",
+            f"data.manifest_uri={demo_shards}",
+            "--set",
+            f"train.xla_cache_dir={cache}",
+            "--set",
+            f"train.output_uri={tmp_path / 'out'}",
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(f"train: error: train.xla_cache_dir={cache}")
+        assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
