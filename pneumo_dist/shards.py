@@ -505,43 +505,103 @@ def _delete(uris: set[str], destination: str) -> None:
 
 @contextlib.contextmanager
 def _destination_lock(destination: str):
-    """Only one make_shards writes a destination at a time, across processes and machines: a lock file
-    created only if absent (on GCS, an object created with if_generation_match=0). A lock left by a
-    dead process of this host is taken over; one from another host must be removed by hand."""
+    """Only one make_shards writes a destination at a time, across processes and machines. A local
+    folder: an exclusive flock on its lock file, which the kernel releases when its process dies, so a
+    dead run's lock is no lock and no takeover can race. A bucket: an object created only if absent
+    (if_generation_match=0); one left by a dead process of this host is taken over by a delete
+    conditional on the generation that was found stale, so of two processes that found it stale only
+    one takes it. One from another host must be removed by hand."""
     uri = storage.join(_work_folder(destination), LOCK_NAME)
     created = not storage.is_gcs(destination) and not os.path.exists(destination)
-    owner = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started_utc": storage.utc_timestamp(),
-    }
-    try:
-        storage.create_exclusive(uri, json.dumps(owner).encode())
-    except storage.AlreadyExists:
-        holder = _read_plan(uri)  # any small JSON file
-        pid = holder.get("pid")
-        ours = holder.get("host") == owner["host"] and isinstance(pid, int)
-        stale = ours and not storage.process_alive(pid)
-        if not stale:
-            raise ShardError(
-                f"{destination} is being written by another make_shards (host {holder.get('host')}, pid "
-                f"{pid}, since {holder.get('started_utc')}). If that run is no longer alive, delete {uri} "
-                "and run again"
-            ) from None
-        storage.delete(uri)
-        try:
-            storage.create_exclusive(uri, json.dumps(owner).encode())
-        except storage.AlreadyExists:
-            raise ShardError(f"{destination} is being written by another make_shards ({uri})") from None
+    owner = json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": storage.utc_timestamp()}
+    ).encode()
+    held = _hold_local_lock(uri, destination, owner) if not storage.is_gcs(uri) else None
+    if held is None:
+        _take_bucket_lock(uri, destination, owner)
     try:
         yield
     finally:
-        storage.delete(uri)
+        storage.delete(uri)  # before the flock goes: a waiting process then finds no file, or a new one
+        if held is not None:
+            os.close(held)
         if not storage.is_gcs(destination):
             with contextlib.suppress(OSError):  # rmdir removes only empty folders
                 os.rmdir(_work_folder(destination))
                 if created:
                     os.rmdir(destination)
+
+
+def _hold_local_lock(path: str, destination: str, owner: bytes) -> int:
+    """-> the file descriptor holding the flock on `path` (written with `owner`)."""
+    import fcntl
+
+    for _ in range(10):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # a file where a folder must be, a read-only or pseudo file system
+            raise storage.StorageError(f"cannot write {path}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise ShardError(
+                f"{destination} is being written by another make_shards (host {holder.get('host')}, pid "
+                f"{holder.get('pid')}, since {holder.get('started_utc')})"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, owner, 0)
+            return fd
+        os.close(fd)  # locked a file its holder had just removed: open the new one
+    raise ShardError(f"{destination}: could not take its lock {path}; run again")
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _take_bucket_lock(uri: str, destination: str, owner: bytes) -> None:
+    try:
+        storage.create_exclusive(uri, owner)
+        return
+    except storage.AlreadyExists:
+        pass
+    released, generation, holder = False, None, {}
+    try:
+        content, generation = storage.read_bytes_and_generation(uri)
+        holder = json.loads(content)
+    except storage.StorageNotFound:  # released meanwhile
+        released = True
+    except ValueError:
+        pass
+    holder = holder if isinstance(holder, dict) else {}
+    pid = holder.get("pid")
+    ours = holder.get("host") == socket.gethostname() and isinstance(pid, int)
+    stale = ours and not storage.process_alive(pid)
+    taken = False
+    if stale or released:
+        with contextlib.suppress(storage.StorageError):  # another process was quicker: not ours
+            if stale:
+                storage.delete_if_generation(uri, generation)  # only the exact object found stale
+            storage.create_exclusive(uri, owner)
+            taken = True
+    if not taken:
+        raise ShardError(
+            f"{destination} is being written by another make_shards (host {holder.get('host')}, pid "
+            f"{pid}, since {holder.get('started_utc')}). If that run is no longer alive, delete {uri} "
+            "and run again"
+        )
 
 
 # --- the manifest -----------------------------------------------------------------------------------

@@ -205,6 +205,24 @@ def delete(uri: str) -> None:
         _gcs_call(uri, lambda blob: blob.delete(timeout=GCS_TIMEOUT_S, retry=_retry()))
 
 
+def read_bytes_and_generation(uri: str) -> tuple[bytes, int | None]:
+    """An object's bytes and the generation they are of (gs:// only): what delete_if_generation takes.
+    None: a store that keeps no generations (gcp-storage-emulator)."""
+
+    def read(blob) -> tuple[bytes, int | None]:
+        data = blob.download_as_bytes(timeout=GCS_TIMEOUT_S, retry=_retry())
+        return data, None if blob.generation is None else int(blob.generation)
+
+    return _gcs_call(uri, read)
+
+
+def delete_if_generation(uri: str, generation: int | None) -> None:
+    """Delete the object only if it is still that generation (gs:// only; GCS checks it atomically:
+    https://cloud.google.com/storage/docs/request-preconditions). Raises StorageError otherwise,
+    StorageNotFound when it is gone. None (a store without generations): unconditionally."""
+    _gcs_call(uri, lambda blob: blob.delete(if_generation_match=generation, timeout=GCS_TIMEOUT_S))
+
+
 def create_exclusive(uri: str, data: bytes) -> None:
     """Create `uri` holding `data` only if nothing is there yet, else raise AlreadyExists: a lock that
     two processes (or two machines, on GCS) cannot both take."""

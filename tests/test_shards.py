@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -338,13 +339,60 @@ def test_a_second_make_shards_into_a_destination_in_use_is_refused(tiny_demo_roo
     lock = storage.join(destination, shards.WORK_FOLDER, shards.LOCK_NAME)
     # A live process of this host holds it (this very one): not stale.
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": "2026-01-01T00:00:00Z"}
-    storage.create_exclusive(lock, json.dumps(holder).encode())
+    if where == "local":  # a local lock is the flock on its file
+        held = shards._hold_local_lock(lock, destination, json.dumps(holder).encode())
+    else:
+        storage.create_exclusive(lock, json.dumps(holder).encode())
     with pytest.raises(shards.ShardError, match=f"being written by another make_shards .*pid {os.getpid()}"):
         shards.make_shards(tiny_demo_root, destination, SMALL, workers=1)
     assert not storage.exists(storage.join(destination, schema.MANIFEST_NAME))
     storage.delete(lock)
+    if where == "local":
+        os.close(held)
     result = shards.make_shards(tiny_demo_root, destination, SMALL, workers=1)
     assert not storage.exists(lock) and result.shards_written == 12
+
+
+RACE = """
+import json, os, sys, time
+sys.path.insert(0, os.getcwd())
+from pneumo_dist import shards
+destination, record, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+time.sleep(max(0.0, start - time.time()))
+try:
+    with shards._destination_lock(destination):
+        held = [time.time()]
+        time.sleep(0.3)
+        held.append(time.time())
+except shards.ShardError:
+    held = []
+with open(record, "w") as file:
+    json.dump(held, file)
+"""
+
+
+def test_of_processes_that_find_the_same_stale_lock_one_at_a_time_holds_it(tmp_path):
+    """Before 2026-12-02 two processes that found the same stale lock both held it (5 of 5 trials with
+    50 ms between them): the stale lock was deleted unconditionally."""
+    destination = tmp_path / "ds"
+    lock = destination / shards.WORK_FOLDER / shards.LOCK_NAME
+    dead = subprocess.run([sys.executable, "-c", "print(__import__('os').getpid())"], capture_output=True)
+    stale = {"host": socket.gethostname(), "pid": int(dead.stdout), "started_utc": "2026-01-01T00:00:00Z"}
+    for trial in range(10):
+        lock.parent.mkdir(parents=True, exist_ok=True)  # (a run that ends removes the empty work folder)
+        lock.write_text(json.dumps(stale))
+        start = time.time() + 0.8  # all at once: the window is between reading the stale lock and taking it
+        records = [tmp_path / f"held-{trial}-{n}.json" for n in range(4)]
+        racers = [
+            subprocess.Popen([sys.executable, "-c", RACE, str(destination), str(r), str(start)], cwd=REPO)
+            for n, r in enumerate(records)
+        ]
+        assert all(racer.wait(timeout=60) == 0 for racer in racers)
+        intervals = sorted(tuple(json.loads(r.read_text())) for r in records)
+        held = [i for i in intervals if i]
+        assert held, "nobody took the stale lock"
+        for (_, first_end), (second_start, _) in itertools.pairwise(held):
+            assert second_start >= first_end, f"two processes held the lock at once: {held}"
 
 
 def test_two_concurrent_runs_give_one_sound_dataset(tiny_demo_root, tmp_path):
