@@ -11,6 +11,7 @@ generated data set.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from tqdm import tqdm
 from pneumo_dist import demo, shards
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.images import DEFAULT_MAX_PIXELS
+
+PATIENT_KEY_ENV = "PNEUMO_DIST_PATIENT_KEY"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -68,10 +71,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="let a CSV name files outside its own folder (../, absolute paths, other buckets)",
     )
     parser.add_argument(
-        "--patient-salt",
-        default=None,
-        help="key of the salted hash that records keep of each patient id (16+ characters; default: one "
-        "derived from the inputs, in the manifest); the same salt links two datasets' patients",
+        "--patient-key-file",
+        default=shards.DEFAULT_PATIENT_KEY_FILE,
+        help="the secret key of the keyed hash that records keep of each patient id: created on first use "
+        f"(0600; default: %(default)s); ${PATIENT_KEY_ENV}, when set, is the key itself. The same key links "
+        "two datasets' patients; the manifest holds only its fingerprint",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at DST")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes")
@@ -92,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels,
         strict=args.strict,
         allow_outside_paths=args.allow_outside_paths,
-        patient_salt=args.patient_salt,
     )
     bars: list[tqdm] = []  # made on the first report: its monitor thread would keep make_shards from forking
 
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             bars[0].close()
 
     try:
+        options = dataclasses.replace(options, patient_key=patient_key(args.patient_key_file))
         with tempfile.TemporaryDirectory(prefix="pneumo-demo-") as demo_root:
             source = args.src
             if source == "demo":
@@ -127,6 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     close_bar()
     print(summarize(result))
     return 0
+
+
+def patient_key(path: str) -> str:
+    """The key from the environment, else from its file (made on first use, and said so)."""
+    key = os.environ.get(PATIENT_KEY_ENV)
+    if key:
+        return key
+    key, created = shards.read_or_create_patient_key(path)
+    if created:
+        print(
+            f"make_shards: created a patient key in {path}: keep it private, and give the same key to "
+            "datasets whose patients must be linked (README: patient data)",
+            file=sys.stderr,
+        )
+    return key
 
 
 def summarize(result: shards.Result) -> str:

@@ -19,13 +19,14 @@ import math
 import multiprocessing
 import os
 import re
+import secrets
 import socket
 import sys
 import tempfile
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,6 +40,7 @@ DEFAULT_STORED_SIZE_PX = 256
 WORK_FOLDER = "_work"
 PLAN_NAME = "plan.json"
 LOCK_NAME = "lock.json"
+MIN_PATIENT_KEY_CHARS = 32
 _SIZE_SAMPLE = 8  # images encoded up front to estimate the bytes per record, hence the shard count
 
 
@@ -61,10 +63,11 @@ class ShardOptions:
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS
     strict: bool = False  # stop at the first bad file, and at images found in two splits
     allow_outside_paths: bool = False  # CSV rows may name files outside the CSV's folder
-    # Records keep a patient id only as HMAC-SHA256(patient_salt, id); the manifest keeps the salt. None:
-    # one derived from the inputs and options (the same inputs make the same records, other inputs get
-    # another salt); give two datasets the same salt to link their patients.
-    patient_salt: str | None = None
+    # Records keep a patient id only as HMAC-SHA256(patient_key, id) (pseudonym). The key is secret: no
+    # output holds it, the manifest only its fingerprint (patient_key_fingerprint); the same key links
+    # two datasets' patients. None: a random key for this run only (nothing links its pseudonyms to
+    # another run's, and a re-run cannot reuse its shards); jobs/make_shards.py gives the user's key.
+    patient_key: str | None = field(default=None, repr=False)
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ShardError:
@@ -84,8 +87,9 @@ class ShardOptions:
             raise bad("min_shards", "must be at least 1")
         if self.max_pixels < 1:
             raise bad("max_pixels", "must be positive")
-        if self.patient_salt is not None and len(self.patient_salt) < 16:
-            raise ShardError("option patient_salt: must be at least 16 characters")  # never echoed
+        if self.patient_key is not None and len(self.patient_key) < MIN_PATIENT_KEY_CHARS:
+            # (never echoed)
+            raise ShardError(f"the patient key must be at least {MIN_PATIENT_KEY_CHARS} characters")
 
 
 @dataclass(frozen=True)
@@ -133,9 +137,9 @@ def make_shards(
             listing.images, options.val_fraction, options.keep_val, options.seed
         )
         options = _resolve_stored_size(options, listing)
-        inputs = _inputs_digest(listing, assigned)  # read once: the salt and the fingerprint use it
-        if options.patient_salt is None:
-            options = dataclasses.replace(options, patient_salt=_fingerprint(inputs, options)[:32])
+        inputs = _inputs_digest(listing, assigned)
+        if options.patient_key is None:
+            options = dataclasses.replace(options, patient_key=secrets.token_hex(32))
         fingerprint = _fingerprint(inputs, options)
         manifest_uri = storage.join(destination, schema.MANIFEST_NAME)
 
@@ -206,9 +210,55 @@ def _resolve_stored_size(options: ShardOptions, listing: sources.Listing) -> Sha
     return dataclasses.replace(options, stored_size_px=size)
 
 
-def pseudonym(patient_id: str, salt: str) -> str:
-    """What a record keeps of a patient id: its salted hash (HMAC-SHA256, 128 bits as hex)."""
-    return hmac.new(salt.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:32]
+def pseudonym(patient_id: str, key: str) -> str:
+    """What a record keeps of a patient id: its keyed hash (HMAC-SHA256, 128 bits as hex)."""
+    return hmac.new(key.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+DEFAULT_PATIENT_KEY_FILE = "~/.config/pneumo-dist/patient-key"
+
+
+def read_or_create_patient_key(path: str) -> tuple[str, bool]:
+    """-> (the patient key in the file at `path`, whether it was created now). A missing file is made
+    with a random 256-bit key, readable by its owner only (0600); an existing one that others may read
+    is refused, as ssh refuses such a private key."""
+    path = os.path.expanduser(path)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise ShardError(f"patient key file {path}: cannot create it ({error.strerror or error})") from None
+    else:
+        with os.fdopen(fd, "w") as file:
+            file.write(secrets.token_hex(32) + "\n")
+        return read_or_create_patient_key(path)[0], True
+    try:
+        mode = os.stat(path).st_mode
+        with open(path) as file:
+            key = file.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ShardError(f"patient key file {path}: cannot read it ({error})") from None
+    if mode & 0o077:
+        raise ShardError(
+            f"patient key file {path} may be read by others (mode {mode & 0o777:o}): chmod 600 it"
+        )
+    return key, False
+
+
+def key_fingerprint(key: str) -> str:
+    """What the manifest keeps of the patient key: enough to tell whether two datasets share a key,
+    nothing that helps compute a pseudonym (an HMAC of a fixed text, not of any patient id)."""
+    return hmac.new(key.encode(), b"pneumo-dist patient key fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+def public_options(options: ShardOptions) -> dict:
+    """The options as the manifest and the dataset's fingerprint hold them: the key as its fingerprint."""
+    settings = dataclasses.asdict(options)
+    key = settings.pop("patient_key")
+    settings["patient_key_fingerprint"] = key_fingerprint(key) if key else None
+    return settings
 
 
 def _inputs_digest(listing: sources.Listing, assigned: list[SourceImage]) -> bytes:
@@ -226,7 +276,7 @@ def _inputs_digest(listing: sources.Listing, assigned: list[SourceImage]) -> byt
 
 def _fingerprint(inputs: bytes, options: ShardOptions) -> str:
     """Identifies the inputs (_inputs_digest) and options; the same fingerprint means the same dataset."""
-    settings = dataclasses.asdict(options)
+    settings = public_options(options)
     # Whether we stop, or may read outside a CSV's folder, does not change what is written.
     settings.pop("strict")
     settings.pop("allow_outside_paths")
@@ -326,7 +376,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
                         ) from None
                     skipped.append({"source": image.source, "reason": str(error)})
                     continue
-                patient = pseudonym(image.patient_id, options.patient_salt)
+                patient = pseudonym(image.patient_id, options.patient_key)
                 if dicom is not None:  # the source's own values win over the file's
                     dicom_records += 1
                     image = dataclasses.replace(
@@ -663,7 +713,7 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
         pneumo_dist_version=pneumo_dist.__version__,
         fingerprint=fingerprint,
         source=source,
-        options=dataclasses.asdict(options),
+        options=public_options(options),
         seed=options.seed,
         image=schema.StoredImage(
             stored_size_px=options.stored_size_px,

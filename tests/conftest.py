@@ -18,6 +18,9 @@ import pytest
 os.environ.setdefault("NO_GCE_CHECK", "True")
 os.environ.setdefault("GCE_METADATA_HOST", "127.0.0.1:9")
 os.environ.setdefault("GCE_METADATA_IP", "127.0.0.1:9")
+# The jobs' patient key (jobs/make_shards.py): the tests' own, so that no test makes one in the home folder.
+TEST_PATIENT_KEY = "pneumo-dist-tests-patient-key-0123456789abcdef"
+os.environ["PNEUMO_DIST_PATIENT_KEY"] = TEST_PATIENT_KEY
 
 from pneumo_dist.demo import DemoSpec, write_demo_dataset  # noqa: E402
 

@@ -32,7 +32,7 @@ from pneumo_dist import images, schema, shards, sources, storage
 from pneumo_dist.demo import DemoSpec, write_demo_dataset
 from pneumo_dist.predict import PneumoniaDetector
 
-from .conftest import REPO
+from .conftest import REPO, TEST_PATIENT_KEY
 
 DIGITAL_XRAY_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 PHI = {
@@ -271,7 +271,9 @@ def test_the_rsna_layout_keeps_labels_classes_boxes_sex_and_age_band_but_no_pati
 
     _, gray = xray
     labelled = write_rsna(tmp_path / "rsna", gray)
-    options = shards.ShardOptions(stored_size_px=32, min_shards=1, val_fraction=0.25)
+    options = shards.ShardOptions(
+        stored_size_px=32, min_shards=1, val_fraction=0.25, patient_key=TEST_PATIENT_KEY
+    )
     result = shards.make_shards(str(tmp_path / "rsna"), str(tmp_path / "ds"), options, workers=1)
     manifest = result.manifest
     assert manifest.source["format"] == "rsna"
@@ -283,8 +285,7 @@ def test_the_rsna_layout_keeps_labels_classes_boxes_sex_and_age_band_but_no_pati
     assert any("ignored 1 files in stage_2_train_images/" in note for note in manifest.notes)
     assert manifest.counts["train"]["PNEUMONIA"] + manifest.counts.get("val", {}).get("PNEUMONIA", 0) == 3
     assert set(manifest.splits) == {"train", "val"}  # the challenge's test images have no labels
-    salt = manifest.options["patient_salt"]
-    by_hash = {shards.pseudonym(patient, salt): patient for patient in labelled}
+    by_hash = {shards.pseudonym(patient, TEST_PATIENT_KEY): patient for patient in labelled}
     records = read_records(
         [uri for split in manifest.splits for uri in manifest.shard_uris(result.manifest_uri, split)]
     )
@@ -315,7 +316,7 @@ def test_rsna_labels_that_contradict_themselves_are_an_error_naming_the_line(xra
         sources.list_source(str(tmp_path))
 
 
-def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_salt_is_used(xray, tmp_path):
+def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_key_is_used(xray, tmp_path):
     """PACS exports: files without an extension, named by UID; only the PatientID ties a patient's views
     together (it is never stored)."""
     from .test_shards import read_records
@@ -328,8 +329,8 @@ def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_salt_is_u
             patient = {"PatientID": f"MRN-{label}-{number // 2}"}  # two views per patient
             (source / "train" / label / generate_uid()).write_bytes(make_dicom(gray, patient=patient))
     (source / "train" / "NORMAL" / "README").write_text("not an image")
-    salt = "a salt of 16 chars or more"
-    options = shards.ShardOptions(stored_size_px=32, min_shards=1, val_fraction=0.5, patient_salt=salt)
+    salt = "a key of 32 characters or more, given"
+    options = shards.ShardOptions(stored_size_px=32, min_shards=1, val_fraction=0.5, patient_key=salt)
     result = shards.make_shards(str(source), str(tmp_path / "ds"), options, workers=1)
     assert result.manifest.skipped == [{"source": "train/NORMAL/README", "reason": sources.NOT_AN_IMAGE}]
     assert result.manifest.patients == {"train": 4, "val": 4}
@@ -343,8 +344,9 @@ def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_salt_is_u
     assert set(splits_of) == expected and all(len(found) == 1 for found in splits_of.values())
     written = b"".join(p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file())
     assert b"MRN-" not in written
-    with pytest.raises(shards.ShardError, match="patient_salt: must be at least 16 characters"):
-        shards.ShardOptions(patient_salt="short").validate()
+    assert salt.encode() not in written
+    with pytest.raises(shards.ShardError, match="patient key must be at least 32 characters"):
+        shards.ShardOptions(patient_key="short").validate()
 
 
 def test_folder_searches_find_dicom_files_of_any_name(xray, tmp_path, bucket):

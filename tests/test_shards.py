@@ -17,9 +17,9 @@ import pytest
 
 from pneumo_dist import schema, shards, sources, storage
 
-from .conftest import REPO
+from .conftest import REPO, TEST_PATIENT_KEY
 
-SMALL = shards.ShardOptions(stored_size_px=32, min_shards=4)
+SMALL = shards.ShardOptions(stored_size_px=32, min_shards=4, patient_key=TEST_PATIENT_KEY)
 
 
 def read_records(shard_uris: list[str]) -> list[dict]:
@@ -58,8 +58,12 @@ def local_shards(result, split):
 def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root, tmp_path):
     result = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
     listing = {image.source: image for image in sources.list_kaggle(tiny_demo_root).images}
-    salt = result.manifest.options["patient_salt"]
-    assert len(salt) == 32  # a random 128-bit salt
+    # The manifest holds the key's fingerprint only.
+    assert result.manifest.options["patient_key_fingerprint"] == shards.key_fingerprint(TEST_PATIENT_KEY)
+    assert "patient_key" not in result.manifest.options
+    written = b"".join(p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file())
+    assert TEST_PATIENT_KEY.encode() not in written
+    salt = TEST_PATIENT_KEY
     seen = []
     for split in ("train", "val", "test"):
         for record in read_records(local_shards(result, split)):
@@ -108,7 +112,7 @@ def test_same_inputs_give_identical_shard_bytes(tiny_demo_root, tmp_path):
     other_seed = shards.make_shards(
         tiny_demo_root,
         str(tmp_path / "c"),
-        shards.ShardOptions(stored_size_px=32, min_shards=4, seed=1),
+        shards.ShardOptions(patient_key=TEST_PATIENT_KEY, stored_size_px=32, min_shards=4, seed=1),
         workers=1,
     )
     assert other_seed.manifest.splits != first.manifest.splits
@@ -127,7 +131,9 @@ def test_rerun_is_a_no_op_and_other_options_need_overwrite(tiny_demo_root, tmp_p
     manifest_mtime = os.path.getmtime(first.manifest_uri)
     again = shards.make_shards(tiny_demo_root, destination, SMALL, workers=1)
     assert again.unchanged and os.path.getmtime(first.manifest_uri) == manifest_mtime
-    png = shards.ShardOptions(stored_size_px=32, min_shards=2, image_format="png")
+    png = shards.ShardOptions(
+        patient_key=TEST_PATIENT_KEY, stored_size_px=32, min_shards=2, image_format="png"
+    )
     with pytest.raises(shards.ShardError, match="already holds a dataset .* pass --overwrite"):
         shards.make_shards(tiny_demo_root, destination, png, workers=1)
     replaced = shards.make_shards(tiny_demo_root, destination, png, overwrite=True, workers=1)
@@ -216,7 +222,7 @@ def test_strict_stops_at_the_first_bad_file(demo_copy, tmp_path):
         shards.make_shards(
             str(demo_copy),
             str(tmp_path / "ds"),
-            shards.ShardOptions(stored_size_px=32, strict=True),
+            shards.ShardOptions(patient_key=TEST_PATIENT_KEY, stored_size_px=32, strict=True),
             workers=2,
         )
     assert not (tmp_path / "ds" / schema.MANIFEST_NAME).exists()
@@ -243,7 +249,7 @@ def test_gcs_source_to_gcs_destination(tiny_demo_root, bucket, tmp_path):
 
 def test_interrupted_gcs_run_resumes(tiny_demo_root, bucket):
     destination = storage.join(bucket, "ds")
-    options = shards.ShardOptions(stored_size_px=32, min_shards=4, strict=True)
+    options = shards.ShardOptions(patient_key=TEST_PATIENT_KEY, stored_size_px=32, min_shards=4, strict=True)
     broken_image = storage.join(bucket, "raw", "test", "NORMAL", "IM-0999-0001.jpeg")
     storage.copy_tree(tiny_demo_root, storage.join(bucket, "raw"))
     storage.write_bytes(broken_image, b"")
@@ -252,7 +258,9 @@ def test_interrupted_gcs_run_resumes(tiny_demo_root, bucket):
     assert not storage.exists(storage.join(destination, schema.MANIFEST_NAME))
     sidecars = storage.list_files(storage.join(destination, shards.WORK_FOLDER))
     assert len(sidecars) > 1  # the plan and the shards finished before the bad file
-    lenient = shards.ShardOptions(stored_size_px=32, min_shards=4)  # same fingerprint: strict is not in it
+    lenient = shards.ShardOptions(
+        patient_key=TEST_PATIENT_KEY, stored_size_px=32, min_shards=4
+    )  # same fingerprint: strict is not in it
     result = shards.make_shards(storage.join(bucket, "raw"), destination, lenient, workers=1)
     assert result.shards_reused == len(sidecars) - 1
     assert [s["source"] for s in result.manifest.skipped] == ["test/NORMAL/IM-0999-0001.jpeg"]
@@ -266,7 +274,9 @@ def test_npz_source_on_gcs_keeps_native_size(bucket, tmp_path):
         arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(n, 1)
     np.savez(tmp_path / "mnist.npz", **arrays)
     storage.upload(str(tmp_path / "mnist.npz"), storage.join(bucket, "mnist.npz"))
-    options = shards.ShardOptions(image_format="png", keep_val=True, min_shards=2)
+    options = shards.ShardOptions(
+        patient_key=TEST_PATIENT_KEY, image_format="png", keep_val=True, min_shards=2
+    )
     result = shards.make_shards(
         storage.join(bucket, "mnist.npz"), storage.join(bucket, "ds"), options, workers=1
     )
@@ -295,9 +305,9 @@ def test_csv_source(tiny_demo_root, tmp_path):
 
 def test_bad_options_are_named():
     with pytest.raises(shards.ShardError, match="option image_format='gif'"):
-        shards.ShardOptions(image_format="gif").validate()
+        shards.ShardOptions(patient_key=TEST_PATIENT_KEY, image_format="gif").validate()
     with pytest.raises(shards.ShardError, match="option val_fraction=1.5"):
-        shards.ShardOptions(val_fraction=1.5).validate()
+        shards.ShardOptions(patient_key=TEST_PATIENT_KEY, val_fraction=1.5).validate()
 
 
 def test_manifest_json_is_human_readable(tiny_demo_root, tmp_path):
