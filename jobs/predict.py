@@ -28,7 +28,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files (local or gs://) or local folders"
     )
     parser.add_argument("--model", required=True, help="export folder (local or gs://)")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write (local or gs://)")
+    parser.add_argument(
+        "--out", default="predictions.csv", help="CSV to write (local or gs://; default: in this folder)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out CSV that exists")
     export.add_operating_point_arguments(parser)
     parser.add_argument("--tta", type=int, default=1, metavar="VIEWS", help="test-time augmentation views")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -95,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pneumo_dist import predict, storage
+
+    if not args.overwrite and storage.exists(args.out):  # before the model loads: nothing is lost
+        print(
+            f"predict: error: {args.out} exists: give --overwrite to replace it, or another --out",
+            file=sys.stderr,
+        )
+        return 2
 
     detector = predict.PneumoniaDetector.load(
         args.model, threshold=args.threshold, policy=args.policy, prevalence=args.prevalence

@@ -221,3 +221,16 @@ def test_the_run_comparison_resamples_patients_and_reports_the_paired_difference
     assert "difference +0.0000 [+0.0000, +0.0000]" in compare("same.csv")
     low = float(re.search(r"difference \+\d\.\d+ \[([-+]\d\.\d+),", compare("better.csv")).group(1))
     assert low > 0  # the better model's gain is outside the paired interval's noise
+
+
+def test_drift_scores_must_be_probabilities_of_a_predictions_file(tmp_path):
+    from pneumo_dist import evaluate
+
+    (tmp_path / "none.csv").write_text("path,label\na.png,NORMAL\n")
+    with pytest.raises(evaluate.EvaluationError, match="none.csv: not a predictions file with a probability"):
+        evaluate.read_scores(str(tmp_path / "none.csv"))
+    (tmp_path / "odd.csv").write_text("path,probability\na.png,0.2\nb.png,\nc.png,1.7\n")
+    with pytest.raises(evaluate.EvaluationError, match=r"1 probabilities outside \[0, 1\] \(e.g. 1.7\)"):
+        evaluate.read_scores(str(tmp_path / "odd.csv"))
+    (tmp_path / "fine.csv").write_text("path,probability\na.png,0.2\nb.png,\n")
+    assert evaluate.read_scores(str(tmp_path / "fine.csv")).tolist() == [0.2]

@@ -222,6 +222,24 @@ def test_predict_job_writes_a_row_per_image_and_reports_bad_ones(export, source_
     assert broken[0]["error"] and not broken[0]["label"]
     good = [r for r in rows if not r["error"]]
     assert all(r["label"] in schema.CLASS_NAMES and 0 <= float(r["probability"]) <= 1 for r in good)
+    # The same command again does not write over the CSV; --overwrite does.
+    written = out.read_bytes()
+    command = [
+        sys.executable,
+        str(REPO / "jobs" / "predict.py"),
+        str(folder),
+        "--model",
+        export,
+        "--out",
+        str(out),
+    ]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and out.read_bytes() == written
+    assert (
+        again.stderr.strip().splitlines()[-1]
+        == f"predict: error: {out} exists: give --overwrite to replace it, or another --out"
+    )
+    assert subprocess.run([*command, "--overwrite"], capture_output=True, timeout=300).returncode == 1
 
 
 def test_predict_job_with_a_wrong_model_exits_2_with_one_line(tmp_path, source_root):
