@@ -409,7 +409,12 @@ def list_rsna(root: str, files: list[storage.FileInfo]) -> Listing:
             try:
                 box = [float(row[key]) for key in ("x", "y", "width", "height")]
             except ValueError:
-                raise SourceError(f"{where}: Target 1 needs a box: x, y, width, height as numbers") from None
+                box = []
+            # float() takes "nan", "inf" and "-5": a box is finite, inside positive coordinates, not empty.
+            if len(box) != 4 or not all(math.isfinite(v) and v >= 0 for v in box) or min(box[2:]) <= 0:
+                raise SourceError(
+                    f"{where}: Target 1 needs a box: x, y >= 0 and width, height > 0 as finite numbers"
+                )
             boxes[patient] += box
     classes: dict[str, str] = {}
     classes_uri = storage.join(root, RSNA_CLASSES)

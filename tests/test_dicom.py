@@ -314,6 +314,11 @@ def test_rsna_labels_that_contradict_themselves_are_an_error_naming_the_line(xra
     (tmp_path / sources.RSNA_LABELS).write_text("patientId,x,y,width,height,Target\n../../etc/passwd,,,,,0\n")
     with pytest.raises(sources.SourceError, match="expected a plain relative name"):
         sources.list_source(str(tmp_path))
+    # Boxes that float() reads but that are no box: stored as they were before 2026-12-02.
+    for box in ("nan,2,3,4", "1,inf,3,4", "-5,2,3,4", "1,2,0,4"):
+        (tmp_path / sources.RSNA_LABELS).write_text(f"patientId,x,y,width,height,Target\np1,{box},1\n")
+        with pytest.raises(sources.SourceError, match="line 2: Target 1 needs a box: .* finite numbers"):
+            sources.list_source(str(tmp_path))
 
 
 def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_key_is_used(xray, tmp_path):
