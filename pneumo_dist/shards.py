@@ -193,6 +193,7 @@ def make_shards(
         # The manifest is the commit point: written last, atomically.
         storage.write_bytes(manifest_uri, manifest.to_json())
         _delete(_work_files(destination, [task.name for task in tasks]), destination)
+        _delete_leftover_temporaries(destination)
         return Result(manifest_uri, manifest, len(pending), len(tasks) - len(pending), unchanged=False)
 
 
@@ -364,6 +365,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
     fd, local_path = tempfile.mkstemp(
         prefix=f".{task.name}.", suffix=".tmp", dir=None if storage.is_gcs(uri) else task.destination
     )
+    storage.give_ordinary_permissions(local_path)  # as the manifest and every other file: 0644
     try:
         with os.fdopen(fd, "wb") as out:
             for image in task.images:
@@ -534,6 +536,21 @@ def _files_we_wrote(destination: str, manifest: dict | None, plan: dict, present
 
 def _work_folder(destination: str) -> str:
     return storage.join(destination, WORK_FOLDER)
+
+
+# A shard being written: ".<shard name>.<random>.tmp" in a local destination (write_shard).
+_SHARD_TEMPORARY = re.compile(r"^\.(train|val|test)-\d{5}-of-\d{5}\.tfrecord\..+\.tmp$")
+
+
+def _delete_leftover_temporaries(destination: str) -> None:
+    """The half-written shards of runs that were killed (no cleanup runs then), once a run completed:
+    the lock held, no other make_shards writes here. Only files named as ours."""
+    if storage.is_gcs(destination):
+        return  # (a bucket's shards are written in the local temporary folder)
+    for name in os.listdir(destination):
+        if _SHARD_TEMPORARY.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(destination, name))
 
 
 def _work_files(destination: str, shard_names: list[str]) -> set[str]:

@@ -428,6 +428,12 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def give_ordinary_permissions(path: str) -> None:
+    """mkstemp makes a file private (0600); a file to publish gets the permissions an ordinary open()
+    would give it, so that other users (a cluster's workers, a reviewer) can read it."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 class _local_temp_beside:
     """A temporary file next to `path` that replaces `path` on success and vanishes on failure."""
 
@@ -444,9 +450,7 @@ class _local_temp_beside:
         except OSError as error:
             raise StorageError(f"cannot write {self.path}: {error.strerror or error}") from None
         os.close(fd)
-        # mkstemp makes the file private (0600); a published file gets the permissions an ordinary
-        # open() would give it, so that other users (a cluster's workers, a reviewer) can read it.
-        os.chmod(self.tmp, 0o666 & ~_UMASK)
+        give_ordinary_permissions(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -480,3 +480,22 @@ def test_a_changed_image_of_a_csv_source_changes_the_dataset(demo_copy, tmp_path
     image.write_bytes(other.read_bytes())  # new content; the CSV itself is unchanged
     with pytest.raises(shards.ShardError, match="already holds a dataset made from other inputs"):
         shards.make_shards(str(demo_copy / "list.csv"), destination, SMALL, workers=1)
+
+
+def test_shards_are_readable_as_every_file_and_a_killed_runs_temporaries_go_with_the_next_run(
+    tiny_demo_root, tmp_path
+):
+    destination = tmp_path / "ds"
+    destination.mkdir()
+    killed = destination / ".train-00001-of-00004.tfrecord.k1ll3d.tmp"  # a killed run's (no cleanup)
+    theirs = destination / ".notes.tmp"
+    killed.write_bytes(b"half a shard")
+    theirs.write_text("not ours")
+    old_umask = os.umask(0o022)
+    try:  # (--overwrite: the run's own check refuses a folder with files it did not write, as these are)
+        shards.make_shards(tiny_demo_root, str(destination), SMALL, overwrite=True, workers=1)
+    finally:
+        os.umask(old_umask)
+    assert not killed.exists() and theirs.read_text() == "not ours"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in destination.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o644}, modes  # shards were 0600 before 2026-12-02, the rest 0644
