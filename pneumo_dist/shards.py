@@ -326,13 +326,31 @@ def _worker_pool(workers: int | None):
         pool = concurrent.futures.ThreadPoolExecutor(1)
     else:
         context = multiprocessing.get_context(_start_method())
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context)
+        pool = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),)
+        )
         for _ in range(workers):
             pool.submit(int)  # start every worker now rather than on demand
     try:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _end_with_parent(parent: int) -> None:
+    """A worker ends when make_shards' process ends, however it ends: killed (SIGKILL runs no
+    cleanup), its workers would otherwise go on converting for nobody. Linux's PR_SET_PDEATHSIG;
+    elsewhere nothing."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the signal was asked for
+        os._exit(1)
 
 
 def _start_method() -> str:

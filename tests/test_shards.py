@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pneumo_dist import schema, shards, sources, storage
+from pneumo_dist.demo import DemoSpec, write_demo_dataset
 
 from .conftest import REPO, TEST_PATIENT_KEY
 
@@ -499,3 +500,23 @@ def test_shards_are_readable_as_every_file_and_a_killed_runs_temporaries_go_with
     assert not killed.exists() and theirs.read_text() == "not ours"
     modes = {p.name: p.stat().st_mode & 0o777 for p in destination.iterdir() if p.is_file()}
     assert set(modes.values()) == {0o644}, modes  # shards were 0600 before 2026-12-02, the rest 0644
+
+
+def test_killing_make_shards_ends_its_worker_processes(tmp_path):
+    import psutil
+
+    source = tmp_path / "source"
+    write_demo_dataset(
+        str(source), DemoSpec(images_per_class=(("train", 60),), min_side_px=200, max_side_px=300)
+    )
+    command = [sys.executable, "jobs/make_shards.py", str(source), str(tmp_path / "ds"), "--workers", "2"]
+    main = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(psutil.Process(main.pid).children()) < 2:
+        assert main.poll() is None and time.monotonic() < deadline, "make_shards ended before the test"
+        time.sleep(0.05)
+    workers = psutil.Process(main.pid).children()
+    main.kill()  # SIGKILL: no cleanup of its own runs
+    main.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers still running after their make_shards was killed: {alive}"
