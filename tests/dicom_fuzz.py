@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import resource
+import struct
 import sys
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def encapsulated(dataset: Dataset, syntax: str, frame: bytes) -> Dataset:
     dataset.PixelData = encapsulate([frame])
     dataset["PixelData"].VR = "OB"
     return dataset
+
+
+def rle_frame(pixels: int, segments: int) -> bytes:
+    """A DICOM RLE frame (PS3.5 G.3) of `segments` segments of `pixels` zero bytes each, in PackBits
+    runs of 128: ~150x smaller than what it decodes to."""
+    runs, rest = divmod(pixels, 128)
+    segment = b"\x81\x00" * runs + (bytes([257 - rest, 0]) if rest else b"")
+    offsets = [64 + index * len(segment) for index in range(segments)]
+    header = struct.pack("<16I", segments, *offsets, *[0] * (15 - segments))
+    return header + segment * segments
 
 
 def with_attributes(**values) -> bytes:
@@ -113,9 +124,18 @@ def cases(seed: int = 0) -> dict[str, bytes]:
         ),
         "rle 7000 x 7000 x 3 x 32 bit": to_bytes(
             encapsulated(
-                _set(base(), Rows=7000, Columns=7000, SamplesPerPixel=3, BitsAllocated=32, BitsStored=32),
+                _set(
+                    base(),
+                    Rows=7000,
+                    Columns=7000,
+                    SamplesPerPixel=3,
+                    BitsAllocated=32,
+                    BitsStored=32,
+                    PlanarConfiguration=0,
+                    PhotometricInterpretation="RGB",
+                ),
                 RLELossless,
-                b"\0" * 64,
+                rle_frame(7000 * 7000, segments=12),
             )
         ),
         "compressed frame without a header": to_bytes(encapsulated(base(), JPEGBaseline8Bit, b"\0" * 100)),
