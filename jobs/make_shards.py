@@ -18,7 +18,7 @@ import tempfile
 
 from tqdm import tqdm
 
-from pneumo_dist import demo, shards
+from pneumo_dist import demo, pseudonyms, shards
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.images import DEFAULT_MAX_PIXELS
 
@@ -72,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--patient-key-file",
-        default=shards.DEFAULT_PATIENT_KEY_FILE,
+        default=pseudonyms.DEFAULT_KEY_FILE,
         help="the secret key of the keyed hash that records keep of each patient id: created on first use "
         f"(0600; default: %(default)s); ${PATIENT_KEY_ENV}, when set, is the key itself. The same key links "
         "two datasets' patients; the manifest holds only its fingerprint",
@@ -138,7 +138,7 @@ def patient_key(path: str) -> str:
     key = os.environ.get(PATIENT_KEY_ENV)
     if key:
         return key
-    key, created = shards.read_or_create_patient_key(path)
+    key, created = pseudonyms.read_or_create_key(path)
     if created:
         print(
             f"make_shards: created a patient key in {path}: keep it private, and give the same key to "

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import hmac
 import itertools
 import json
 import math
@@ -20,7 +19,6 @@ import multiprocessing
 import os
 import re
 import secrets
-import socket
 import sys
 import tempfile
 import threading
@@ -31,8 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import pneumo_dist
+from pneumo_dist import folder_lock, pseudonyms, schema, sources, storage, tfrecord
 from pneumo_dist import images as imaging
-from pneumo_dist import schema, sources, storage, tfrecord
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.sources import SourceImage
 
@@ -40,7 +38,6 @@ DEFAULT_STORED_SIZE_PX = 256
 WORK_FOLDER = "_work"
 PLAN_NAME = "plan.json"
 LOCK_NAME = "lock.json"
-MIN_PATIENT_KEY_CHARS = 32
 _SIZE_SAMPLE = 8  # images encoded up front to estimate the bytes per record, hence the shard count
 
 
@@ -87,9 +84,9 @@ class ShardOptions:
             raise bad("min_shards", "must be at least 1")
         if self.max_pixels < 1:
             raise bad("max_pixels", "must be positive")
-        if self.patient_key is not None and len(self.patient_key) < MIN_PATIENT_KEY_CHARS:
+        if self.patient_key is not None and len(self.patient_key) < pseudonyms.MIN_KEY_CHARS:
             # (never echoed)
-            raise ShardError(f"the patient key must be at least {MIN_PATIENT_KEY_CHARS} characters")
+            raise ShardError(f"the patient key must be at least {pseudonyms.MIN_KEY_CHARS} characters")
 
 
 @dataclass(frozen=True)
@@ -123,7 +120,7 @@ def make_shards(
     with (
         _worker_pool(workers) as pool,
         tempfile.TemporaryDirectory(prefix="pneumo-shards-") as scratch,
-        _destination_lock(destination),
+        folder_lock.hold(destination, _work_folder(destination), LOCK_NAME),
     ):
         local_npz = None
         if source_uri.lower().endswith(".npz") and storage.is_gcs(source_uri):
@@ -211,54 +208,11 @@ def _resolve_stored_size(options: ShardOptions, listing: sources.Listing) -> Sha
     return dataclasses.replace(options, stored_size_px=size)
 
 
-def pseudonym(patient_id: str, key: str) -> str:
-    """What a record keeps of a patient id: its keyed hash (HMAC-SHA256, 128 bits as hex)."""
-    return hmac.new(key.encode(), patient_id.encode(), hashlib.sha256).hexdigest()[:32]
-
-
-DEFAULT_PATIENT_KEY_FILE = "~/.config/pneumo-dist/patient-key"
-
-
-def read_or_create_patient_key(path: str) -> tuple[str, bool]:
-    """-> (the patient key in the file at `path`, whether it was created now). A missing file is made
-    with a random 256-bit key, readable by its owner only (0600); an existing one that others may read
-    is refused, as ssh refuses such a private key."""
-    path = os.path.expanduser(path)
-    try:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as error:
-        raise ShardError(f"patient key file {path}: cannot create it ({error.strerror or error})") from None
-    else:
-        with os.fdopen(fd, "w") as file:
-            file.write(secrets.token_hex(32) + "\n")
-        return read_or_create_patient_key(path)[0], True
-    try:
-        mode = os.stat(path).st_mode
-        with open(path) as file:
-            key = file.read().strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ShardError(f"patient key file {path}: cannot read it ({error})") from None
-    if mode & 0o077:
-        raise ShardError(
-            f"patient key file {path} may be read by others (mode {mode & 0o777:o}): chmod 600 it"
-        )
-    return key, False
-
-
-def key_fingerprint(key: str) -> str:
-    """What the manifest keeps of the patient key: enough to tell whether two datasets share a key,
-    nothing that helps compute a pseudonym (an HMAC of a fixed text, not of any patient id)."""
-    return hmac.new(key.encode(), b"pneumo-dist patient key fingerprint", hashlib.sha256).hexdigest()[:16]
-
-
 def public_options(options: ShardOptions) -> dict:
     """The options as the manifest and the dataset's fingerprint hold them: the key as its fingerprint."""
     settings = dataclasses.asdict(options)
     key = settings.pop("patient_key")
-    settings["patient_key_fingerprint"] = key_fingerprint(key) if key else None
+    settings["patient_key_fingerprint"] = pseudonyms.key_fingerprint(key) if key else None
     return settings
 
 
@@ -396,7 +350,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
                         ) from None
                     skipped.append({"source": image.source, "reason": str(error)})
                     continue
-                patient = pseudonym(image.patient_id, options.patient_key)
+                patient = pseudonyms.pseudonym(image.patient_id, options.patient_key)
                 if dicom is not None:  # the source's own values win over the file's
                     dicom_records += 1
                     image = dataclasses.replace(
@@ -556,17 +510,14 @@ def _work_folder(destination: str) -> str:
     return storage.join(destination, WORK_FOLDER)
 
 
-# A shard being written: ".<shard name>.<random>.tmp" in a local destination (write_shard).
-_SHARD_TEMPORARY = re.compile(r"^\.(train|val|test)-\d{5}-of-\d{5}\.tfrecord\..+\.tmp$")
-
-
 def _delete_leftover_temporaries(destination: str) -> None:
     """The half-written shards of runs that were killed (no cleanup runs then), once a run completed:
     the lock held, no other make_shards writes here. Only files named as ours."""
     if storage.is_gcs(destination):
         return  # (a bucket's shards are written in the local temporary folder)
     for name in os.listdir(destination):
-        if _SHARD_TEMPORARY.match(name):
+        match = _TEMPORARY.fullmatch(name)
+        if match and _SHARD_NAME.fullmatch(match.group(1)):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(destination, name))
 
@@ -586,110 +537,6 @@ def _delete(uris: set[str], destination: str) -> None:
     for uri in sorted(uris, key=lambda uri: uri != manifest):
         if uri != lock:
             storage.delete(uri)
-
-
-@contextlib.contextmanager
-def _destination_lock(destination: str):
-    """Only one make_shards writes a destination at a time, across processes and machines. A local
-    folder: an exclusive flock on its lock file, which the kernel releases when its process dies, so a
-    dead run's lock is no lock and no takeover can race. A bucket: an object created only if absent
-    (if_generation_match=0); one left by a dead process of this host is taken over by a delete
-    conditional on the generation that was found stale, so of two processes that found it stale only
-    one takes it. One from another host must be removed by hand."""
-    uri = storage.join(_work_folder(destination), LOCK_NAME)
-    created = not storage.is_gcs(destination) and not os.path.exists(destination)
-    owner = json.dumps(
-        {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": storage.utc_timestamp()}
-    ).encode()
-    held = _hold_local_lock(uri, destination, owner) if not storage.is_gcs(uri) else None
-    if held is None:
-        _take_bucket_lock(uri, destination, owner)
-    try:
-        yield
-    finally:
-        storage.delete(uri)  # before the flock goes: a waiting process then finds no file, or a new one
-        if held is not None:
-            os.close(held)
-        if not storage.is_gcs(destination):
-            with contextlib.suppress(OSError):  # rmdir removes only empty folders
-                os.rmdir(_work_folder(destination))
-                if created:
-                    os.rmdir(destination)
-
-
-def _hold_local_lock(path: str, destination: str, owner: bytes) -> int:
-    """-> the file descriptor holding the flock on `path` (written with `owner`)."""
-    import fcntl
-
-    for _ in range(10):
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as error:  # a file where a folder must be, a read-only or pseudo file system
-            raise storage.StorageError(f"cannot write {path}: {error.strerror or error}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise ShardError(
-                f"{destination} is being written by another make_shards (host {holder.get('host')}, pid "
-                f"{holder.get('pid')}, since {holder.get('started_utc')})"
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, owner, 0)
-            return fd
-        os.close(fd)  # locked a file its holder had just removed: open the new one
-    raise ShardError(f"{destination}: could not take its lock {path}; run again")
-
-
-def _read_holder(fd: int) -> dict:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
-
-
-def _take_bucket_lock(uri: str, destination: str, owner: bytes) -> None:
-    try:
-        storage.create_exclusive(uri, owner)
-        return
-    except storage.AlreadyExists:
-        pass
-    released, generation, holder = False, None, {}
-    try:
-        content, generation = storage.read_bytes_and_generation(uri)
-        holder = json.loads(content)
-    except storage.StorageNotFound:  # released meanwhile
-        released = True
-    except ValueError:
-        pass
-    holder = holder if isinstance(holder, dict) else {}
-    pid = holder.get("pid")
-    ours = holder.get("host") == socket.gethostname() and isinstance(pid, int)
-    stale = ours and not storage.process_alive(pid)
-    taken = False
-    if stale or released:
-        with contextlib.suppress(storage.StorageError):  # another process was quicker: not ours
-            if stale:
-                storage.delete_if_generation(uri, generation)  # only the exact object found stale
-            storage.create_exclusive(uri, owner)
-            taken = True
-    if not taken:
-        raise ShardError(
-            f"{destination} is being written by another make_shards (host {holder.get('host')}, pid "
-            f"{pid}, since {holder.get('started_utc')}). If that run is no longer alive, delete {uri} "
-            "and run again"
-        )
-
-
-# --- the manifest -----------------------------------------------------------------------------------
 
 
 def _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done) -> schema.Manifest:

@@ -141,7 +141,7 @@ def test_an_xla_cache_folder_that_cannot_be_made_or_others_may_write_is_refused(
 def test_the_patient_key_is_made_private_on_first_use_and_no_output_holds_it(tmp_path):
     """Before 2026-12-02 the manifest held the HMAC salt (derived from the inputs by default): with it,
     guessing record numbers re-identified 12 of 12 DICOM records in 8.8 s."""
-    from pneumo_dist import shards
+    from pneumo_dist import pseudonyms
 
     env = {k: v for k, v in os.environ.items() if k != "PNEUMO_DIST_PATIENT_KEY"} | {"HOME": str(tmp_path)}
     first = run("jobs/make_shards.py", "demo", str(tmp_path / "a"), "--size", "32", env=env)
@@ -151,7 +151,7 @@ def test_the_patient_key_is_made_private_on_first_use_and_no_output_holds_it(tmp
     key = key_file.read_text().strip()
     assert len(key) == 64
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert manifest["options"]["patient_key_fingerprint"] == shards.key_fingerprint(key)
+    assert manifest["options"]["patient_key_fingerprint"] == pseudonyms.key_fingerprint(key)
     written = b"".join(p.read_bytes() for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert key.encode() not in written and key not in first.stdout + first.stderr
     again = run("jobs/make_shards.py", "demo", str(tmp_path / "b"), "--size", "32", env=env)

@@ -28,7 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pneumo_dist import images, schema, shards, sources, storage
+from pneumo_dist import images, pseudonyms, schema, shards, sources, storage
 from pneumo_dist.demo import DemoSpec, write_demo_dataset
 from pneumo_dist.predict import PneumoniaDetector
 
@@ -285,7 +285,7 @@ def test_the_rsna_layout_keeps_labels_classes_boxes_sex_and_age_band_but_no_pati
     assert any("ignored 1 files in stage_2_train_images/" in note for note in manifest.notes)
     assert manifest.counts["train"]["PNEUMONIA"] + manifest.counts.get("val", {}).get("PNEUMONIA", 0) == 3
     assert set(manifest.splits) == {"train", "val"}  # the challenge's test images have no labels
-    by_hash = {shards.pseudonym(patient, TEST_PATIENT_KEY): patient for patient in labelled}
+    by_hash = {pseudonyms.pseudonym(patient, TEST_PATIENT_KEY): patient for patient in labelled}
     records = read_records(
         [uri for split in manifest.splits for uri in manifest.shard_uris(result.manifest_uri, split)]
     )
@@ -344,7 +344,7 @@ def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_key_is_us
         for record in read_records(result.manifest.shard_uris(result.manifest_uri, split)):
             splits_of.setdefault(record[schema.PATIENT_KEY].decode(), set()).add(split)
     expected = {
-        shards.pseudonym(f"dicom:MRN-{c}-{n}", salt) for c in ("NORMAL", "PNEUMONIA") for n in range(4)
+        pseudonyms.pseudonym(f"dicom:MRN-{c}-{n}", salt) for c in ("NORMAL", "PNEUMONIA") for n in range(4)
     }
     assert set(splits_of) == expected and all(len(found) == 1 for found in splits_of.values())
     written = b"".join(p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file())

@@ -195,20 +195,16 @@ def test_predict_job_writes_a_row_per_image_and_reports_bad_ones(export, source_
     first = sorted(folder.glob("*.jpeg"))[0]
     (folder / "1.2.826.0.1.3680043.8").write_bytes(make_dicom(np.asarray(Image.open(first).convert("L"))))
     out = tmp_path / "predictions.csv"
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs" / "predict.py"),
-            str(folder),
-            "--model",
-            export,
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [
+        sys.executable,
+        str(REPO / "jobs" / "predict.py"),
+        str(folder),
+        "--model",
+        export,
+        "--out",
+        str(out),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr[-2000:]
     assert "broken.jpeg: not a readable image" in run.stderr
     import csv
@@ -224,15 +220,6 @@ def test_predict_job_writes_a_row_per_image_and_reports_bad_ones(export, source_
     assert all(r["label"] in schema.CLASS_NAMES and 0 <= float(r["probability"]) <= 1 for r in good)
     # The same command again does not write over the CSV; --overwrite does.
     written = out.read_bytes()
-    command = [
-        sys.executable,
-        str(REPO / "jobs" / "predict.py"),
-        str(folder),
-        "--model",
-        export,
-        "--out",
-        str(out),
-    ]
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and out.read_bytes() == written
     assert (

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_dist import schema, shards, sources, storage
+from pneumo_dist import folder_lock, pseudonyms, schema, shards, sources, storage
 from pneumo_dist.demo import DemoSpec, write_demo_dataset
 
 from .conftest import REPO, TEST_PATIENT_KEY
@@ -60,7 +60,7 @@ def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root,
     result = shards.make_shards(tiny_demo_root, str(tmp_path / "ds"), SMALL, workers=1)
     listing = {image.source: image for image in sources.list_kaggle(tiny_demo_root).images}
     # The manifest holds the key's fingerprint only.
-    assert result.manifest.options["patient_key_fingerprint"] == shards.key_fingerprint(TEST_PATIENT_KEY)
+    assert result.manifest.options["patient_key_fingerprint"] == pseudonyms.key_fingerprint(TEST_PATIENT_KEY)
     assert "patient_key" not in result.manifest.options
     written = b"".join(p.read_bytes() for p in (tmp_path / "ds").rglob("*") if p.is_file())
     assert TEST_PATIENT_KEY.encode() not in written
@@ -73,7 +73,7 @@ def test_records_read_back_with_tensorflow_and_match_the_sources(tiny_demo_root,
             assert record["pixels"].shape == (32, 32, 1) and record["pixels"].dtype == np.uint8
             assert record[schema.LABEL_KEY] == source.label
             # The patient id only as its salted hash (the split still groups by the id itself).
-            assert record[schema.PATIENT_KEY].decode() == shards.pseudonym(source.patient_id, salt)
+            assert record[schema.PATIENT_KEY].decode() == pseudonyms.pseudonym(source.patient_id, salt)
             assert source.patient_id.encode() not in record[schema.PATIENT_KEY]
             assert record[schema.SEX_KEY] == record[schema.AGE_BAND_KEY] == b""
             assert record[schema.BOXES_KEY] == []
@@ -351,10 +351,12 @@ def test_a_second_make_shards_into_a_destination_in_use_is_refused(tiny_demo_roo
     # A live process of this host holds it (this very one): not stale.
     holder = {"host": socket.gethostname(), "pid": os.getpid(), "started_utc": "2026-01-01T00:00:00Z"}
     if where == "local":  # a local lock is the flock on its file
-        held = shards._hold_local_lock(lock, destination, json.dumps(holder).encode())
+        held = folder_lock.hold_local(lock, destination, json.dumps(holder).encode())
     else:
         storage.create_exclusive(lock, json.dumps(holder).encode())
-    with pytest.raises(shards.ShardError, match=f"being written by another make_shards .*pid {os.getpid()}"):
+    with pytest.raises(
+        folder_lock.FolderBusy, match=f"being written by another make_shards .*pid {os.getpid()}"
+    ):
         shards.make_shards(tiny_demo_root, destination, SMALL, workers=1)
     assert not storage.exists(storage.join(destination, schema.MANIFEST_NAME))
     storage.delete(lock)
@@ -367,15 +369,15 @@ def test_a_second_make_shards_into_a_destination_in_use_is_refused(tiny_demo_roo
 RACE = """
 import json, os, sys, time
 sys.path.insert(0, os.getcwd())
-from pneumo_dist import shards
+from pneumo_dist import folder_lock
 destination, record, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 time.sleep(max(0.0, start - time.time()))
 try:
-    with shards._destination_lock(destination):
+    with folder_lock.hold(destination, os.path.join(destination, '_work'), 'lock.json'):
         held = [time.time()]
         time.sleep(0.3)
         held.append(time.time())
-except shards.ShardError:
+except folder_lock.FolderBusy:
     held = []
 with open(record, "w") as file:
     json.dump(held, file)
