@@ -149,7 +149,9 @@ def test_weight_averaging_validates_and_exports_the_averaged_weights(learnable_s
     source = Path(learnable_shards).parent / "source"
     predicted = [p.probability for p in detector.predict_batch([source / s for s in scores.sources])]
     np.testing.assert_allclose(predicted, scores.probabilities, rtol=0, atol=1e-6)
-    assert result.best_val_auc != pytest.approx(0.5, abs=0.01)  # a model that ranks something
+    # A model whose scores differ from image to image (after 6 steps its AUC may be near 0.5: 0.5025 was
+    # seen), so that the equalities above compare rankings, not constants.
+    assert np.std(scores.probabilities) > 1e-4
 
 
 def test_a_mixed_examples_loss_is_the_same_mix_of_its_two_images_weighted_losses():
