@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import run_folder, shards, storage, tune
+from pneumo_dist import ray_setup, run_folder, shards, storage, tune
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_NPZ = REPO.parent / "shared" / "data" / "pneumoniamnist_trainval.npz"
@@ -82,7 +82,7 @@ def main() -> None:
         options = shards.ShardOptions(keep_val=True, image_format="png")
         shards.make_shards(str(SHARED_NPZ), args.manifest, options)
 
-    in_process = tune.connect_ray() == "in-process"
+    in_process = ray_setup.connect_ray() == "in-process"
     for name in args.arms.split(","):
         scheduler, search_alg = ARMS[name]
         overrides = [

@@ -22,7 +22,7 @@ import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
 
 
 def main() -> None:
-    from pneumo_dist import batch_scoring, storage, tune
+    from pneumo_dist import batch_scoring, ray_setup, storage
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="an export folder")
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = batch_scoring.list_images([args.images])[: args.count]
     print(f"{platform.node()}: {len(paths)} images from {args.images}, model {args.model}")
-    print(f"Ray: {tune.connect_ray('local')}, {args.cpus_per_actor:g} CPU per actor")
+    print(f"Ray: {ray_setup.connect_ray('local')}, {args.cpus_per_actor:g} CPU per actor")
     import pyarrow.parquet as pq
 
     # Warm-up, not counted: Ray Data's worker processes start and import TensorFlow once.

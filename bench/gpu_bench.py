@@ -330,11 +330,11 @@ def ray_worker(settings: dict) -> None:
     a search trial's worker is (tune.train_trial)."""
     from ray import train as ray_train
 
-    from pneumo_dist import data, distribute, train, tune
+    from pneumo_dist import data, distribute, ray_setup, train
 
     args = argparse.Namespace(**{k: v for k, v in settings.items() if k != "collector"})
     args.workdir = tempfile.mkdtemp(prefix="gpu-bench-worker-")
-    own_gpus = distribute.own_gpu_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), tune._ray_gpu_ids())
+    own_gpus = distribute.own_gpu_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), ray_setup.ray_gpu_ids())
     distribute.configure_process(
         train.TrainConfig(xla_cache_dir=args.xla_cache_dir), data.host_threads(), gpu_indices=own_gpus
     )
@@ -358,10 +358,10 @@ def measure_ray(args) -> dict:
     from ray import train as ray_train
     from ray.train.tensorflow import TensorflowTrainer
 
-    from pneumo_dist import tune
+    from pneumo_dist import ray_setup
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not find this script
-    tune.connect_ray(None)
+    ray_setup.connect_ray(None)
     gpus = ray.cluster_resources().get("GPU", 0) >= args.ray
 
     @ray.remote(num_cpus=0)
@@ -380,7 +380,7 @@ def measure_ray(args) -> dict:
     TensorflowTrainer(
         ray_worker,
         train_loop_config=settings,
-        tensorflow_config=tune.ray_gpu_sharing(),
+        tensorflow_config=ray_setup.gpu_sharing_tensorflow_config(),
         scaling_config=ray_train.ScalingConfig(
             num_workers=args.ray, use_gpu=gpus, resources_per_worker={"CPU": 1, "GPU": 1 if gpus else 0}
         ),

@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
     if found is not None:
         cluster.check(config, found)
 
-    from pneumo_dist import storage, tune
+    from pneumo_dist import ray_setup, storage, tune
 
-    where = tune.connect_ray(args.address, verbose=args.verbose)
+    where = ray_setup.connect_ray(args.address, verbose=args.verbose)
     cfg = config.tune
     scheduler = (
         f"ASHA (grace {cfg.grace_period}, reduction {cfg.reduction_factor})"

@@ -71,7 +71,7 @@ def score(
     batch_size: int = 64,
     tta_views: int = 1,
 ) -> dict[str, int | str]:
-    """Score `paths` into OUT's parts on Ray (tune.connect_ray's `address`, joined only once the model,
+    """Score `paths` into OUT's parts on Ray (ray_setup.connect_ray's `address`, joined only once the model,
     the operating point and OUT are known to be right) -> counts of labels and errors over the parts
     this run wrote, "skipped_parts" and "ray" (cluster or in-process). `gpus_per_actor` None: 1 on a
     cluster with GPUs, else 0; `actors` None: one per GPU, else the CPUs but one."""
@@ -85,9 +85,9 @@ def score(
     counts: dict[str, int | str] = {"skipped_parts": len(done)}
     if not pending:
         return counts | {"ray": "not started"}
-    from pneumo_dist import tune
+    from pneumo_dist import ray_setup
 
-    counts["ray"] = tune.connect_ray(address)
+    counts["ray"] = ray_setup.connect_ray(address)
     import ray
 
     resources = ray.cluster_resources()

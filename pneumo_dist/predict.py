@@ -11,6 +11,7 @@ the exported model holds the normalisation. The evaluator scores shards through 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -33,10 +34,22 @@ MODEL_SUFFIX = ".keras"  # the only model format loaded: the HDF5 and SavedModel
 # names (safe_mode only stops Lambda layers), so a model naming another one is refused before loading.
 _KERAS_MODULES = ("keras", "tf_keras", "builtins")
 # Test-time augmentation: small geometric changes a radiograph plausibly has (positioning), no
-# photometric ones and no flip (laterality matters, see AugmentConfig.horizontal_flip).
-TTA_AUGMENT = AugmentConfig(
-    rotation_deg=5.0, zoom=0.05, shift=0.03, shear_deg=0.0, brightness=0.0, contrast=0.0, gamma=0.0
-)
+# photometric ones and no flip (laterality matters, see AugmentConfig.horizontal_flip). Named by what it
+# keeps: every other augmentation is off, those added later included.
+TTA_KEEPS = {"rotation_deg": 5.0, "zoom": 0.05, "shift": 0.03}
+
+
+def tta_augment(config_class: type = AugmentConfig) -> AugmentConfig:
+    """The augmentation of TTA views: TTA_KEEPS, and every other field of `config_class` off (False
+    or 0) whatever its default."""
+    off = {
+        field.name: field.name == "enabled" if isinstance(field.default, bool) else type(field.default)(0)
+        for field in dataclasses.fields(config_class)
+    }
+    return config_class(**(off | TTA_KEEPS))
+
+
+TTA_AUGMENT = tta_augment()
 
 
 # The model URI does not hold a usable pneumo-dist export; the message says what is wrong.

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import export, run_folder, storage
+from pneumo_dist import export, ray_setup, run_folder, storage
 from pneumo_dist.errors import PneumoDistError
 
 TRIALS_FOLDER = "trials"
@@ -86,41 +86,6 @@ class SearchResult:
     table_uri: str
 
 
-# What a quiet worker leaves out: TensorFlow's C++ start-up lines (CUDA probing, CPU features).
-QUIET_WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def connect_ray(address: str | None = None, verbose: bool = False) -> str:
-    """Join the cluster this process runs on (a `ray job submit` job, RAY_ADDRESS, or a Ray already
-    running on this machine), else start Ray in this process: the laptop default. `address="local"`
-    always starts a private in-process Ray. Returns "cluster" or "in-process".
-
-    Unless `verbose`, the workers' own output stays in Ray's log files (`/tmp/ray/session_latest/logs`)
-    instead of the console, and Ray logs warnings only; failed trials are reported all the same
-    (`console_reporter`). An in-process Ray also quietens TensorFlow in its workers; on a cluster the
-    image does (Dockerfile)."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return "cluster"
-    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
-    private = {} if verbose else {"runtime_env": {"env_vars": QUIET_WORKER_ENV}}
-    if address == "local":
-        ray.init(address="local", **quiet, **private)
-        return "in-process"
-    try:
-        # (No runtime_env here: a submitted job's own, with its working_dir, must stay as it is.)
-        ray.init(address=address or "auto", **quiet)
-        return "cluster"
-    except (ConnectionError, ValueError) as error:  # ValueError: an address Ray cannot parse
-        if address not in (None, "auto"):
-            raise SearchError(f"--address {address}: no Ray cluster to join there ({error})") from None
-    ray.init(address="local", **quiet, **private)
-    return "in-process"
-
-
 def experiment_uri(config: config_lib.RunConfig) -> str:
     uri = config.tune.storage_uri.rstrip("/")
     return storage.join(uri if storage.is_gcs(uri) else os.path.abspath(uri), config.tune.name)
@@ -131,7 +96,7 @@ def run_search(
 ) -> SearchResult:
     """Run (or, with `resume`, continue) the search; then tabulate, export and test the best trial.
     Unless `verbose`, Tune's periodic status tables give way to one line per trial-epoch. `in_process`:
-    Ray runs in this process (connect_ray), so its resources are all there will be."""
+    Ray runs in this process (ray_setup.connect_ray), so its resources are all there will be."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -358,7 +323,7 @@ def run_trial(params: dict, setup: dict) -> None:
         trainer = TensorflowTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
-            tensorflow_config=ray_gpu_sharing(),
+            tensorflow_config=ray_setup.gpu_sharing_tensorflow_config(),
             scaling_config=ray_train.ScalingConfig(
                 num_workers=cfg["workers_per_trial"],
                 use_gpu=cfg["gpus_per_worker"] > 0,
@@ -380,32 +345,6 @@ def run_trial(params: dict, setup: dict) -> None:
     state = _read_state(storage.join(setup["trial_root"], trial_id))
     if not state.get("finished"):
         raise SearchError(f"trial {trial_id}: its training ended before it finished")
-
-
-def _ray_gpu_ids() -> list[str]:
-    import ray
-
-    return [str(gpu) for gpu in ray.get_gpu_ids()]
-
-
-def ray_gpu_sharing():
-    """Ray Train's TensorFlow backend with every GPU of a node visible to each of its workers there
-    (CUDA_VISIBLE_DEVICES of them all), as Ray's PyTorch backend does: NCCL reaches another process's
-    GPU peer to peer (NVLink, PCIe) only if that GPU is visible to it, and through host memory
-    otherwise. Each worker then makes only its own GPU visible to TensorFlow (train_trial), so that
-    MultiWorkerMirroredStrategy still has one replica per process."""
-    from ray.train.tensorflow import TensorflowConfig
-    from ray.train.tensorflow.config import _TensorflowBackend
-
-    class SharedGpuBackend(_TensorflowBackend):
-        share_cuda_visible_devices = True
-
-    class SharedGpuConfig(TensorflowConfig):
-        @property
-        def backend_cls(self):
-            return SharedGpuBackend
-
-    return SharedGpuConfig()
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -453,8 +392,8 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
     # Before TensorFlow's first op: thread pools of this worker's CPUs, and of the node's GPUs (all of
-    # them visible to every worker: ray_gpu_sharing) only the ones Ray gave this worker.
-    own_gpus = distribute.own_gpu_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), _ray_gpu_ids())
+    # them visible to every worker: ray_setup.gpu_sharing_tensorflow_config) only the ones Ray gave this worker.
+    own_gpus = distribute.own_gpu_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), ray_setup.ray_gpu_ids())
     distribute.configure_process(config.train, threads=data.host_threads(), gpu_indices=own_gpus)
     strategy = distribute.choose_strategy(train_cfg=config.train)
     strategy_ready = time.time()

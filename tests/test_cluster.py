@@ -170,9 +170,9 @@ def test_each_ray_worker_gives_tensorflow_only_its_own_gpu_of_those_it_sees():
 
 
 def test_multi_worker_trials_share_the_nodes_gpus_for_nccls_peer_to_peer():
-    from pneumo_dist import tune
+    from pneumo_dist import ray_setup
 
-    assert tune.ray_gpu_sharing().backend_cls.share_cuda_visible_devices
+    assert ray_setup.gpu_sharing_tensorflow_config().backend_cls.share_cuda_visible_devices
 
 
 def test_the_search_job_checks_the_cluster_config_before_ray_starts():

@@ -323,3 +323,23 @@ def test_zero_test_time_augmentation_views_are_refused(detector, source_root, tm
         timeout=300,
     )
     assert run.returncode == 2 and "--tta must be >= 1" in run.stderr
+
+
+def test_test_time_augmentation_keeps_only_what_it_names_even_a_new_augmentation_that_defaults_on():
+    import dataclasses
+
+    from pneumo_dist import predict
+    from pneumo_dist.config import AugmentConfig
+
+    kept = {name: getattr(predict.TTA_AUGMENT, name) for name in predict.TTA_KEEPS}
+    assert kept == predict.TTA_KEEPS and predict.TTA_AUGMENT.enabled
+    others = [
+        f.name for f in dataclasses.fields(AugmentConfig) if f.name not in (*predict.TTA_KEEPS, "enabled")
+    ]
+    assert all(not getattr(predict.TTA_AUGMENT, name) for name in others)
+    # A field added later with a non-zero default (before 2026-12-02 it would have entered TTA).
+    Later = dataclasses.make_dataclass(
+        "Later", [("cutout", float, dataclasses.field(default=0.3))], bases=(AugmentConfig,), frozen=True
+    )
+    assert Later().cutout == 0.3 and predict.tta_augment(Later).cutout == 0.0
+    assert predict.tta_augment(Later).rotation_deg == predict.TTA_KEEPS["rotation_deg"]
