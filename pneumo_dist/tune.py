@@ -391,8 +391,8 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
         return
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
     # very trial: replace it.
-    # Before TensorFlow's first op: thread pools of this worker's CPUs, and of the node's GPUs (all of
-    # them visible to every worker: ray_setup.gpu_sharing_tensorflow_config) only the ones Ray gave this worker.
+    # Before TensorFlow's first op: thread pools of this worker's CPUs, and of the node's GPUs (all
+    # visible to every worker: ray_setup.gpu_sharing_tensorflow_config) only those Ray gave this one.
     own_gpus = distribute.own_gpu_indices(os.environ.get("CUDA_VISIBLE_DEVICES"), ray_setup.ray_gpu_ids())
     distribute.configure_process(config.train, threads=data.host_threads(), gpu_indices=own_gpus)
     strategy = distribute.choose_strategy(train_cfg=config.train)
