@@ -69,7 +69,16 @@ RECIPES = {
 }
 
 
-def make_run(args, strategy, per_replica: int, augment: bool = True, steps_per_loop: int = 0, **kw):
+def make_run(
+    args,
+    strategy,
+    per_replica: int,
+    augment: bool = True,
+    steps_per_loop: int = 0,
+    recipe: str = "production",
+    overrides: tuple[str, ...] = (),
+    config_only: bool = False,
+):
     from pneumo_dist import config as config_lib
     from pneumo_dist import train
 
@@ -84,17 +93,17 @@ def make_run(args, strategy, per_replica: int, augment: bool = True, steps_per_l
             "data.class_balance=none",
             f"data.shuffle_buffer={max(256, 2 * per_replica)}",
             "model.weights=none",  # no download; the same compute as ImageNet weights
-            *RECIPES[kw.get("recipe", "production")],
+            *RECIPES[recipe],
             f"augment.enabled={str(augment).lower()}",
             f"train.xla={args.xla}",
             f"train.precision={args.precision}",
             f"train.steps_per_loop={steps_per_loop or args.steps}",
             f"train.xla_cache_dir={args.xla_cache_dir}",
-            f"train.output_uri={kw.get('output') or tempfile.mkdtemp(dir=args.workdir)}",
-            *kw.get("overrides", ()),
+            f"train.output_uri={tempfile.mkdtemp(dir=args.workdir)}",
+            *overrides,
         ],
     )
-    if kw.get("config_only"):
+    if config_only:
         return config
     return train._Run(config, strategy, tempfile.mkdtemp(dir=args.workdir))
 

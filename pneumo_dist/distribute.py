@@ -59,14 +59,19 @@ def all_reduce_options(pack_mb: float) -> tf.distribute.experimental.Communicati
     """The split step's all-reduce: gradients in packs of `pack_mb` MiB (0: one pack), merged with the
     strategy's own options (its implementation). The all-reduce of one pack runs while the next is
     being packed, and the update of a pack's variables can start as soon as its pack is reduced."""
-    return tf.distribute.experimental.CommunicationOptions(bytes_per_pack=int(pack_mb * 2**20))
+    return tf.distribute.experimental.CommunicationOptions(bytes_per_pack=pack_bytes(pack_mb))
+
+
+def pack_bytes(pack_mb: float) -> int:
+    """train.all_reduce_pack_mb as TensorFlow's bytes_per_pack (0: one pack)."""
+    return int(pack_mb * 2**20)
 
 
 def count_packs(sizes_bytes: list[int], pack_mb: float) -> int:
     """How many packs TensorFlow's collectives make of gradients of these sizes (in the order they are
     computed): cross_device_utils.group_by_size, which closes a pack once it exceeds the pack size, run
     on the reversed list as CollectiveAllReduce does."""
-    limit = int(pack_mb * 2**20)
+    limit = pack_bytes(pack_mb)
     if not limit:
         return 1
     packs, last = 0, 0
@@ -86,7 +91,7 @@ def communication_options(gpus: bool, pack_mb: float) -> tf.distribute.experimen
     (Horovod fusion buffer 64 MiB, DDP bucket_cap_mb 25)."""
     implementation = tf.distribute.experimental.CommunicationImplementation
     return tf.distribute.experimental.CommunicationOptions(
-        bytes_per_pack=int(pack_mb * 2**20),
+        bytes_per_pack=pack_bytes(pack_mb),
         implementation=implementation.NCCL if gpus else implementation.RING,
     )
 

@@ -70,13 +70,15 @@ def export_run(
         shutil.rmtree(export_dir)  # a previous, possibly partial export
     os.makedirs(export_dir)
     model_path = os.path.join(export_dir, export_lib.MODEL_FILE)
+    # A plain model (not one of the strategy's distributed variables) can be served as it is.
+    plain = strategy is tf.distribute.get_strategy()
     if model_lib.is_mixed_precision(classifier):
         # Float32 whatever the training precision: bfloat16 keeps 8 bits of mantissa (0.4% per value),
         # and float16 has no CPU kernels for some of ResNet50's ops (seen: FusedBatchNormV3). Every
         # worker copies: reading BatchNorm's per-replica statistics is collective.
         detector = model_lib.inference_model(model_lib.float32_copy(classifier, config.model))
         detector.save(model_path)
-        strategy = tf.distribute.get_strategy()  # the copy is a plain model
+        plain = True  # the copy is built outside the strategy
     else:
         with strategy.scope():
             detector = model_lib.inference_model(classifier)
@@ -85,7 +87,7 @@ def export_run(
     export_uri = storage.join(output, export_lib.FOLDER)
     if chief:
         documents = {
-            METRICS_NAME: json.dumps(_metrics(labels, scores, operating, state), indent=1),
+            METRICS_NAME: json.dumps(_metrics(labels, scores, operating, at_threshold, state), indent=1),
             THRESHOLD_NAME: json.dumps(_threshold_document(config.train, operating, at_threshold), indent=1),
             CONFIG: to_yaml(config),
         }
@@ -93,7 +95,7 @@ def export_run(
         if config.train.serving_export:
             # Under a distribution strategy the model's variables are distributed (and some reads of
             # them collective): the chief serves a plain copy of the file it just wrote.
-            if strategy is not tf.distribute.get_strategy():
+            if not plain:
                 detector = tf_keras.models.load_model(model_path, compile=False, safe_mode=True)
             version = export_lib.model_version(model_path)
             serving.save(detector, info, version, info.threshold, os.path.join(export_dir, serving.FOLDER))
@@ -151,7 +153,9 @@ def _calibration(
     return calibration, calibration.apply(scores)
 
 
-def _metrics(labels: np.ndarray, scores: np.ndarray, operating: _Operating, state: dict) -> dict:
+def _metrics(
+    labels: np.ndarray, scores: np.ndarray, operating: _Operating, at_threshold: dict, state: dict
+) -> dict:
     probabilities, calibration = operating.probabilities, operating.calibration
     return {
         "split": "val",
@@ -163,7 +167,7 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, operating: _Operating, stat
             "val_ece": metrics_lib.expected_calibration_error(labels, probabilities),
         },
         "at_0.5": metrics_lib.binary_metrics(labels, probabilities, 0.5),
-        "at_threshold": metrics_lib.binary_metrics(labels, probabilities, operating.threshold),
+        "at_threshold": at_threshold,
         "operating_points": {
             name: metrics_lib.binary_metrics(labels, probabilities, value)
             for name, value in operating.points.items()

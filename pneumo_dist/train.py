@@ -212,6 +212,14 @@ class _Run:
             # call (~11 s on 2 cores, BENCHMARKS.md).
             random.seed(config.train.seed)
             np.random.seed(config.train.seed)
+        self.xla = model_lib.resolve_xla(config.train)
+        if self.xla and config.train.deterministic_ops:
+            # Found at the first step otherwise: "GPU MaxPool gradient ops do not yet have a
+            # deterministic XLA implementation" (XLA's CPU and GPU alike, TF 2.21).
+            raise TrainingError(
+                "train.deterministic_ops needs train.xla: off (XLA has no deterministic gradient of "
+                "ResNet50's max pooling)"
+            )
         _set_op_determinism(config.train.deterministic_ops)
 
         self.dataset = data.open_dataset(config.data)
@@ -233,14 +241,6 @@ class _Run:
         self._upload: concurrent.futures.Future | None = None
         self.best_val_scores: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities)
         self.policy = model_lib.resolve_precision(config.train)
-        self.xla = model_lib.resolve_xla(config.train)
-        if self.xla and config.train.deterministic_ops:
-            # Found at the first step otherwise: "GPU MaxPool gradient ops do not yet have a
-            # deterministic XLA implementation" (XLA's CPU and GPU alike, TF 2.21).
-            raise TrainingError(
-                "train.deterministic_ops needs train.xla: off (XLA has no deterministic gradient of "
-                "ResNet50's max pooling)"
-            )
         self.class_weights = data.loss_class_weights(self.dataset, config.data.class_balance)
         self.learning_rate = optimizer_lib.scaled_learning_rate(config.train, self.data_cfg.global_batch_size)
         self.reused_build = built is not None
