@@ -160,3 +160,24 @@ def test_the_patient_key_is_made_private_on_first_use_and_no_output_holds_it(tmp
     key_file.chmod(0o644)
     exposed = run("jobs/make_shards.py", "demo", str(tmp_path / "c"), env=env)
     assert exposed.returncode == 2 and "may be read by others (mode 644): chmod 600 it" in exposed.stderr
+
+
+def test_deterministic_ops_with_xla_is_one_line_before_training(tmp_path, demo_shards):
+    """It failed at the first step before 2026-12-02: XLA has no deterministic max-pool gradient."""
+    result = run(
+        "jobs/train.py",
+        "--local",
+        "--set",
+        f"data.manifest_uri={demo_shards}",
+        "--set",
+        "train.xla=on",
+        "--set",
+        "train.deterministic_ops=true",
+        "--set",
+        f"train.output_uri={tmp_path / 'out'}",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "train: error: train.deterministic_ops needs train.xla: off (XLA has no deterministic gradient of "
+        "ResNet50's max pooling)"
+    )
