@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                 if np.isfinite(group[m]["value"])
             )
             print(f"  {attribute}={value}: {group['count']} images  {figures}")
+    for index, member in enumerate(summary["members"]):
+        auc = member["auc"]
+        print(
+            f"  ensemble member {index} alone: auc {auc['value']:.3f} [{auc['ci95'][0]:.3f}, "
+            f"{auc['ci95'][1]:.3f}]  ece {member['ece']['value']:.3f}  ({member['source']})"
+        )
     if drift:
         d = summary["drift"]
         print(

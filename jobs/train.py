@@ -1,6 +1,7 @@
 """Train ResNet50 on a pneumo-dist dataset with one config; validate, checkpoint, export.
 
     python jobs/train.py --config configs/demo.yaml [--set section.key=value ...] [--local] [--resume]
+                         [--ensemble K]
 
 Without --local it uses every local GPU (MirroredStrategy), or the cluster TF_CONFIG describes.
 """
@@ -23,7 +24,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
     parser.add_argument("--resume", action="store_true", help="continue from the output's last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a run already in the output folder")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train K models (seeds train.seed .. train.seed+K-1, one after another, in OUTPUT/members/) "
+        "and export them as one model whose output is their mean logit",
+    )
+    args = parser.parse_args(argv)
+    if args.ensemble < 1:
+        parser.error("--ensemble must be >= 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
     distribute.configure_process(config.train)  # before TensorFlow's first op
     strategy = distribute.choose_strategy(local=args.local, train_cfg=config.train)
+    if args.ensemble > 1:
+        return _train_ensemble(args, config, strategy, on_step, on_epoch)
     result = train.train(
         config, strategy, resume=args.resume, on_step=on_step, on_epoch=on_epoch, overwrite=args.overwrite
     )
@@ -83,6 +97,31 @@ def run(args: argparse.Namespace) -> int:
         f"validation sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f}, "
         f"accuracy {metrics['accuracy']:.3f}\n"
         f"exported to {result.export_uri} (validation figures; evaluate the test split with evaluate.py)"
+    )
+    return 0
+
+
+def _train_ensemble(args, config, strategy, on_step, on_epoch) -> int:
+    from pneumo_dist import ensemble
+
+    def on_member(index: int, member) -> None:
+        print(f"\nmember {index + 1} of {args.ensemble}: seed {member.train.seed}, {member.train.output_uri}")
+
+    exported = ensemble.train_ensemble(
+        config,
+        args.ensemble,
+        strategy,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        on_member=on_member,
+        on_step=on_step,
+        on_epoch=on_epoch,
+    )
+    metrics = exported.val_metrics
+    print(
+        f"\nensemble of {args.ensemble}: validation AUC {metrics['auc']:.4f}; "
+        f"threshold {exported.threshold:.4f}: validation sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f}\n"
+        f"exported to {exported.uri} (validation figures; evaluate the test split with evaluate.py)"
     )
     return 0
 

@@ -44,6 +44,8 @@ class Scores:
     sources: list[str]  # each record's source path, in the split's order
     # Each record's data.RECORD_ATTRIBUTES (subtype, sex, age_band, ...): name -> values, "" unknown.
     attributes: dict[str, list[str]] = field(default_factory=dict)
+    # An ensemble export's members' own P(PNEUMONIA), (N, k), uncalibrated; None: one model, or TTA.
+    members: np.ndarray | None = None
 
 
 def _attribute(name: str):
@@ -89,10 +91,15 @@ def score_split(
     """Every record of `split`, once, in order. `on_batch(done, total)` reports progress."""
     dataset.shards(split)  # a missing split raises here, naming the splits there are
     total = dataset.records(split)
-    labels, probabilities, sources = [], [], []
+    labels, probabilities, sources, members = [], [], [], []
     attributes = {name: [] for name in data.RECORD_ATTRIBUTES}
     for batch in data.eval_dataset(data_config, dataset, split, with_source=True):
-        probabilities.append(detector.probabilities(batch["image"], tta_views))
+        if tta_views == 1:
+            scored, by_member = detector.probabilities_and_members(batch["image"])
+            probabilities.append(scored)
+            members += [] if by_member is None else [by_member]
+        else:  # members are reported without TTA only
+            probabilities.append(detector.probabilities(batch["image"], tta_views))
         labels.append(batch["label"].numpy())
         sources += [s.decode() for s in batch["source"].numpy()]
         for name, values in attributes.items():
@@ -100,7 +107,27 @@ def score_split(
         if on_batch:
             on_batch(len(sources), total)
     labels = np.concatenate(labels).astype(np.int64)
-    return Scores(labels, np.concatenate(probabilities), sources, attributes)
+    members = np.concatenate(members) if members else None
+    return Scores(labels, np.concatenate(probabilities), sources, attributes, members)
+
+
+def member_report(scores: Scores, members: list, resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Each ensemble member's own figures on the split (its uncalibrated scores; AUC with its 95%
+    interval, ECE), beside the ensemble's: what averaging bought. `members`: the export's Members."""
+    if scores.members is None:
+        return []
+    rows = []
+    for member, column in zip(members, scores.members.T, strict=True):
+        interval = metrics_lib.bootstrap_intervals(scores.labels, column, [0.5], resamples, seed=seed)[0]
+        figures = metrics_lib.binary_metrics(scores.labels, column)
+        rows.append(
+            dataclasses.asdict(member)
+            | {
+                "auc": {"value": figures["auc"], "ci95": interval["auc"]},
+                "ece": {"value": figures["ece"], "ci95": interval["ece"]},
+            }
+        )
+    return rows
 
 
 def split_images(
@@ -400,6 +427,22 @@ def html_page(summary: dict, plots: dict[str, bytes]) -> bytes:
         if subgroup_rows
         else ""
     )
+    member_rows = "".join(
+        f"<tr><th>{index}</th><td><code>{html.escape(member['source'])}</code></td>"
+        f"<td>{html.escape(member['model_version'])}</td>"
+        + _figure_cell(member["auc"])
+        + _figure_cell(member["ece"])
+        + "</tr>"
+        for index, member in enumerate(summary.get("members", []))
+    )
+    member_table = (
+        "<p>An ensemble: the model's probability is the sigmoid of its members' mean logit. Each member "
+        f"alone on this split (its own scores, uncalibrated; the ensemble's AUC is "
+        f"{summary['at_threshold']['metrics']['auc']['value']:.3f}):</p><table><tr><th>member</th>"
+        f"<th>trained as</th><th>version</th><th>auc</th><th>ece</th></tr>{member_rows}</table>"
+        if member_rows
+        else ""
+    )
     drift = summary.get("drift")
     drift_text = (
         f"<p{' class=warn' if drift['verdict'] != 'stable' else ''}>Drift: the {drift['actual_count']} "
@@ -437,6 +480,7 @@ bootstrap, {bootstrap["resamples"]} resamples.</p>
 <th colspan=2>threshold {model["threshold"]:.4f}</th></tr>
 {"".join(rows)}</table>
 {policy_table}
+{member_table}
 {subgroup_table}
 {drift_text}
 <p>{calibrated} Expected calibration error ({len(calibration["bins"])} bins): {calibration["ece"]:.4f}.
@@ -575,6 +619,7 @@ def run_evaluation(
         "created_utc": storage.utc_timestamp(),
     } | metrics_report(scores, detector.threshold, resamples, policies=detector.operating_points)
     summary["subgroups"] = subgroup_report(scores, detector.threshold, resamples)
+    summary["members"] = member_report(scores, detector.info.members, resamples)
     if drift_scores is not None:
         scores_uri, probabilities = drift_scores
         summary["drift"] = {"scores_uri": scores_uri} | metrics_lib.population_stability(

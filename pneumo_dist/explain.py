@@ -29,24 +29,27 @@ class NotExplainable(PneumoDistError):
 
 def grad_cam(model: tf_keras.Model, pixels: np.ndarray, class_index: int) -> np.ndarray:
     """uint8 (N, S, S, 1) prepared pixels -> float32 (N, S, S) maps in [0, 1], 1 at each image's
-    strongest evidence for `class_index` (0 NORMAL, 1 PNEUMONIA); all zero where there is none."""
-    classifier, backbone, head, output = _layers(model)
+    strongest evidence for `class_index` (0 NORMAL, 1 PNEUMONIA); all zero where there is none. For an
+    ensemble (ensemble.py), the sum of its members' maps of their mean logit."""
     gray = tf.cast(tf.convert_to_tensor(pixels), tf.float32)
     rgb = model.get_layer(_FRONT_LAYERS[0])([gray, gray, gray])
     normalized = model.get_layer(_FRONT_LAYERS[1])(rgb)
-    stage = map_layer(backbone)
-    probe = tf_keras.Model(backbone.inputs, [stage.output, backbone.output])
-    with tf.GradientTape() as tape:
-        features, x = probe(normalized, training=False)
-        for layer in head:
-            x = layer(x, training=False)
-        logit = tf.matmul(tf.cast(x, tf.float32), output.kernel)[:, 0] + output.bias[0]
-        score = logit if class_index == 1 else -logit
-    gradients = tf.cast(tape.gradient(score, features), tf.float32)
-    features = tf.cast(features, tf.float32)
-    weights = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)  # one weight per channel
-    maps = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
-    maps = tf.image.resize(maps, tf.shape(gray)[1:3], method="bilinear")[..., 0]
+    members = _layers(model)
+    maps = 0.0
+    for backbone, head, output in members:
+        stage = map_layer(backbone)
+        probe = tf_keras.Model(backbone.inputs, [stage.output, backbone.output])
+        with tf.GradientTape() as tape:
+            features, x = probe(normalized, training=False)
+            for layer in head:
+                x = layer(x, training=False)
+            logit = tf.matmul(tf.cast(x, tf.float32), output.kernel)[:, 0] + output.bias[0]
+            score = (logit if class_index == 1 else -logit) / len(members)
+        gradients = tf.cast(tape.gradient(score, features), tf.float32)
+        features = tf.cast(features, tf.float32)
+        weights = tf.reduce_mean(gradients, axis=[1, 2], keepdims=True)  # one weight per channel
+        member_map = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1, keepdims=True))
+        maps += tf.image.resize(member_map, tf.shape(gray)[1:3], method="bilinear")[..., 0]
     peak = tf.reduce_max(maps, axis=[1, 2], keepdims=True)
     return tf.math.divide_no_nan(maps, peak).numpy().astype(np.float32)
 
@@ -60,19 +63,23 @@ def map_layer(backbone: tf_keras.Model) -> tf_keras.layers.Layer:
     return layer
 
 
-def _layers(model: tf_keras.Model):
-    """-> (classifier, backbone, head layers between backbone and output, output Dense layer)."""
+def _layers(model: tf_keras.Model) -> list[tuple]:
+    """-> (backbone, head layers between backbone and output, output Dense layer) of each classifier
+    in the model: one, or an ensemble's members."""
     try:
         for name in _FRONT_LAYERS:
             model.get_layer(name)
-        classifier = next(layer for layer in model.layers if isinstance(layer, tf_keras.Model))
-        backbone = classifier.get_layer(BACKBONE_NAME)
-        output = classifier.get_layer(_OUTPUT_LAYER)
-    except (ValueError, StopIteration):
+        classifiers = [layer for layer in model.layers if isinstance(layer, tf_keras.Model)]
+        found = [(c, c.get_layer(BACKBONE_NAME), c.get_layer(_OUTPUT_LAYER)) for c in classifiers]
+        if not found:
+            raise ValueError("no classifier")
+    except ValueError:
         raise NotExplainable(
             f"model {model.name!r} is not a pneumo-dist export (expected layers {_FRONT_LAYERS}, a "
             f"classifier with {BACKBONE_NAME!r} and {_OUTPUT_LAYER!r})"
         ) from None
-    layers = classifier.layers
-    head = layers[layers.index(backbone) + 1 : layers.index(output)]
-    return classifier, backbone, head, output
+    members = []
+    for classifier, backbone, output in found:
+        layers = classifier.layers
+        members.append((backbone, layers[layers.index(backbone) + 1 : layers.index(output)], output))
+    return members

@@ -64,6 +64,16 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Member:
+    """One model of an ensemble export (ensemble.py), as it was when the ensemble was made: for reports
+    only (its source is never opened again: the ensemble's model.keras holds its weights)."""
+
+    source: str  # the member's export folder
+    model_version: str  # its model.keras' model_version
+    val_auc: float  # on the validation split the ensemble was fitted on, before calibration
+
+
+@dataclass(frozen=True)
 class ExportInfo:
     files: list[str]
     model: str  # the model's file name in the folder
@@ -78,6 +88,8 @@ class ExportInfo:
     threshold_policy: str = "sensitivity"
     validation_prevalence: float | None = None  # the calibration's prior (the prevalence policy's base)
     serving_model: str | None = None  # the SavedModel's folder (serving.py), None: not exported
+    # An ensemble's models, in the order of its member_<i> layers (ensemble.py); empty: one model.
+    members: list[Member] = field(default_factory=list)
 
     def threshold_for_prevalence(self, prevalence: float) -> float:
         """The prevalence policy's threshold for a deployment where PNEUMONIA has `prevalence`."""
@@ -186,6 +198,10 @@ def read(folder: str) -> ExportInfo:
             threshold_policy=str(raw.get("threshold_policy", "sensitivity")),
             validation_prevalence=None if prevalence is None else float(prevalence),
             serving_model=None if raw.get("serving_model") is None else str(raw["serving_model"]),
+            members=[
+                Member(str(m["source"]), str(m["model_version"]), float(m["val_auc"]))
+                for m in raw.get("members", [])
+            ],
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ExportError(f"{info_uri}: malformed ({error!r}); export it again") from None

@@ -1,7 +1,7 @@
 """The one writer of an export folder (its format: export.py): a trained classifier's inference model,
 the calibration and operating thresholds fitted on its validation scores, its validation metrics, the
-SavedModel, and export.json last. train.py calls `export_run`; tune.py adds a SavedModel to a finished
-export with `add_serving_model`."""
+SavedModel, and export.json last. train.py calls `export_run`, ensemble.py `export_model`; tune.py adds
+a SavedModel to a finished export with `add_serving_model`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,10 +66,7 @@ def export_run(
     `stored`: how the records' images were stored (the manifest's)."""
     operating = _choose_operating_point(config.train, labels, scores, warn)
     at_threshold = metrics_lib.binary_metrics(labels, operating.probabilities, operating.threshold)
-    export_dir = os.path.join(work, export_lib.FOLDER)
-    if os.path.isdir(export_dir):
-        shutil.rmtree(export_dir)  # a previous, possibly partial export
-    os.makedirs(export_dir)
+    export_dir = _fresh_folder(work)
     model_path = os.path.join(export_dir, export_lib.MODEL_FILE)
     # A plain model (not one of the strategy's distributed variables) can be served as it is.
     plain = strategy is tf.distribute.get_strategy()
@@ -86,22 +84,88 @@ def export_run(
             detector.save(model_path)
     export_uri = storage.join(output, export_lib.FOLDER)
     if chief:
-        documents = {
-            METRICS_NAME: json.dumps(_metrics(labels, scores, operating, at_threshold, state), indent=1),
-            THRESHOLD_NAME: json.dumps(_threshold_document(config.train, operating, at_threshold), indent=1),
-            CONFIG: to_yaml(config),
-        }
-        info = _export_info(config, stored, operating, sorted([export_lib.MODEL_FILE, *documents]))
-        if config.train.serving_export:
+        if config.train.serving_export and not plain:
             # Under a distribution strategy the model's variables are distributed (and some reads of
             # them collective): the chief serves a plain copy of the file it just wrote.
-            if not plain:
-                detector = tf_keras.models.load_model(model_path, compile=False, safe_mode=True)
-            version = export_lib.model_version(model_path)
-            serving.save(detector, info, version, info.threshold, os.path.join(export_dir, serving.FOLDER))
-            info = _with_serving_model(info)
-        export_lib.publish(export_dir, export_uri, documents, info)
+            detector = tf_keras.models.load_model(model_path, compile=False, safe_mode=True)
+        history = {"best_epoch": state["best_epoch"], "history": state["history"]}
+        _complete(
+            detector, config, stored, labels, scores, operating, at_threshold, history, export_dir, export_uri
+        )
     return Exported(uri=export_uri, threshold=operating.threshold, val_metrics=at_threshold)
+
+
+def export_model(
+    detector: tf_keras.Model,
+    config: RunConfig,
+    stored: StoredImage,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    output: str,
+    warn: Callable[[str], None],
+    members: list[export_lib.Member],
+) -> Exported:
+    """Export a plain inference model that was not trained by a run (an ensemble of exports, ensemble.py)
+    to `output`/export, its operating point chosen on `scores`, its validation scores of `labels`."""
+    operating = _choose_operating_point(config.train, labels, scores, warn)
+    at_threshold = metrics_lib.binary_metrics(labels, operating.probabilities, operating.threshold)
+    export_uri = storage.join(output, export_lib.FOLDER)
+    with tempfile.TemporaryDirectory(prefix="pneumo-export-") as work:
+        export_dir = _fresh_folder(work)
+        detector.save(os.path.join(export_dir, export_lib.MODEL_FILE))
+        described = {"members": [dataclasses.asdict(member) for member in members]}
+        _complete(
+            detector,
+            config,
+            stored,
+            labels,
+            scores,
+            operating,
+            at_threshold,
+            described,
+            export_dir,
+            export_uri,
+            members,
+        )
+    return Exported(uri=export_uri, threshold=operating.threshold, val_metrics=at_threshold)
+
+
+def _fresh_folder(work: str) -> str:
+    export_dir = os.path.join(work, export_lib.FOLDER)
+    if os.path.isdir(export_dir):
+        shutil.rmtree(export_dir)  # a previous, possibly partial export
+    os.makedirs(export_dir)
+    return export_dir
+
+
+def _complete(
+    detector: tf_keras.Model,
+    config: RunConfig,
+    stored: StoredImage,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    operating: _Operating,
+    at_threshold: dict,
+    described: dict,
+    export_dir: str,
+    export_uri: str,
+    members: list[export_lib.Member] = (),
+) -> None:
+    """The documents of an export whose model.keras is in `export_dir`, its SavedModel when asked for,
+    then publish it to `export_uri`: export.json last. `detector`: the plain model in that file;
+    `described`: what metrics.json says of where the model came from (its epochs, or an ensemble's
+    members)."""
+    documents = {
+        METRICS_NAME: json.dumps(_metrics(labels, scores, operating, at_threshold, described), indent=1),
+        THRESHOLD_NAME: json.dumps(_threshold_document(config.train, operating, at_threshold), indent=1),
+        CONFIG: to_yaml(config),
+    }
+    info = _export_info(config, stored, operating, sorted([export_lib.MODEL_FILE, *documents]), list(members))
+    if config.train.serving_export:
+        version = export_lib.model_version(os.path.join(export_dir, export_lib.MODEL_FILE))
+        serving.save(detector, info, version, info.threshold, os.path.join(export_dir, serving.FOLDER))
+        info = _with_serving_model(info)
+    export_lib.publish(export_dir, export_uri, documents, info)
 
 
 def add_serving_model(detector) -> None:
@@ -154,13 +218,12 @@ def _calibration(
 
 
 def _metrics(
-    labels: np.ndarray, scores: np.ndarray, operating: _Operating, at_threshold: dict, state: dict
+    labels: np.ndarray, scores: np.ndarray, operating: _Operating, at_threshold: dict, described: dict
 ) -> dict:
     probabilities, calibration = operating.probabilities, operating.calibration
     return {
         "split": "val",
         "note": "validation figures, not test figures: run evaluate.py on the test split",
-        "best_epoch": state["best_epoch"],
         "calibration": {
             **(dataclasses.asdict(calibration) if calibration else {"method": "none"}),
             "val_ece_as_trained": metrics_lib.expected_calibration_error(labels, scores),
@@ -172,7 +235,7 @@ def _metrics(
             name: metrics_lib.binary_metrics(labels, probabilities, value)
             for name, value in operating.points.items()
         },
-        "history": state["history"],
+        **described,
     }
 
 
@@ -191,7 +254,11 @@ def _threshold_document(cfg: TrainConfig, operating: _Operating, at_threshold: d
 
 
 def _export_info(
-    config: RunConfig, stored: StoredImage, operating: _Operating, files: list[str]
+    config: RunConfig,
+    stored: StoredImage,
+    operating: _Operating,
+    files: list[str],
+    members: list[export_lib.Member],
 ) -> export_lib.ExportInfo:
     return export_lib.ExportInfo(
         files=files,
@@ -211,4 +278,5 @@ def _export_info(
         operating_points=operating.points,
         threshold_policy=operating.policy,
         validation_prevalence=operating.prevalence if operating.calibration else None,
+        members=members,
     )

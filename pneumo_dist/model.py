@@ -126,13 +126,19 @@ def float32_copy(classifier: tf_keras.Model, model: ModelConfig) -> tf_keras.Mod
 def inference_model(classifier: tf_keras.Model) -> tf_keras.Model:
     """Gray (H, W, 1) pixels in 0..255 -> P(PNEUMONIA): the classifier behind the same normalisation as
     augment.model_inputs, built from stock Keras layers so that the saved model loads without our code."""
-    size = classifier.input_shape[1]
+    gray, normalized = inference_front(classifier.input_shape[1])
+    return tf_keras.Model(gray, classifier(normalized, training=False), name="pneumonia_detector")
+
+
+def inference_front(size: int) -> tuple:
+    """The exported model's input, gray (size, size, 1) pixels in 0..255, and the classifier's input
+    made of it (augment.model_inputs' normalisation): one front for a model and for an ensemble."""
     gray = tf_keras.Input((size, size, 1), name="gray_0_255")
     rgb = tf_keras.layers.Concatenate(name="gray_to_rgb")([gray, gray, gray])
     normalized = tf_keras.layers.Rescaling(
         1.0, offset=[-m for m in IMAGENET_BGR_MEAN], name="imagenet_caffe"
     )(rgb)
-    return tf_keras.Model(gray, classifier(normalized, training=False), name="pneumonia_detector")
+    return gray, normalized
 
 
 @contextlib.contextmanager

@@ -99,6 +99,7 @@ class PneumoniaDetector:
         self.image_format = preprocessing.image_format
         self.jpeg_quality = preprocessing.jpeg_quality or images.DEFAULT_JPEG_QUALITY
         self._forward = tf.function(lambda x: self.model(x, training=False)[:, 0], reduce_retracing=True)
+        self._probe = None  # an ensemble's members' scores (probabilities_and_members), built when asked
 
     @classmethod
     def load(
@@ -181,6 +182,25 @@ class PneumoniaDetector:
             total += self._forward(augment_batch(pixels, TTA_AUGMENT, seed) * 255.0)
         probabilities = (total / tta_views).numpy().astype(np.float64)
         return self.calibration.apply(probabilities) if self.calibration else probabilities
+
+    def probabilities_and_members(
+        self, pixels: np.ndarray | tf.Tensor
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """probabilities(pixels), and for an ensemble export each member's own P(PNEUMONIA) (N, k) from
+        the same forward pass, uncalibrated (a member's calibration was fitted for it alone); None for
+        one model."""
+        if not self.info.members:
+            return self.probabilities(pixels), None
+        if self._probe is None:
+            from pneumo_dist import ensemble
+
+            probe = ensemble.member_probe(self.model)
+            self._probe = tf.function(lambda x: probe(x, training=False), reduce_retracing=True)
+        probability, logits = self._probe(tf.cast(tf.convert_to_tensor(pixels, tf.uint8), tf.float32))
+        probabilities = probability.numpy()[:, 0].astype(np.float64)
+        if self.calibration:
+            probabilities = self.calibration.apply(probabilities)
+        return probabilities, tf.sigmoid(logits).numpy().astype(np.float64)
 
     def predict(self, image: ImageInput, tta_views: int = 1) -> Prediction:
         return self.predict_batch([image], tta_views=tta_views)[0]
