@@ -120,7 +120,8 @@ def _train_ensemble(args, config, strategy, on_step, on_epoch) -> int:
     metrics = exported.val_metrics
     print(
         f"\nensemble of {args.ensemble}: validation AUC {metrics['auc']:.4f}; "
-        f"threshold {exported.threshold:.4f}: validation sensitivity {metrics['sensitivity']:.3f}, specificity {metrics['specificity']:.3f}\n"
+        f"threshold {exported.threshold:.4f}: validation sensitivity {metrics['sensitivity']:.3f}, "
+        f"specificity {metrics['specificity']:.3f}\n"
         f"exported to {exported.uri} (validation figures; evaluate the test split with evaluate.py)"
     )
     return 0
