@@ -327,7 +327,10 @@ DEFAULT_SEARCH_SPACE = {
     "model.dense_units": {"choice": [128, 256, 512]},
     "data.global_batch_size": {"choice": [32, 64]},
 }
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+# "grid": every value, each in num_samples trials (Ray Tune's grid_search), e.g. {grid: [0, 1, 2]} for
+# train.seed: the members of an ensemble (tune.ensemble_top), trained in parallel.
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+LISTS = ("choice", "grid")
 
 
 @dataclass(frozen=True)
@@ -352,6 +355,9 @@ class TuneConfig:
     name: str = "search"
     search_space: dict = field(default_factory=lambda: dict(DEFAULT_SEARCH_SPACE))
     evaluate_test: bool = True  # report on the best trial's model on the test split at the end
+    # > 1: the search's result (best/) is an ensemble (ensemble.py) of its ensemble_top best finished
+    # trials (those that read images as the best one does), not the best trial alone.
+    ensemble_top: int = 1
     seed: int = 0
 
     def __post_init__(self):
@@ -361,7 +367,7 @@ class TuneConfig:
             if isinstance(spec, dict):
                 spec = {
                     kind: [_number_or_same(v) for v in values]
-                    if kind != "choice" and isinstance(values, list)
+                    if kind not in LISTS and isinstance(values, list)
                     else values
                     for kind, values in spec.items()
                 }
@@ -369,7 +375,7 @@ class TuneConfig:
         object.__setattr__(self, "search_space", space)
 
     def validate(self) -> None:
-        for name in ("num_samples", "grace_period", "workers_per_trial"):
+        for name in ("num_samples", "grace_period", "workers_per_trial", "ensemble_top"):
             value = getattr(self, name)
             _check(value >= 1, "tune", name, value, "must be >= 1")
         _check(
@@ -429,13 +435,13 @@ class RunConfig:
                     f"{where}: expected one of {', '.join(DISTRIBUTIONS)}, e.g. {{choice: [1, 2]}}"
                 )
             kind, values = next(iter(spec.items()))
-            if not isinstance(values, list) or not values or (kind != "choice" and len(values) != 2):
+            if not isinstance(values, list) or not values or (kind not in LISTS and len(values) != 2):
                 raise ConfigError(
-                    f"{where}: {kind} needs {'a list of options' if kind == 'choice' else '[low, high]'}"
+                    f"{where}: {kind} needs {'a list of options' if kind in LISTS else '[low, high]'}"
                 )
-            if kind != "choice" and not all(isinstance(v, int | float) for v in values):
+            if kind not in LISTS and not all(isinstance(v, int | float) for v in values):
                 raise ConfigError(f"{where}: {kind} bounds must be numbers, got {values}")
-            if kind != "choice" and not values[0] < values[1]:
+            if kind not in LISTS and not values[0] < values[1]:
                 raise ConfigError(f"{where}: {kind} needs low < high, got {values}")
             if kind == "loguniform" and values[0] <= 0:
                 raise ConfigError(f"{where}: loguniform needs low > 0, got {values}")

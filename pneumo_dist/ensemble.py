@@ -116,14 +116,15 @@ def train_ensemble(
             started = resume and storage.exists(run_folder.state_uri(member_output))
             train_lib.train(member, strategy, resume=started, overwrite=overwrite, **callbacks)
         uris.append(storage.join(member_output, export_lib.FOLDER))
-    return export_ensemble(uris, config, output)
+    return export_ensemble(uris, config, storage.join(output, export_lib.FOLDER))
 
 
 def export_ensemble(
-    member_uris: list[str], config: RunConfig, output: str, warn: Callable[[str], None] = print
+    member_uris: list[str], config: RunConfig, export_uri: str, warn: Callable[[str], None] = print
 ) -> exporter.Exported:
-    """Combine the exports at `member_uris` into `output`/export, its calibration and thresholds (the
-    policies of `config.train`) fitted on the ensemble's scores of `config.data`'s validation split."""
+    """Combine the exports at `member_uris` into the export folder `export_uri`, its calibration and
+    thresholds (the policies of `config.train`) fitted on the ensemble's scores of `config.data`'s
+    validation split."""
     from pneumo_dist.predict import PneumoniaDetector
 
     detectors = [PneumoniaDetector.load(uri) for uri in member_uris]
@@ -148,7 +149,7 @@ def export_ensemble(
         for detector, column in zip(detectors, member_scores.T, strict=True)
     ]
     stored = dataset.manifest.image
-    return exporter.export_model(model, config, stored, labels, scores, output, warn, members)
+    return exporter.export_model(model, config, stored, labels, scores, export_uri, warn, members)
 
 
 def score(

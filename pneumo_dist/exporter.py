@@ -101,15 +101,14 @@ def export_model(
     stored: StoredImage,
     labels: np.ndarray,
     scores: np.ndarray,
-    output: str,
+    export_uri: str,
     warn: Callable[[str], None],
     members: list[export_lib.Member],
 ) -> Exported:
     """Export a plain inference model that was not trained by a run (an ensemble of exports, ensemble.py)
-    to `output`/export, its operating point chosen on `scores`, its validation scores of `labels`."""
+    to the folder `export_uri`, its operating point chosen on `scores`, its validation scores of `labels`."""
     operating = _choose_operating_point(config.train, labels, scores, warn)
     at_threshold = metrics_lib.binary_metrics(labels, operating.probabilities, operating.threshold)
-    export_uri = storage.join(output, export_lib.FOLDER)
     with tempfile.TemporaryDirectory(prefix="pneumo-export-") as work:
         export_dir = _fresh_folder(work)
         detector.save(os.path.join(export_dir, export_lib.MODEL_FILE))

@@ -168,7 +168,17 @@ def run_search(
     best_export = test_metrics = None
     if best is not None:
         best_export = storage.join(experiment, "best")
-        storage.copy_tree(storage.join(best.output_uri, export.FOLDER), best_export)
+        members = ensemble_members(finished, best, cfg.ensemble_top)
+        if len(members) > 1:
+            from pneumo_dist import ensemble
+
+            # The best trial's config: its threshold policies and the data whose validation split it saw.
+            best_config = trial_config(setup["base"], best.config, best.output_uri)
+            uris = [storage.join(t.output_uri, export.FOLDER) for t in members]
+            print(f"ensemble of the {len(members)} best trials: {', '.join(t.trial_id for t in members)}")
+            ensemble.export_ensemble(uris, best_config, best_export)
+        else:
+            storage.copy_tree(storage.join(best.output_uri, export.FOLDER), best_export)
         if config.train.serving_export or cfg.evaluate_test:
             from pneumo_dist import exporter, predict
 
@@ -178,6 +188,17 @@ def run_search(
             if cfg.evaluate_test:
                 test_metrics = report_on_test(detector, config)
     return SearchResult(trials, best, best_export, test_metrics, table_uri)
+
+
+def ensemble_members(finished: list[TrialSummary], best: TrialSummary, top: int) -> list[TrialSummary]:
+    """The `top` best finished trials whose exports read images as the best one's does (one ensemble
+    has one input), best first; fewer when fewer qualify."""
+    wanted = export.read(storage.join(best.output_uri, export.FOLDER)).preprocessing
+    ranked = sorted(finished, key=lambda t: -t.best_val_auc)
+    same = [
+        t for t in ranked if export.read(storage.join(t.output_uri, export.FOLDER)).preprocessing == wanted
+    ]
+    return same[:top]
 
 
 def console_reporter(epochs: int):
@@ -270,6 +291,7 @@ def to_tune_space(search_space: dict) -> dict:
 
     make = {
         "choice": tune.choice,
+        "grid": tune.grid_search,
         "uniform": lambda bounds: tune.uniform(*bounds),
         "loguniform": lambda bounds: tune.loguniform(*bounds),
         "randint": lambda bounds: tune.randint(*bounds),
