@@ -171,9 +171,12 @@ class PneumoniaDetector:
 
     # --- scoring ------------------------------------------------------------------------------------
 
-    def probabilities(self, pixels: np.ndarray | tf.Tensor, tta_views: int = 1) -> np.ndarray:
+    def probabilities(
+        self, pixels: np.ndarray | tf.Tensor, tta_views: int = 1, calibrated: bool = True
+    ) -> np.ndarray:
         """uint8 (N, S, S, 1) prepared pixels -> P(PNEUMONIA) per image. With tta_views > 1, the mean
-        over the image and tta_views - 1 fixed random TTA_AUGMENT variants of it."""
+        over the image and tta_views - 1 fixed random TTA_AUGMENT variants of it. `calibrated`: through
+        the export's calibration (False: as the model gives them, for comparing calibrations)."""
         check_tta_views(tta_views)
         pixels = tf.convert_to_tensor(pixels, tf.uint8)
         total = self._forward(tf.cast(pixels, tf.float32))
@@ -181,7 +184,7 @@ class PneumoniaDetector:
             seed = tf.constant([view, 0], tf.int64)  # the same variants on every call: reproducible
             total += self._forward(augment_batch(pixels, TTA_AUGMENT, seed) * 255.0)
         probabilities = (total / tta_views).numpy().astype(np.float64)
-        return self.calibration.apply(probabilities) if self.calibration else probabilities
+        return self.calibration.apply(probabilities) if self.calibration and calibrated else probabilities
 
     def probabilities_and_members(
         self, pixels: np.ndarray | tf.Tensor
