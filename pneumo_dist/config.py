@@ -140,7 +140,9 @@ SWITCHES = ("auto", "on", "off")
 # target_sensitivity; the largest Youden's J (sensitivity + specificity - 1); the fewest expected errors
 # at deployment_prevalence (on calibrated probabilities).
 THRESHOLD_POLICIES = ("sensitivity", "youden", "prevalence")
-CALIBRATIONS = ("platt", "none")
+# "platt": logistic calibration on the validation split; "platt_capped": the same with its slope at most 1
+# (metrics.fit_platt), so that it never sharpens the model's probabilities; "none".
+CALIBRATIONS = ("platt", "platt_capped", "none")
 
 
 @dataclass(frozen=True)

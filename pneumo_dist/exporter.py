@@ -205,14 +205,16 @@ def _calibration(
     """The calibration fitted on the validation scores (train.calibration) and the calibrated scores."""
     if cfg.calibration == "none":
         return None, scores
-    fitted = metrics_lib.fit_platt(labels, scores)
+    fitted = metrics_lib.fit_platt(
+        labels, scores, max_slope=1.0 if cfg.calibration == "platt_capped" else None
+    )
     if fitted is None:
         warn(
             "the validation split cannot calibrate the model (one class, or it ranks backwards); "
             "exporting its probabilities as they are"
         )
         return None, scores
-    calibration = export_lib.Calibration(*fitted)
+    calibration = export_lib.Calibration(*fitted, method=cfg.calibration)
     return calibration, calibration.apply(scores)
 
 

@@ -186,13 +186,20 @@ def threshold_youden(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is inf: nothing positive
 
 
-def fit_platt(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, float] | None:
+def fit_platt(
+    labels: np.ndarray, probabilities: np.ndarray, max_slope: float | None = None
+) -> tuple[float, float] | None:
     """Logistic calibration of P(PNEUMONIA) on a held-out split (Platt 1999): calibrated =
     sigmoid(slope * logit(p) + intercept), fitted by maximum likelihood with Platt's smoothed targets
     (which keep the fit finite when the split is perfectly separated). The intercept takes out the prior
     that class weights put into the training loss, the slope over- or under-confidence; for a slope > 0
     the ranking (AUC) is unchanged. -> (slope, intercept), or None when it cannot be fitted (one class,
-    or a slope <= 0: a model that ranks backwards is not corrected by calibration)."""
+    or a slope <= 0: a model that ranks backwards is not corrected by calibration).
+
+    `max_slope`: a fitted slope above it is set to it and the intercept fitted again. At 1, calibration
+    may move the probabilities and soften them but never make them more extreme than the model's own: on
+    a validation split the model nearly separates, Platt's slope sharpens probabilities that a shifted
+    test set then finds overconfident (RESULTS.md, "Calibration under shift")."""
     positive = np.asarray(labels).reshape(-1) > 0.5
     n_positive, n_negative = int(positive.sum()), int((~positive).sum())
     if not n_positive or not n_negative:
@@ -217,7 +224,24 @@ def fit_platt(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, flo
         if np.max(np.abs(scale * step)) < 1e-9:
             break
     slope, intercept = (float(w) for w in weights)
-    return (slope, intercept) if slope > 0 and np.isfinite(weights).all() else None
+    if not (slope > 0 and np.isfinite(weights).all()):
+        return None
+    if max_slope is not None and slope > max_slope:
+        slope, intercept = max_slope, _fit_intercept(max_slope * features[:, 0], target)
+    return slope, intercept
+
+
+def _fit_intercept(z: np.ndarray, target: np.ndarray) -> float:
+    """The b maximising the likelihood of `target` under sigmoid(z + b): Newton's method in one convex
+    unknown, its steps bounded."""
+    b = 0.0
+    for _ in range(200):
+        q = _sigmoid(z + b)
+        step = float(np.clip(np.sum(q - target) / (np.sum(q * (1.0 - q)) + 1e-9), -4.0, 4.0))
+        b -= step
+        if abs(step) < 1e-10:
+            break
+    return b
 
 
 # The population stability index's usual reading (Siddiqi, "Credit Risk Scorecards", 2006): below 0.1 the

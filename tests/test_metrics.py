@@ -159,3 +159,25 @@ def test_population_stability_by_hand_and_its_reading():
     by_hand = (1e-4 - 0.5) * np.log(1e-4 / 0.5) + 0.5 * np.log(2.0)
     result = metrics.population_stability(np.arange(1000) / 1000, np.full(10, 0.9), bins=2)
     assert result["psi"] == pytest.approx(by_hand) and result["actual_shares"] == [0.0, 1.0]
+
+
+def test_a_capped_platt_fit_never_sharpens_and_keeps_the_likelihoods_balance():
+    # A split the model nearly separates, with timid probabilities: Platt sharpens them (slope > 1).
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 200)
+    probabilities = np.where(labels == 1, rng.uniform(0.55, 0.8, 400), rng.uniform(0.2, 0.45, 400))
+    slope, _ = metrics.fit_platt(labels, probabilities)
+    assert slope > 3
+    capped_slope, intercept = metrics.fit_platt(labels, probabilities, max_slope=1.0)
+    assert capped_slope == 1.0
+    # The intercept is the maximum-likelihood one at that slope: calibrated mean = smoothed target mean.
+    calibrated = 1 / (1 + np.exp(-(metrics.logit(probabilities) + intercept)))
+    target = np.where(labels == 1, 201 / 202, 1 / 202)
+    assert calibrated.sum() == pytest.approx(target.sum(), rel=1e-6)
+    # An overconfident model's slope (about 1/4 here) is already below the cap: left as fitted.
+    z = rng.normal(0, 2, 2000)
+    outcomes = (rng.uniform(size=2000) < 1 / (1 + np.exp(-z))).astype(int)
+    overconfident = 1 / (1 + np.exp(-4 * z))
+    fitted = metrics.fit_platt(outcomes, overconfident)
+    assert fitted[0] < 0.5
+    assert metrics.fit_platt(outcomes, overconfident, max_slope=1.0) == pytest.approx(fitted)
