@@ -1,6 +1,6 @@
 """Evaluate an exported model on one split of a pneumo-dist dataset and write the report.
 
-    python jobs/evaluate.py MODEL_URI --data MANIFEST_URI [--split test] [--out DIR] [--tta N]
+    python jobs/evaluate.py MODEL_URI --data MANIFEST_URI [--split test] [--out DIR] [--tta N] [--shift]
 
 MODEL_URI: a run's export/ folder or a tune run's best/ folder, local or gs://. The report (report.html,
 metrics.json, predictions.csv, PNG plots) goes to --out, default MODEL_URI/../eval-SPLIT.
@@ -36,6 +36,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="SCORES",
         help="predict.py's CSV or --ray's Parquet folder: compare its probabilities with the split's "
         "(population stability index; use --split val)",
+    )
+    parser.add_argument(
+        "--shift",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="SEED",
+        help="add the shift benchmark (robustness: the split under seeded acquisition-like changes; "
+        "about 15x the scoring time) with this seed, 0 when none is given",
     )
     args = parser.parse_args(argv)
     for name, low in (("tta", 1), ("bootstrap", 100), ("gradcam", 0), ("batch_size", 1)):
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 on_batch=on_batch,
                 drift_scores=drift,
+                shift_seed=args.shift,
             )
     except PneumoDistError as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
@@ -99,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  ensemble member {index} alone: auc {auc['value']:.3f} [{auc['ci95'][0]:.3f}, "
             f"{auc['ci95'][1]:.3f}]  ece {member['ece']['value']:.3f}  ({member['source']})"
+        )
+    if "robustness" in summary:
+        r = summary["robustness"]["summary"]
+        print(
+            f"robustness: mean auc under shift {r['mean_auc']:.3f} (worst {r['worst_auc']:.3f}); "
+            f"lowest specificity {r['worst_specificity']:.3f} ({r['worst_specificity_shift']}); "
+            f"mean ece {r['mean_ece']:.3f}"
         )
     if drift:
         d = summary["drift"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_dist import evaluate, storage
+from pneumo_dist import evaluate, shift, storage
 from pneumo_dist.predict import PneumoniaDetector
 
 from .conftest import REPO
@@ -166,6 +166,8 @@ def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable
             "0.3",
             "--drift",
             str(scores),
+            "--shift",
+            "5",
         ],
         capture_output=True,
         text=True,
@@ -180,6 +182,12 @@ def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable
     )
     figures = strict_json((out / "metrics.json").read_text())
     assert figures["tta_views"] == 2 and figures["drift"]["psi"] > 0.25
+    # The shift benchmark, as robustness: every shift, with the seed given.
+    assert re.search(r"robustness: mean auc under shift \d\.\d{3} .*lowest specificity", run.stdout)
+    robustness = figures["robustness"]
+    assert robustness["seed"] == 5 and robustness["count"] == 40
+    assert list(robustness["shifts"]) == list(shift.SHIFTS)
+    assert "<h2>Robustness</h2>" in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize(
