@@ -136,6 +136,31 @@ def test_asha_search_stops_trials_early_finishes_and_exports_the_best(learnable_
     assert "best trial" in result.stdout
 
 
+def test_a_search_of_seeds_exports_its_best_trials_as_one_ensemble(learnable_shards, tmp_path):
+    # K seeds of one recipe trained in parallel (a grid over train.seed), best/ their ensemble.
+    config = write_config(
+        tmp_path / "seeds.yaml",
+        learnable_shards,
+        str(tmp_path / "tune"),
+        num_samples=1,
+        scheduler="fifo",
+        search_space={"train.seed": {"grid": [0, 1]}},
+        ensemble_top=2,
+        evaluate_test=False,
+        name="seeds",
+    )
+    result = run_tune("--config", config, "--set", "train.epochs=1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = read_table(tmp_path / "tune" / "seeds" / "trials.csv")
+    assert sorted(row["train.seed"] for row in table) == ["0", "1"]
+    best = tmp_path / "tune" / "seeds" / "best"
+    info = json.loads((best / "export.json").read_text())
+    trials = tmp_path / "tune" / "seeds" / "trials"
+    expected = {str(trials / row["trial_id"] / "export") for row in table}
+    assert {member["source"] for member in info["members"]} == expected
+    assert "ensemble of the 2 best trials" in result.stdout
+
+
 def train_worker_pids(driver_pid: int) -> list[int]:
     """Ray Train workers of the in-process Ray that `driver_pid` started (its descendants only)."""
     import psutil
