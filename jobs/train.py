@@ -13,6 +13,7 @@ import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
 from pneumo_dist import config as config_lib
+from pneumo_dist import console
 from pneumo_dist.errors import PneumoDistError
 
 
@@ -32,6 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="train K models (seeds train.seed .. train.seed+K-1, one after another, in OUTPUT/members/) "
         "and export them as one model whose output is their mean logit",
     )
+    console.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     if args.ensemble < 1:
         parser.error("--ensemble must be >= 1")
@@ -40,40 +42,59 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    progress = Progress()
     try:
-        return run(args)
+        return run(args, progress)
     except PneumoDistError as error:
+        progress.close()
         print(f"train: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # A checkpoint is complete once its state.json names it (written last), so whatever the
+        # interrupted epoch left is ignored by --resume.
+        progress.close()
+        print(f"\ntrain: {progress.interrupted(args.resume)}", file=sys.stderr)
+        return console.INTERRUPTED
 
 
-def run(args: argparse.Namespace) -> int:
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps_per_epoch={args.max_steps}")
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    # Validated before TensorFlow is even imported: a typo costs a second, not a cluster start.
-    config = config_lib.load_config(args.config, overrides)
+class Progress:
+    """The console of a run: a live bar per epoch (steps, rate, ETA, loss), a line per finished epoch."""
 
-    from tqdm import tqdm
+    def __init__(self):
+        self.bar = None
+        self.epoch = None  # the epoch under way (0-based, counted over resumes)
+        self.checkpointed = None  # the last epoch this process finished: its checkpoint is written
 
-    from pneumo_dist import distribute, train
+    def interrupted(self, resumed: bool) -> str:
+        """What Ctrl-C left and how to go on, in one line."""
+        if self.checkpointed is not None:
+            return (
+                f"interrupted after epoch {self.checkpointed + 1}; its checkpoint is kept; "
+                "rerun with --resume to continue"
+            )
+        if resumed:
+            return (
+                "interrupted before an epoch ended; rerun with --resume to continue from the same checkpoint"
+            )
+        if self.epoch is None:
+            return "interrupted before training started; rerun the command (with --overwrite)"
+        where = f"in epoch {self.epoch + 1}, before any checkpoint"
+        return f"interrupted {where}; rerun with --overwrite to start again"
 
-    bar: list[tqdm] = []
-    bar_epoch: list[int] = []  # (a disabled bar, when stderr is not a terminal, keeps no desc)
+    def on_step(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        from tqdm import tqdm
 
-    def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
-        # Called once per loop of train.steps_per_loop steps: `step` steps of the epoch are done.
-        if bar_epoch != [epoch]:
-            bar[:] = [tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False, disable=None)]
-            bar_epoch[:] = [epoch]
-        bar[0].update(step - bar[0].n)
-        bar[0].set_postfix(loss=f"{loss:.4f}")
+        if step == 0:  # the epoch starts: its bar's clock too, so that the rate is the real one
+            self.close()
+            self.epoch = epoch
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", unit="step", leave=False, disable=None)
+            return
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
 
-    def on_epoch(record: dict) -> None:
-        if bar:
-            bar[0].close()
+    def on_epoch(self, record: dict) -> None:
+        self.close()
+        self.checkpointed = record["epoch"]
         print(
             f"epoch {record['epoch'] + 1:3d}  loss {record['train_loss']:.4f}  "
             f"val auc {record['val_auc']:.4f}  acc {record['val_accuracy']:.3f}  "
@@ -82,12 +103,35 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def run(args: argparse.Namespace, progress: Progress) -> int:
+    overrides = list(args.set)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps_per_epoch={args.max_steps}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    # Validated before TensorFlow is even imported: a typo costs a second, not a cluster start.
+    config = config_lib.load_config(args.config, overrides)
+    console.load_tensorflow(args.verbose)
+
+    from pneumo_dist import distribute, train
+
     distribute.configure_process(config.train)  # before TensorFlow's first op
     strategy = distribute.choose_strategy(local=args.local, train_cfg=config.train)
     if args.ensemble > 1:
-        return _train_ensemble(args, config, strategy, on_step, on_epoch)
+        return _train_ensemble(args, config, strategy, progress)
     result = train.train(
-        config, strategy, resume=args.resume, on_step=on_step, on_epoch=on_epoch, overwrite=args.overwrite
+        config,
+        strategy,
+        resume=args.resume,
+        on_step=progress.on_step,
+        on_epoch=progress.on_epoch,
+        overwrite=args.overwrite,
     )
     metrics = result.val_metrics
     print(
@@ -98,10 +142,15 @@ def run(args: argparse.Namespace) -> int:
         f"accuracy {metrics['accuracy']:.3f}\n"
         f"exported to {result.export_uri} (validation figures; evaluate the test split with evaluate.py)"
     )
+    print(next_command(result.export_uri, config.data.manifest_uri))
     return 0
 
 
-def _train_ensemble(args, config, strategy, on_step, on_epoch) -> int:
+def next_command(export_uri: str, manifest_uri: str) -> str:
+    return f"next: python jobs/evaluate.py {export_uri} --data {manifest_uri} --split test"
+
+
+def _train_ensemble(args, config, strategy, progress: Progress) -> int:
     from pneumo_dist import ensemble
 
     def on_member(index: int, member) -> None:
@@ -114,8 +163,8 @@ def _train_ensemble(args, config, strategy, on_step, on_epoch) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         on_member=on_member,
-        on_step=on_step,
-        on_epoch=on_epoch,
+        on_step=progress.on_step,
+        on_epoch=progress.on_epoch,
     )
     metrics = exported.val_metrics
     print(
@@ -124,6 +173,7 @@ def _train_ensemble(args, config, strategy, on_step, on_epoch) -> int:
         f"specificity {metrics['specificity']:.3f}\n"
         f"exported to {exported.uri} (validation figures; evaluate the test split with evaluate.py)"
     )
+    print(next_command(exported.uri, config.data.manifest_uri))
     return 0
 
 

@@ -213,7 +213,7 @@ class TrainConfig:
     # <system temp>/pneumo-dist-xla-cache-<uid>.
     xla_cache_dir: str = "default"
     # Training steps per call into TensorFlow (a tf.range loop on the device): the loss is read and the
-    # progress shown once per loop; 0 = min(100, steps per epoch).
+    # progress shown once per loop; 0 = 100 with a GPU, 10 without (train.py), at most an epoch.
     steps_per_loop: int = 0
     # Gradients are all-reduced in packs of this size, so that packs overlap (MultiWorkerMirrored).
     all_reduce_pack_mb: float = 32.0

@@ -28,6 +28,7 @@ import tensorflow as tf
 import tf_keras
 
 from pneumo_dist import augment, data, distribute, exporter, storage
+from pneumo_dist import export as export_lib
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import model as model_lib
 from pneumo_dist import optimizer as optimizer_lib
@@ -42,6 +43,10 @@ SCRATCH_PREFIX = "pneumo-train-"
 # round-trip (~1 ms) negligible; TF Model Garden's image classification configs use
 # steps_per_loop 100-1000 the same way (orbit). Never more than an epoch.
 DEFAULT_STEPS_PER_LOOP = 100
+# Without a GPU a step takes ~0.3-3 s, so a host read per 10 steps costs nothing measurable (steps_per_loop
+# 1 vs 20 at batch 16 and 64 px on 2 cores: 6.3 vs 6.5 img/s, BENCHMARKS.md), and the progress bar moves
+# every few seconds instead of once an epoch.
+CPU_STEPS_PER_LOOP = 10
 
 
 class TrainingError(PneumoDistError):
@@ -74,9 +79,9 @@ def train(
     An output folder that already holds a run is an error unless `resume` (continue it) or `overwrite`
     (replace its checkpoints, export and logs): a new run never silently deletes an earlier one.
 
-    `on_step(epoch, steps_done, steps, loss)` (once per loop of train.steps_per_loop steps, with the
-    loop's mean loss) and `on_epoch(record)` (once the epoch's checkpoint is written) are for progress
-    displays and Ray's reporting.
+    `on_step(epoch, steps_done, steps, loss)` (at the epoch's start with 0 steps and a NaN loss, then
+    once per loop of train.steps_per_loop steps, with the loop's mean loss) and `on_epoch(record)`
+    (once the epoch's checkpoint is written) are for progress displays and Ray's reporting.
 
     `reuse`: keep the built model and its traced step functions for later `reuse` runs of this
     process, and use a kept one whose config differs from this run's only in REUSABLE (a search's
@@ -95,6 +100,15 @@ def train(
             return run.fit(resume, on_step, on_epoch)
         finally:
             run.close()  # a checkpoint still uploading finishes, before its local files go
+
+
+def tensorboard_tag(key: str) -> str:
+    """An epoch record's key as a TensorBoard tag, in groups: val/auc, train/loss, system/seconds."""
+    if key.startswith("val_"):
+        return "val/" + key.removeprefix("val_")
+    if key in ("train_loss", "learning_rate"):
+        return "train/" + key.removeprefix("train_")
+    return "system/" + key
 
 
 def _refuse_existing_run(output: str) -> None:
@@ -234,7 +248,9 @@ class _Run:
         if config.train.max_steps_per_epoch:
             steps = min(steps, config.train.max_steps_per_epoch)
         self.steps_per_epoch = steps
-        self.steps_per_loop = min(config.train.steps_per_loop or DEFAULT_STEPS_PER_LOOP, steps)
+        on_gpu = bool(tf.config.list_physical_devices("GPU"))
+        default_loop = DEFAULT_STEPS_PER_LOOP if on_gpu else CPU_STEPS_PER_LOOP
+        self.steps_per_loop = min(config.train.steps_per_loop or default_loop, steps)
         self.host_reads = 0  # loss reads from the device: one per loop (tests count them)
         # The chief's upload of the last checkpoint to a gs:// output, while the next epoch trains.
         self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
@@ -345,9 +361,16 @@ class _Run:
             for folder in FOLDERS:
                 storage.delete_tree(storage.join(self.output, folder))  # never follows links out
             storage.write_bytes(storage.join(self.output, CONFIG), to_yaml(self.config).encode())
-        writer = tf.summary.create_file_writer(os.path.join(self.work, TENSORBOARD)) if self.chief else None
+        # One TensorBoard run per training run, named after its folder (tensorboard --logdir of several
+        # runs' folders, or of a search's trials, then tells them apart).
+        run_name = storage.basename(self.output.rstrip("/")) or "run"
+        logdir = os.path.join(self.work, TENSORBOARD, run_name)
+        writer = tf.summary.create_file_writer(logdir) if self.chief else None
         if self.chief:
             print(self.describe(), flush=True)
+            if resume:
+                best = f"best validation AUC {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1}"
+                print(f"train: resuming {self.output} after epoch {state['next_epoch']} ({best})", flush=True)
         iterator = iter(self.train_batches)
         phase, first_epoch = None, state["next_epoch"]
         result = self._export(state) if state["finished"] else None  # resumed after the last epoch
@@ -362,6 +385,8 @@ class _Run:
                 train_loop = self.built.train_loops[head_only]
                 phase = head_only
             start, loss_sum, done = time.perf_counter(), 0.0, 0
+            if on_step:
+                on_step(epoch, 0, self.steps_per_epoch, math.nan)  # the epoch starts
             while done < self.steps_per_epoch:
                 steps = min(self.steps_per_loop, self.steps_per_epoch - done)
                 # The one host read of a loop: everything before it stayed on the device.
@@ -373,7 +398,7 @@ class _Run:
                     on_step(epoch, done, self.steps_per_epoch, loop_loss / steps)
                 if writer:
                     with writer.as_default(step=int(self.optimizer.iterations.numpy())):
-                        tf.summary.scalar("loop_train_loss", loop_loss / steps)
+                        tf.summary.scalar("train/loop_loss", loop_loss / steps)
             seconds = time.perf_counter() - start
             self._wait_for_upload()  # the previous checkpoint's: before best weights are written
             with self._averaged_weights():  # (the weights themselves when train.ema_decay is 0)
@@ -410,7 +435,7 @@ class _Run:
                 with writer.as_default(step=epoch):
                     for key, value in record.items():
                         if isinstance(value, float) and not math.isnan(value):
-                            tf.summary.scalar(key, value)
+                            tf.summary.scalar(tensorboard_tag(key), value)
                 writer.flush()
                 storage.publish(os.path.join(self.work, TENSORBOARD), storage.join(self.output, TENSORBOARD))
             if state["finished"]:
@@ -632,9 +657,13 @@ class _Run:
 
     # --- export -------------------------------------------------------------------------------------
 
-    # --- export -------------------------------------------------------------------------------------
-
     def _export(self, state: dict) -> TrainResult:
+        if self.chief:
+            where = storage.join(self.output, export_lib.FOLDER)
+            last, best = state["next_epoch"], state["best_epoch"] + 1
+            print(
+                f"train: epoch {last} was the last; exporting epoch {best}'s weights to {where}", flush=True
+            )
         self.classifier.load_weights(os.path.join(self.work, CHECKPOINTS, BEST_WEIGHTS))
         # The best epoch's validation scores, scored again only when an earlier process ran that epoch.
         labels, scores = self.best_val_scores or self.predict("val")
