@@ -12,7 +12,7 @@ import argparse
 import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
-from pneumo_dist import export
+from pneumo_dist import console, export
 from pneumo_dist.errors import PneumoDistError
 
 
@@ -46,6 +46,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="add the shift benchmark (robustness: the split under seeded acquisition-like changes; "
         "about 15x the scoring time) with this seed, 0 when none is given",
     )
+    console.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     for name, low in (("tta", 1), ("bootstrap", 100), ("gradcam", 0), ("batch_size", 1)):
         if getattr(args, name) < low:
@@ -55,42 +56,55 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    import numpy as np
-    from tqdm import tqdm
-
-    from pneumo_dist import evaluate, predict, schema, storage
-
     try:
-        # A wrong --data or --split is said before the model loads (tens of seconds for ResNet50).
-        manifest_uri = schema.manifest_uri_of(args.data)
-        schema.Manifest.read(manifest_uri).shard_uris(manifest_uri, args.split)
-        drift = (args.drift, evaluate.read_scores(args.drift)) if args.drift else None
-        detector = predict.PneumoniaDetector.load(
-            args.model, threshold=args.threshold, policy=args.policy, prevalence=args.prevalence
-        )
-        out = args.out or storage.join(storage.parent(detector.uri), f"eval-{args.split}")
-        with tqdm(desc=f"scoring {args.split}", unit="img", disable=None) as bar:
-
-            def on_batch(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            summary = evaluate.run_evaluation(
-                detector,
-                args.data,
-                args.split,
-                out,
-                tta_views=args.tta,
-                resamples=args.bootstrap,
-                gradcam_per_case=args.gradcam,
-                batch_size=args.batch_size,
-                on_batch=on_batch,
-                drift_scores=drift,
-                shift_seed=args.shift,
-            )
+        return run(args)
     except PneumoDistError as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # report.html is written last: a folder without it holds no report.
+        print("\nevaluate: interrupted; no report written", file=sys.stderr)
+        return console.INTERRUPTED
+
+
+def run(args: argparse.Namespace) -> int:
+    from pneumo_dist import schema, storage
+
+    # A wrong --data, --split or model folder is said before TensorFlow loads, let alone the model.
+    manifest_uri = schema.manifest_uri_of(args.data)
+    schema.Manifest.read(manifest_uri).shard_uris(manifest_uri, args.split)
+    export.read(export.folder_of(args.model))
+    console.load_tensorflow(args.verbose)
+    import numpy as np
+    from tqdm import tqdm
+
+    from pneumo_dist import evaluate, predict
+
+    drift = (args.drift, evaluate.read_scores(args.drift)) if args.drift else None
+    print(f"evaluate: loading the model {args.model}", flush=True)
+    detector = predict.PneumoniaDetector.load(
+        args.model, threshold=args.threshold, policy=args.policy, prevalence=args.prevalence
+    )
+    out = args.out or storage.join(storage.parent(detector.uri), f"eval-{args.split}")
+    with tqdm(desc=f"scoring {args.split}", unit="img", disable=None) as bar:
+
+        def on_batch(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        summary = evaluate.run_evaluation(
+            detector,
+            args.data,
+            args.split,
+            out,
+            tta_views=args.tta,
+            resamples=args.bootstrap,
+            gradcam_per_case=args.gradcam,
+            batch_size=args.batch_size,
+            on_batch=on_batch,
+            drift_scores=drift,
+            shift_seed=args.shift,
+        )
     print(f"{args.split} split, {summary['data']['count']} images ({summary['data']['positives']} PNEUMONIA)")
     for name in ("at_0.5", "at_threshold"):
         print(f"threshold {summary[name]['threshold']:.4f}: {evaluate.headline(summary[name], '  ')}")
@@ -124,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{d['expected_count']}: PSI {d['psi']:.3f}, {d['verdict']}"
         )
     print(f"ECE {summary['calibration']['ece']:.4f}\nreport: {storage.join(out, 'report.html')}")
+    print(f"next: python jobs/predict.py IMAGES_OR_FOLDER --model {detector.uri} --out predictions.csv")
     return 0
 
 

@@ -18,7 +18,7 @@ import os
 import sys
 
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
-from pneumo_dist import export
+from pneumo_dist import console, export
 from pneumo_dist.errors import PneumoDistError
 
 
@@ -45,6 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ray.add_argument("--cpus-per-actor", type=float, default=1.0)
     ray.add_argument("--gpus-per-actor", type=float, help="default: 1 on a cluster with GPUs, else 0")
     ray.add_argument("--part-size", type=int, default=10_000, help="images per Parquet part")
+    console.add_verbose_argument(parser)
     args = parser.parse_args(argv)
     for name in ("tta", "batch_size", "part_size"):
         if getattr(args, name) < 1:
@@ -84,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     except PneumoDistError as error:  # bad images are reported per row instead (bad_inputs="report")
         print(f"predict: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The CSV is written once, at the end; --ray's finished parts are kept and skipped on a rerun.
+        kept = "finished parts are kept: rerun the same command to go on" if args.ray else "nothing written"
+        print(f"\npredict: interrupted; {kept}", file=sys.stderr)
+        return console.INTERRUPTED
 
 
 def run(args: argparse.Namespace) -> int:
+    export.read(export.folder_of(args.model))  # a wrong folder is said before TensorFlow loads
     if args.ray:
         return run_on_ray(args)
     paths = image_paths(args.inputs)
@@ -97,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from pneumo_dist import predict, storage
+    from pneumo_dist import storage
 
     if not args.overwrite and storage.exists(args.out):  # before the model loads: nothing is lost
         print(
@@ -105,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    console.load_tensorflow(args.verbose)
+    from pneumo_dist import predict
 
+    print(f"predict: loading the model {args.model}", flush=True)
     detector = predict.PneumoniaDetector.load(
         args.model, threshold=args.threshold, policy=args.policy, prevalence=args.prevalence
     )
@@ -129,16 +139,25 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         + f" -> {args.out}"
     )
+    print(
+        "next: compare these scores with validation's: python jobs/evaluate.py "
+        f"{detector.uri} --data DATASET --split val --drift {args.out}"
+    )
     return 1 if counts["error"] else 0
 
 
 def run_on_ray(args: argparse.Namespace) -> int:
+    console.load_tensorflow(args.verbose)
     from pneumo_dist import batch_scoring
 
     paths = batch_scoring.list_images(args.inputs)
     if not paths:
         print("predict: error: no .jpeg/.jpg/.png images in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
+    from tqdm import tqdm
+
+    print(f"predict: {len(paths)} images; starting Ray and its model actors", flush=True)
+    bar = tqdm(total=len(paths), desc="scoring", unit="img", disable=None)
     counts = batch_scoring.score(
         paths,
         args.model,
@@ -151,7 +170,10 @@ def run_on_ray(args: argparse.Namespace) -> int:
         gpus_per_actor=args.gpus_per_actor,
         batch_size=args.batch_size,
         tta_views=args.tta,
+        verbose=args.verbose,
+        on_scored=bar.update,
     )
+    bar.close()
     skipped, where = counts.pop("skipped_parts"), counts.pop("ray")
     print(
         f"{len(paths)} images on Ray ({where}): "

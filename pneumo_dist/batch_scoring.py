@@ -18,8 +18,10 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -70,11 +72,14 @@ def score(
     gpus_per_actor: float | None = None,
     batch_size: int = 64,
     tta_views: int = 1,
+    verbose: bool = False,
+    on_scored: Callable[[int], None] | None = None,
 ) -> dict[str, int | str]:
     """Score `paths` into OUT's parts on Ray (ray_setup.connect_ray's `address`, joined only once the model,
     the operating point and OUT are known to be right) -> counts of labels and errors over the parts
     this run wrote, "skipped_parts" and "ray" (cluster or in-process). `gpus_per_actor` None: 1 on a
-    cluster with GPUs, else 0; `actors` None: one per GPU, else the CPUs but one."""
+    cluster with GPUs, else 0; `actors` None: one per GPU, else the CPUs but one. `on_scored(n)`: n
+    more images scored (a progress bar; Ray Data's own bars and start-up lines only when `verbose`)."""
     folder = export_lib.folder_of(model_uri)
     info = check_model(model_uri, point)
     parts = [paths[start : start + part_size] for start in range(0, len(paths), part_size)]
@@ -87,8 +92,14 @@ def score(
         return counts | {"ray": "not started"}
     from pneumo_dist import ray_setup
 
-    counts["ray"] = ray_setup.connect_ray(address)
+    counts["ray"] = ray_setup.connect_ray(address, verbose)
     import ray
+
+    if not verbose:
+        context = ray.data.DataContext.get_current()  # (importing ray.data sets its logging up)
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its start and end lines, its bars' notice
 
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 1), resources.get("GPU", 0)
@@ -118,6 +129,8 @@ def score(
     )
     waiting = {index: [] for index in pending}
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        if on_scored:
+            on_scored(len(batch["path"]))
         for index in map(int, np.unique(batch["part"])):
             chosen = batch["part"] == index
             waiting[index].append({name: batch[name][chosen] for name in COLUMNS})

@@ -154,6 +154,11 @@ def read(folder: str) -> ExportInfo:
     try:
         raw = json.loads(storage.read_bytes(info_uri))
     except storage.StorageNotFound:
+        for inside in (FOLDER, "best"):  # a run's folder, a search's experiment folder
+            if storage.exists(storage.join(folder, inside, INFO_NAME)):
+                raise ExportError(
+                    f"{folder} is a run's folder, not an export: its export is {storage.join(folder, inside)}"
+                ) from None
         raise ExportError(
             f"no {INFO_NAME} in {folder}: not a pneumo-dist export, or its export did not finish "
             "(give the run's export/ folder, or a tune run's best/ folder)"

@@ -21,7 +21,7 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> str:
     always starts a private in-process Ray. Returns "cluster" or "in-process".
 
     Unless `verbose`, the workers' own output stays in Ray's log files (`/tmp/ray/session_latest/logs`)
-    instead of the console, and Ray logs warnings only; failed trials are reported all the same
+    instead of the console, and Ray logs errors only; failed trials are reported all the same
     (`console_reporter`). An in-process Ray also quietens TensorFlow in its workers; on a cluster the
     image does (Dockerfile)."""
     import logging
@@ -30,7 +30,8 @@ def connect_ray(address: str | None = None, verbose: bool = False) -> str:
 
     if ray.is_initialized():
         return "cluster"
-    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    # (ERROR: Ray's start-up warnings, such as the token-authentication notice, stay in its log files.)
+    quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
     private = {} if verbose else {"runtime_env": {"env_vars": QUIET_WORKER_ENV}}
     if address == "local":
         ray.init(address="local", **quiet, **private)
