@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -262,3 +263,10 @@ def small_export(tmp_path_factory) -> str:
     )
     export_lib.publish(str(folder), str(folder), {}, info)
     return str(folder)
+
+
+# TensorFlow's and absl's start-up lines (oneDNN, CUDA probing, cuInit, CPU features): no job prints them
+# unless --verbose.
+TF_STARTUP = re.compile(
+    r"^[IWE]\d{4} |absl::InitializeLog|cuda|oneDNN|cpu_feature_guard|rebuild TensorFlow", re.M
+)

@@ -10,7 +10,7 @@ import pytest
 from pneumo_dist import evaluate, shift, storage
 from pneumo_dist.predict import PneumoniaDetector
 
-from .conftest import REPO
+from .conftest import REPO, TF_STARTUP
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -175,6 +175,8 @@ def test_evaluate_job_prints_the_figures_and_writes_the_report(export, learnable
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "test split, 40 images (20 PNEUMONIA)" in run.stdout and "auc" in run.stdout
+    assert not TF_STARTUP.search(run.stdout + run.stderr), run.stderr[-2000:]
+    assert "evaluate: loading the model" in run.stdout and "next: python jobs/predict.py" in run.stdout
     assert "  prevalence policy, threshold " in run.stdout  # the threshold for the given prevalence
     assert "  acquisition=IM: 20 images  specificity " in run.stdout
     assert re.search(

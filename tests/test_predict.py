@@ -13,7 +13,7 @@ from PIL import Image
 from pneumo_dist import evaluate, images, predict, schema, storage
 from pneumo_dist.predict import DetectorError, PneumoniaDetector
 
-from .conftest import REPO
+from .conftest import REPO, TF_STARTUP
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,8 @@ def test_predict_job_writes_a_row_per_image_and_reports_bad_ones(export, source_
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1, run.stderr[-2000:]
     assert "broken.jpeg: not a readable image" in run.stderr
+    assert not TF_STARTUP.search(run.stdout + run.stderr), run.stderr[-2000:]
+    assert "next: compare these scores with validation's: python jobs/evaluate.py" in run.stdout
     import csv
 
     rows = list(csv.DictReader(out.open()))
@@ -244,6 +246,29 @@ def test_predict_job_with_a_wrong_model_exits_2_with_one_line(tmp_path, source_r
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("predict: error: no export.json")
+
+
+def test_a_run_folder_given_as_the_model_names_the_export_inside_it(
+    tmp_path, small_export, source_root, learnable_shards
+):
+    run_folder = tmp_path / "outputs" / "demo"
+    shutil.copytree(small_export, run_folder / "export")
+    commands = {
+        "predict": [str(source_root / "test"), "--model", str(run_folder)],
+        "evaluate": [str(run_folder), "--data", learnable_shards],
+    }
+    for job, args in commands.items():
+        result = subprocess.run(
+            [sys.executable, str(REPO / "jobs" / f"{job}.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        expected = (
+            f"{job}: error: {run_folder} is a run's folder, not an export: its export is {run_folder}/export"
+        )
+        assert result.stderr.strip().splitlines() == [expected]  # and no TensorFlow line before it
 
 
 @pytest.mark.parametrize("name", ["/ABS/victim/.bashrc", "../victim/.bashrc", "sub/../../x.keras"])

@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import tf_keras
 from pneumo_dist import config as config_lib
 from pneumo_dist import data, distribute, metrics, storage, train
 
-from .conftest import FROM_SCRATCH_OVERRIDES, REPO
+from .conftest import FROM_SCRATCH_OVERRIDES, REPO, TF_STARTUP
 
 FROM_SCRATCH = FROM_SCRATCH_OVERRIDES
 
@@ -260,6 +262,11 @@ def test_train_job_local_debug_run_then_refuses_to_replace_it(learnable_shards, 
     result = run_job(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "epoch   2" in result.stdout and "exported to" in result.stdout
+    assert not TF_STARTUP.search(result.stdout + result.stderr), result.stderr[-3000:]
+    assert (
+        f"next: python jobs/evaluate.py {tmp_path / 'o' / 'export'} --data {learnable_shards}"
+        in result.stdout
+    )
     assert (tmp_path / "o" / "export" / "export.json").exists()
     # The same command again must not delete that run: an error, and the run is still whole.
     again = run_job(*args)
@@ -320,3 +327,46 @@ def test_reduced_precision_learns_with_xla_and_exports_a_float32_model(learnable
     auc = metrics.binary_metrics(scores.labels, scores.probabilities)["auc"]
     assert auc == pytest.approx(result.best_val_auc, abs=0.02)
     assert (Path(output) / "export" / "saved_model" / "saved_model.pb").exists()
+
+
+def test_ctrl_c_ends_training_in_one_line_with_exit_130_and_resume_goes_on(learnable_shards, tmp_path):
+    output = tmp_path / "o"
+    args = [
+        "--config",
+        "configs/demo.yaml",
+        "--local",
+        "--max-steps",
+        "2",
+        "--set",
+        f"data.manifest_uri={learnable_shards}",
+        "--set",
+        f"train.output_uri={output}",
+        "--set",
+        "data.image_size_px=32",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "jobs/train.py", *args, "--epochs", "50"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in process.stdout:  # the first epoch is checkpointed
+        if line.startswith("epoch   1"):
+            break
+    process.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"train: interrupted after epoch (\d+); its checkpoint is kept; rerun with --resume to continue", last
+    )
+    assert match, last
+    done = int(match.group(1))
+    state = json.loads((output / "checkpoints" / "state.json").read_text())
+    assert state["next_epoch"] == done and not (output / "export").exists()
+    resumed = run_job(*args, "--epochs", str(done + 1), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"train: resuming {output} after epoch {done}" in resumed.stdout
+    assert f"epoch {done + 1:3d}" in resumed.stdout and "exported to" in resumed.stdout
