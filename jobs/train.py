@@ -147,7 +147,11 @@ def run(args: argparse.Namespace, progress: Progress) -> int:
 
 
 def next_command(export_uri: str, manifest_uri: str) -> str:
-    return f"next: python jobs/evaluate.py {export_uri} --data {manifest_uri} --split test"
+    from pneumo_dist import schema
+
+    splits = schema.Manifest.read(schema.manifest_uri_of(manifest_uri)).splits
+    split = "test" if "test" in splits else "val"  # (a data set made with --keep-val has no test split)
+    return f"next: python jobs/evaluate.py {export_uri} --data {manifest_uri} --split {split}"
 
 
 def _train_ensemble(args, config, strategy, progress: Progress) -> int:
