@@ -24,7 +24,7 @@ from pneumo_dist.metrics import roc_auc
 def read(path: str) -> dict[str, tuple[int, float]]:
     with open(path, newline="") as file:
         return {
-            row["source"]: (int(row["label"] == "PNEUMONIA"), float(row["probability"]))
+            row["source"]: (sources.parse_label(row["label"]), float(row["probability"]))
             for row in csv.DictReader(file)
         }
 

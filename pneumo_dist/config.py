@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import importlib.util
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -543,6 +545,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
 
         try:
             raw = yaml.safe_load(storage.read_bytes(path)) or {}
+        except storage.StorageNotFound as error:
+            raise storage.StorageNotFound(f"{error}{_similar_file(path)}") from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -554,13 +558,52 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
         if not isinstance(values, dict | None):
             raise ConfigError(f"{path}: section {name!r} must be a mapping of keys to values")
     raw = {name: dict(values or {}) for name, values in raw.items()}
+    for name, values in raw.items():
+        for key in values:
+            _check_key(name, key, path)
+    overridden = set()
     for override in overrides:
         key, equals, value = override.partition("=")
         section, dot, name = key.strip().partition(".")
         if not (equals and dot and name):
             raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.epochs=5")
+        _check_key(section, name, f"--set {override}")
         raw.setdefault(section, {})[name] = _parse_override(value)
-    return config_from_dict(raw, source=path or "the defaults")
+        overridden.add(f"{section}.{name}")
+    try:
+        return config_from_dict(raw, source=path or "the defaults")
+    except ConfigError as error:  # a value's error names the --set that gave it
+        key = str(error).split("=", 1)[0]
+        raise ConfigError(f"--set {error}" if key in overridden else str(error)) from None
+
+
+def _check_key(section: str, key: str, source: str) -> None:
+    """An unknown section or key is an error naming where it came from and the nearest known key."""
+    known = [f"{name}.{field}" for name, cls in _SECTIONS.items() for field in _field_names(cls)]
+    known += [f"tune.{field}" for field in _field_names(TuneConfig)]
+    wanted = f"{section}.{key}"
+    if wanted in known:
+        return
+    # The same key in another section first (model.learning_rate is train.learning_rate), then spelling.
+    same = [name for name in known if name.endswith(f".{key}")]
+    close = same or difflib.get_close_matches(wanted, known, n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    sections = [*_SECTIONS, "tune"]
+    if not close and section in sections:
+        hint = f" (known: {', '.join(name for name in known if name.startswith(section + '.'))})"
+    elif not close:
+        hint = f" (sections: {', '.join(sections)})"
+    raise ConfigError(f"{source or 'the defaults'}: unknown key {wanted}{hint}")
+
+
+def _similar_file(path: str) -> str:
+    """ "; did you mean X?" for a local config path with a near namesake in its folder (demo.yml)."""
+    folder = os.path.dirname(path) or "."
+    if "://" in path or not os.path.isdir(folder):
+        return ""
+    names = [n for n in sorted(os.listdir(folder)) if n.endswith((".yaml", ".yml"))]
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.6)
+    return f"; did you mean {os.path.join(os.path.dirname(path), close[0])}?" if close else ""
 
 
 def config_from_dict(raw: dict, source: str = "config") -> RunConfig:

@@ -124,6 +124,9 @@ def dicom_age_band(value: str) -> str:
 
 
 def parse_label(text: str) -> int | None:
+    """A label as a CSV gives it -> 0 (NORMAL) or 1 (PNEUMONIA); None for anything else. The one rule
+    for every reader of labels: case and surrounding spaces are ignored ("Pneumonia " is PNEUMONIA), any
+    other text is refused."""
     value = text.strip().upper()
     if value in CLASS_NAMES:
         return CLASS_NAMES.index(value)
@@ -348,7 +351,7 @@ def list_csv(uri: str, allow_outside_paths: bool = False) -> Listing:
         label = parse_label(row["label"])
         if label is None:
             raise SourceError(f"{where}: label {row['label']!r} is not one of {', '.join(CLASS_NAMES)}, 0, 1")
-        split = row.get("split") or "train"
+        split = (row.get("split") or "train").lower()  # as labels: case and surrounding spaces ignored
         if split not in SPLITS:
             raise SourceError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
         if path in seen:

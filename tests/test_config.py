@@ -75,7 +75,7 @@ def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
     "overrides, message",
     [
         (["train.lr=0.1"], "unknown key train.lr"),
-        (["trainer.epochs=3"], "unknown section 'trainer'"),
+        (["trainer.epochs=3"], "unknown key trainer.epochs; did you mean train.epochs"),
         (["train.epochs=many"], "train.epochs='many': must be int"),
         (["train.epochs=2.5"], "train.epochs=2.5: must be int"),
         (["train.optimizer=rmsprop"], "train.optimizer='rmsprop': must be one of adam, adamw, sgd"),
@@ -96,7 +96,10 @@ def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
             "needs .* calibrated probabilities",
         ),
         (["train.deployment_prevalence=1.0"], "deployment_prevalence=1.0: must be in .0, 1., or 0"),
-        (["train.calibration=isotonic"], "train.calibration='isotonic': must be one of platt, none"),
+        (
+            ["train.calibration=isotonic"],
+            "train.calibration='isotonic': must be one of platt, platt_capped, none",
+        ),
         (["data.equalize=clahe"], "data.equalize='clahe': must be one of none, histogram"),
         (["data.border_crop=0.3"], "data.border_crop=0.3: must be in .0, 0.25."),
         (["train.ema_decay=1.0"], "train.ema_decay=1.0: must be in .0, 1."),
@@ -105,6 +108,44 @@ def test_yaml_floats_without_a_dot_are_accepted(tmp_path):
 def test_bad_configs_fail_fast_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config_lib.load_config("configs/demo.yaml", overrides)
+
+
+DID_YOU_MEAN = "; did you mean"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["train.learning_rte=1e-3"],
+            "unknown key train.learning_rte" + DID_YOU_MEAN + " train.learning_rate?",
+        ),
+        (
+            ["model.learning_rate=1e-3"],
+            "unknown key model.learning_rate" + DID_YOU_MEAN + " train.learning_rate?",
+        ),
+        (["data.imgsize=64"], "unknown key data.imgsize" + DID_YOU_MEAN + " data.image_size_px?"),
+        (["dta.zzz=1"], "unknown key dta.zzz (sections: data, augment, model, train, tune)"),
+        (["data.zzz=1"], "unknown key data.zzz (known: data.manifest_uri, data.image_size_px, "),
+        (["train.epochs=0"], "must be >= 1"),
+    ],
+)
+def test_a_mistyped_key_or_value_names_its_set_and_the_nearest_key(overrides, message):
+    with pytest.raises(ConfigError) as raised:
+        config_lib.load_config("configs/demo.yaml", overrides)
+    assert str(raised.value).startswith(f"--set {overrides[0]}: {message}")
+
+
+def test_a_mistyped_key_in_a_file_or_a_file_name_gets_a_did_you_mean(tmp_path):
+    from pneumo_dist import storage
+
+    (tmp_path / "run.yaml").write_text("train:\n  warmup_epoch: 1\n")
+    with pytest.raises(
+        ConfigError, match=r"run.yaml: unknown key train.warmup_epoch; did you mean train.warmup_epochs\?"
+    ):
+        config_lib.load_config(str(tmp_path / "run.yaml"))
+    with pytest.raises(storage.StorageNotFound, match=r"no such file: .*run.yml; did you mean .*run.yaml\?"):
+        config_lib.load_config(str(tmp_path / "run.yml"))
 
 
 def test_config_round_trips_through_yaml(tmp_path):

@@ -208,6 +208,22 @@ def test_csv_rows_naming_a_folder_or_a_missing_file_are_skipped_with_reasons(tmp
     }
 
 
+def test_csv_labels_and_splits_ignore_case_and_spaces_and_nothing_else(tmp_path):
+    for name in ("n.png", "p.png", "q.png", "m.png"):
+        (tmp_path / name).write_bytes(b"x")
+    rows = "n.png, normal ,Train\np.png,Pneumonia ,TEST\nq.png,1,\nm.png,NORMAL,test\n"
+    (tmp_path / "list.csv").write_text("path,label,split\n" + rows)
+    listing = sources.list_csv(str(tmp_path / "list.csv"))
+    assert [(i.source.rsplit("/", 1)[-1], i.label, i.split) for i in listing.images] == [
+        ("n.png", 0, "train"),
+        ("p.png", 1, "test"),
+        ("q.png", 1, "train"),
+        ("m.png", 0, "test"),
+    ]
+    labels = ("PNEUMONIA", " pneumonia", "0", "COVID", "pneumonia-viral")
+    assert [sources.parse_label(text) for text in labels] == [1, 1, 0, None, None]
+
+
 @pytest.mark.parametrize(
     "body, message",
     [
