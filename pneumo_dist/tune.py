@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumo_dist import config as config_lib
-from pneumo_dist import export, ray_setup, run_folder, storage
+from pneumo_dist import console, export, ray_setup, run_folder, storage
 from pneumo_dist.errors import PneumoDistError
 
 TRIALS_FOLDER = "trials"
@@ -167,6 +167,8 @@ def run_search(
     best = max(finished, key=lambda t: t.best_val_auc, default=None)
     best_export = test_metrics = None
     if best is not None:
+        # The driver's first TensorFlow: its start-up lines held back unless `verbose`.
+        console.load_tensorflow(verbose)
         best_export = storage.join(experiment, "best")
         members = ensemble_members(finished, best, cfg.ensemble_top)
         if len(members) > 1:
