@@ -20,7 +20,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="evaluate.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=console.HelpFormatter,
     )
     parser.add_argument("model", metavar="MODEL_URI", help="export folder (local or gs://)")
     parser.add_argument("--data", required=True, help="dataset folder or its manifest.json (local or gs://)")

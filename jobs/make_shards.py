@@ -18,7 +18,7 @@ import tempfile
 
 from tqdm import tqdm
 
-from pneumo_dist import demo, pseudonyms, shards
+from pneumo_dist import console, demo, pseudonyms, shards
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.images import DEFAULT_MAX_PIXELS
 
@@ -29,7 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="make_shards.py",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=console.HelpFormatter,
     )
     parser.add_argument(
         "src", metavar="SRC", help="Kaggle or RSNA folder, .npz, .csv (local or gs://), or 'demo'"
@@ -37,7 +37,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("dst", metavar="DST", help="output folder, local or gs://BUCKET/PREFIX")
     defaults = shards.ShardOptions()
     parser.add_argument(
-        "--size", type=int, default=None, help="stored image side in px (default: 256; native size for .npz)"
+        "--size",
+        type=int,
+        default=None,
+        help="stored image side in px (256, or an .npz's own size, when not given)",
     )
     parser.add_argument(
         "--format", choices=("jpeg", "png"), default=defaults.image_format, help="stored encoding"
@@ -56,7 +59,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the split and the shuffle")
     parser.add_argument("--shard-mb", type=float, default=defaults.shard_target_mb, help="target shard size")
-    parser.add_argument("--min-shards", type=int, default=defaults.min_shards, help="least shards per split")
+    parser.add_argument(
+        "--min-shards",
+        type=int,
+        default=defaults.min_shards,
+        help="shards per split at least, so that many workers can read in parallel (a split of fewer "
+        "images gets one shard per image)",
+    )
     parser.add_argument(
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are refused"
     )

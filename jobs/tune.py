@@ -1,5 +1,5 @@
-"""Ray Tune search over the config's search space, with ASHA early stopping; every trial is a Ray
-Train run (several workers each under MultiWorkerMirroredStrategy when tune.workers_per_trial > 1).
+"""Ray Tune search over the config's search space, with ASHA early stopping; a trial of one worker
+trains in its Tune function, a trial of several is a Ray Train run (MultiWorkerMirroredStrategy).
 
     python jobs/tune.py --config configs/demo.yaml [--set section.key=value ...] [--resume]
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/tune.py --config FILE

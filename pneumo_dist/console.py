@@ -8,6 +8,7 @@ file, shown only if that fails. `--verbose` leaves everything as it is.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -54,6 +55,13 @@ def _held_stderr() -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's, without "(default: None)" after an option whose help says what happens without it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def add_verbose_argument(parser) -> None:
