@@ -1,3 +1,4 @@
+import html
 import json
 import re
 import subprocess
@@ -42,9 +43,13 @@ def test_report_files_are_written_and_not_empty(local_report):
         assert (out / name).stat().st_size > 5_000, name
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(evaluate.PLOTS)  # self-contained
-    assert "<tr><th>youden</th>" in page and "Probabilities calibrated on the validation split" in page
+    assert "youden" in page and "Probabilities calibrated on the validation split" in page
     assert "<tr><th>acquisition = IM</th>" in page and "<tr><th>subtype = virus</th>" in page
     assert "Evaluation on the test split" in page and "class=warn" not in page
+    # For a clinician: the plain summary first, a glossary, a caption under every plot.
+    assert re.search(r"of 100 images with pneumonia, the model finds <b>\d+</b>", page)
+    assert "<h2>Glossary</h2>" in page and page.count("<figcaption>") == len(evaluate.PLOTS)
+    assert all(html.escape(evaluate.CAPTIONS[name]) in page for name in evaluate.PLOTS)
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == "source,label,probability,predicted" and len(rows) == 1 + 40
 
@@ -244,3 +249,32 @@ def test_drift_scores_must_be_probabilities_of_a_predictions_file(tmp_path):
         evaluate.read_scores(str(tmp_path / "odd.csv"))
     (tmp_path / "fine.csv").write_text("path,probability\na.png,0.2\nb.png,\n")
     assert evaluate.read_scores(str(tmp_path / "fine.csv")).tolist() == [0.2]
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium package
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no headless Chromium (apt-get install chromium)")
+def test_the_report_renders_in_a_browser(local_report, tmp_path):
+    from PIL import Image
+
+    _, out = local_report
+    shot = tmp_path / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+    flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    result = subprocess.run(
+        [CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,3000"]
+        + [f"--screenshot={shot}", (out / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shot.exists(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    # Drawn, not a blank page: text and plots cover a good part of it, and the summary's blue box and
+    # the plots' colours are there.
+    assert (pixels.sum(axis=2) < 600).mean() > 0.05
+    colour = np.abs(pixels[..., 2] - pixels[..., 0]) > 40
+    assert colour.mean() > 0.01
+    # The full width is used: something is drawn in the right third of the page.
+    assert (pixels[:, 950:].sum(axis=2) < 600).mean() > 0.01
