@@ -31,10 +31,10 @@ def grad_cam(model: tf_keras.Model, pixels: np.ndarray, class_index: int) -> np.
     """uint8 (N, S, S, 1) prepared pixels -> float32 (N, S, S) maps in [0, 1], 1 at each image's
     strongest evidence for `class_index` (0 NORMAL, 1 PNEUMONIA); all zero where there is none. For an
     ensemble (ensemble.py), the sum of its members' maps of their mean logit."""
+    members = _layers(model)  # refuses a model laid out otherwise, before using its layers
     gray = tf.cast(tf.convert_to_tensor(pixels), tf.float32)
     rgb = model.get_layer(_FRONT_LAYERS[0])([gray, gray, gray])
     normalized = model.get_layer(_FRONT_LAYERS[1])(rgb)
-    members = _layers(model)
     maps = 0.0
     for backbone, head, output in members:
         stage = map_layer(backbone)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo_dist import evaluate, shift, storage
+from pneumo_dist import evaluate, report, shift, storage
 from pneumo_dist.predict import PneumoniaDetector
 
 from .conftest import REPO, TF_STARTUP
@@ -49,7 +49,7 @@ def test_report_files_are_written_and_not_empty(local_report):
     # For a clinician: the plain summary first, a glossary, a caption under every plot.
     assert re.search(r"of 100 images with pneumonia, the model finds <b>\d+</b>", page)
     assert "<h2>Glossary</h2>" in page and page.count("<figcaption>") == len(evaluate.PLOTS)
-    assert all(html.escape(evaluate.CAPTIONS[name]) in page for name in evaluate.PLOTS)
+    assert all(html.escape(report.CAPTIONS[name]) in page for name in evaluate.PLOTS)
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == "source,label,probability,predicted" and len(rows) == 1 + 40
 
