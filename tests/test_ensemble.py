@@ -150,7 +150,7 @@ def test_evaluation_reports_the_ensemble_and_each_member(trained_ensemble, learn
         assert row["auc"]["value"] == pytest.approx(auc, abs=1e-6)
         assert row["source"] == member.uri and row["model_version"] == member.version
     page = (tmp_path / "report" / "report.html").read_text()
-    assert "An ensemble" in page and seen[1].train.output_uri in page
+    assert "<h2>Ensemble</h2>" in page and seen[1].train.output_uri in page
 
 
 def test_a_resumed_ensemble_trains_nothing_finished_and_a_new_one_refuses_the_folder(trained_ensemble):
