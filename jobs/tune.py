@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except PneumoDistError as error:  # the test report on the best model included
         print(f"tune: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Tune has saved the experiment's state; finished trials keep their exports
+        print("\ntune: interrupted; rerun with --resume to continue the search", file=sys.stderr)
+        return 130
 
 
 def run(args: argparse.Namespace) -> int:
