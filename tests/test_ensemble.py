@@ -4,6 +4,7 @@ the members in evaluate's report, resuming, and what cannot be combined."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,6 +20,9 @@ from pneumo_dist import export as export_lib
 from pneumo_dist.predict import PneumoniaDetector
 
 from .conftest import FROM_SCRATCH_OVERRIDES, REPO
+
+# One worker runs them all: the trained ensemble (a module fixture) is made once, not once per worker.
+pytestmark = pytest.mark.xdist_group("ensemble")
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -156,7 +160,8 @@ def test_evaluation_reports_the_ensemble_and_each_member(trained_ensemble, learn
 def test_a_resumed_ensemble_trains_nothing_finished_and_a_new_one_refuses_the_folder(trained_ensemble):
     config, exported, _ = trained_ensemble
     epochs = []
-    again = ensemble.train_ensemble(config, 2, resume=True, on_epoch=epochs.append)
+    quick = dataclasses.replace(config, train=dataclasses.replace(config.train, serving_export=False))
+    again = ensemble.train_ensemble(quick, 2, resume=True, on_epoch=epochs.append)
     assert epochs == [] and again.uri == exported.uri
     with pytest.raises(ensemble.EnsembleError, match="already holds an export: pass --resume"):
         ensemble.train_ensemble(config, 2)
