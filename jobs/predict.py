@@ -147,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_on_ray(args: argparse.Namespace) -> int:
-    console.load_tensorflow(args.verbose)
+    # The import only: this driver scores nothing, and its TensorFlow runtime stays unstarted before Ray
+    # starts its processes (as before the console was quietened; one segfault was seen with it started).
+    console.load_tensorflow(args.verbose, find_devices=False)
     from pneumo_dist import batch_scoring
 
     paths = batch_scoring.list_images(args.inputs)

@@ -18,19 +18,22 @@ from collections.abc import Iterator
 INTERRUPTED = 130  # a shell's exit status for a process ended by SIGINT (128 + 2)
 
 
-def load_tensorflow(verbose: bool = False) -> None:
-    """Import TensorFlow and find its devices, quietly unless `verbose`. Call before anything else
+def load_tensorflow(verbose: bool = False, find_devices: bool = True) -> None:
+    """Import TensorFlow and (unless not `find_devices`: a driver that only starts Ray and leaves the
+    devices to its actors) find its devices, quietly unless `verbose`. Call before anything else
     imports it (the jobs do, right after their arguments are parsed)."""
     if verbose:
         import tensorflow as tf
 
-        tf.config.list_physical_devices("GPU")
+        if find_devices:
+            tf.config.list_physical_devices("GPU")
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own INFO and WARNING lines after
     with _held_stderr():
         import tensorflow as tf
 
-        tf.config.list_physical_devices("GPU")  # CUDA's probing, and cuInit's error without a GPU
+        if find_devices:
+            tf.config.list_physical_devices("GPU")  # CUDA's probing, and cuInit's error without a GPU
     tf.get_logger().setLevel("ERROR")
     from absl import logging as absl_logging
 

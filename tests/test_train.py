@@ -352,6 +352,9 @@ def test_ctrl_c_ends_training_in_one_line_with_exit_130_and_resume_goes_on(learn
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a shell: pytest-xdist's workers ignore SIGINT, and a child inherits that (Python then
+        # leaves it ignored: 50 epochs ran to the end in CI).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     for line in process.stdout:  # the first epoch is checkpointed
         if line.startswith("epoch   1"):
