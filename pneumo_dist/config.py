@@ -620,11 +620,10 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
 
 def _build_section(cls, section: str, values: dict, source: str):
     hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(known)})")
+            _check_key(section, key, source)  # raises, naming the nearest key
         kwargs[key] = _coerce(hints[key], value, f"{section}.{key}")
     return cls(**kwargs)
 
