@@ -16,10 +16,7 @@ import math
 import tensorflow as tf
 
 from pneumo_dist.config import AugmentConfig
-
-# tf-keras' resnet50.preprocess_input ("caffe" mode): RGB -> BGR, minus the ImageNet channel means,
-# no scaling. Our images are gray (R = G = B), so the channel flip changes nothing but the means' order.
-IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+from pneumo_dist.model import BACKBONE_BGR_MEAN
 
 
 def model_inputs(
@@ -27,12 +24,12 @@ def model_inputs(
 ) -> tf.Tensor:
     """uint8 (B, H, W, 1) -> float32 (B, size, size, 3) ResNet50 input; augmented when `augment` is
     given. `size` (default: the input's) is reached by the augmentation's own warp, or else by
-    data.resize_images: one resampling either way."""
+    decode.resize_images: one resampling either way."""
     if augment is not None and augment.enabled:
         images, tables = _augment(images, augment, seed, size)
     else:
         if size is not None and size != images.shape[1]:
-            from pneumo_dist.data import resize_images  # (data imports the config, not this module)
+            from pneumo_dist.decode import resize_images
 
             images = resize_images(images, images.shape[1], size)
         tables = _identity_tables()
@@ -41,7 +38,7 @@ def model_inputs(
 
 def imagenet_normalize(unit: tf.Tensor) -> tf.Tensor:
     """float (..., 1) in [0, 1] -> (..., 3) as resnet50.preprocess_input makes it from gray RGB."""
-    return unit * 255.0 - tf.constant(IMAGENET_BGR_MEAN, unit.dtype)
+    return unit * 255.0 - tf.constant(BACKBONE_BGR_MEAN, unit.dtype)
 
 
 def augment_batch(

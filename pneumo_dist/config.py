@@ -94,7 +94,7 @@ class DataConfig:
     stage_dir: str = ""  # default: <system temp>/pneumo-dist-stage
     deterministic: bool = False  # training read order; evaluation is always deterministic
     seed: int = 0
-    # Per-image intensity standardisation of every record as it is read (data.standardize_intensity):
+    # Per-image intensity standardisation of every record as it is read (decode.standardize_intensity):
     # "histogram" equalises each image's gray levels, so that exposure and the scanner's contrast curve
     # matter less. The export records it: evaluation, PneumoniaDetector and the SavedModel apply it too.
     equalize: str = "none"

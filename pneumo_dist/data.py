@@ -2,7 +2,7 @@
 
 Decoding (TFRecord -> uint8 image) is separate from batching; augmentation and normalisation happen
 later, on the accelerator (augment.py). Every element is a dict: "image" uint8 (H, W, 1), "label"
-float32, and for evaluation "source" (the record's source path) and RECORD_ATTRIBUTES (subtype, sex,
+float32, and for evaluation "source" (the record's source path) and decode.RECORD_ATTRIBUTES (subtype, sex,
 age band, site, scanner).
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from pneumo_dist import schema, storage
+from pneumo_dist import decode, schema, storage
 from pneumo_dist.config import ConfigError, DataConfig
 from pneumo_dist.errors import PneumoDistError
 
@@ -113,13 +113,15 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
     """
     batch = per_replica_batch(data, context)
     records = _worker_records(dataset.shards("train"), context, shuffle_files=True, data=data)
-    decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=data.deterministic)
+    decoded = records.map(
+        decode.decode_example, num_parallel_calls=AUTOTUNE, deterministic=data.deterministic
+    )
     stored_px = dataset.manifest.image.stored_size_px
-    read_px = read_size(stored_px, data.border_crop)
+    read_px = decode.read_size(stored_px, data.border_crop)
 
     def stream(part: tf.data.Dataset, name: str) -> tf.data.Dataset:
         images = part.map(
-            lambda r: parse_record(r, stored_px, False, data.equalize, data.border_crop),
+            lambda r: decode.parse_record(r, stored_px, False, data.equalize, data.border_crop),
             num_parallel_calls=AUTOTUNE,
             deterministic=data.deterministic,
         )
@@ -133,7 +135,7 @@ def train_dataset(data: DataConfig, dataset: Dataset, context: tf.distribute.Inp
     else:
         images = stream(decoded, "all")
     batches = images.batch(batch, drop_remainder=True)
-    if needs_antialias(read_px, data.image_size_px):
+    if decode.needs_antialias(read_px, data.image_size_px):
         batches = _resize_batches(batches, read_px, data.image_size_px)
     # Otherwise the batches keep the stored size: the training step's augmentation warp resizes them
     # (augment.model_inputs), one resampling instead of two.
@@ -151,22 +153,17 @@ def eval_dataset(
     workers every record is scored exactly once. `with_source` adds each record's source path and
     RECORD_ATTRIBUTES."""
     records = _worker_records(dataset.shards(split), context, shuffle_files=False, data=data)
-    decoded = records.map(decode_example, num_parallel_calls=AUTOTUNE, deterministic=True)
+    decoded = records.map(decode.decode_example, num_parallel_calls=AUTOTUNE, deterministic=True)
     stored_px = dataset.manifest.image.stored_size_px
-    read_px = read_size(stored_px, data.border_crop)
+    read_px = decode.read_size(stored_px, data.border_crop)
     images = decoded.map(
-        lambda r: parse_record(r, stored_px, with_source, data.equalize, data.border_crop),
+        lambda r: decode.parse_record(r, stored_px, with_source, data.equalize, data.border_crop),
         num_parallel_calls=AUTOTUNE,
         deterministic=True,
     )
     images = _cache(images, data, dataset, split, context)
     batches = images.batch(per_replica_batch(data, context))
     return _with_threads(_resize_batches(batches, read_px, data.image_size_px).prefetch(AUTOTUNE), data)
-
-
-def needs_antialias(stored_px: int, image_size_px: int) -> bool:
-    """Antialiasing matters only when shrinking a lot, and it costs 2-3x: 256 -> 224 px does without."""
-    return stored_px > 1.5 * image_size_px
 
 
 def host_threads() -> int:
@@ -203,116 +200,12 @@ def _worker_records(files: list[str], context, shuffle_files: bool, data: DataCo
     return records if by_file else records.shard(pipelines, pipeline_id)
 
 
-# A record's way in, split as TF Model Garden splits it (its Decoder and Parser): `decode_example` reads
-# the serialized tf.train.Example's features, the inverse of tfrecord.py's encoder; `parse_record` makes
-# of them what the model's input needs (pixels, a float label).
-# What evaluation reports figures by, besides the source path: each record's (b"" when unknown, or in
-# records written before the key existed).
-_ATTRIBUTE_KEYS = {
-    "subtype": schema.SUBTYPE_KEY,
-    "sex": schema.SEX_KEY,
-    "age_band": schema.AGE_BAND_KEY,
-    "site": schema.SITE_KEY,
-    "scanner": schema.SCANNER_KEY,
-}
-RECORD_ATTRIBUTES = tuple(_ATTRIBUTE_KEYS)
-_FEATURES = {
-    schema.IMAGE_KEY: tf.io.FixedLenFeature([], tf.string),
-    schema.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
-    schema.SOURCE_KEY: tf.io.FixedLenFeature([], tf.string),
-    **{key: tf.io.FixedLenFeature([], tf.string, default_value=b"") for key in _ATTRIBUTE_KEYS.values()},
-}
-
-
-def decode_example(serialized: tf.Tensor) -> dict:
-    """Serialized tf.train.Example -> its encoded image, label, source path and RECORD_ATTRIBUTES."""
-    example = tf.io.parse_single_example(serialized, _FEATURES)
-    return {
-        "encoded": example[schema.IMAGE_KEY],
-        "label": example[schema.LABEL_KEY],
-        "source": example[schema.SOURCE_KEY],
-        **{name: example[key] for name, key in _ATTRIBUTE_KEYS.items()},
-    }
-
-
-def decode_image(encoded: tf.Tensor, stored_px: int) -> tf.Tensor:
-    """Encoded stored image -> uint8 (stored_px, stored_px, 1)."""
-    image = tf.io.decode_image(encoded, channels=1, expand_animations=False)
-    return tf.ensure_shape(image, [stored_px, stored_px, 1])
-
-
-def read_size(stored_px: int, border_crop: float) -> int:
-    """The side of a record's pixels as read: the stored side less `border_crop` of it at each edge."""
-    return stored_px - 2 * _border_cut(stored_px, border_crop)
-
-
-def _border_cut(side: int, border_crop: float) -> int:
-    return round(border_crop * side)
-
-
-def read_pixels(image: tf.Tensor, equalize: str, border_crop: float) -> tf.Tensor:
-    """Stored pixels, uint8 (S, S, 1) -> the pixels training reads, (read_size, read_size, 1): the
-    border cut (DataConfig.border_crop), then standardize_intensity. Every path to the model goes
-    through here: the input pipelines, PneumoniaDetector and the SavedModel."""
-    cut = _border_cut(image.shape[0], border_crop)
-    if cut:
-        image = image[cut:-cut, cut:-cut]
-    return standardize_intensity(image, equalize)
-
-
-def standardize_intensity(image: tf.Tensor, equalize: str) -> tf.Tensor:
-    """uint8 (H, W, 1) -> uint8 (H, W, 1) as DataConfig.equalize says: unchanged ("none"), or
-    histogram-equalised ("histogram"): gray level v becomes round(255 (cdf(v) - c0) / (n - c0)), with
-    cdf(v) the number of pixels at or below v, c0 the count of the darkest level present and n all
-    pixels (the mapping of OpenCV's equalizeHist, in integers). The result depends only on the order
-    of the levels, so two exposures or contrast curves of one image that keep that order (a gamma, a
-    window) give the same pixels. An image of one gray level is left as it is."""
-    if equalize == "none":
-        return image
-    if equalize != "histogram":
-        raise ValueError(f"unknown intensity standardisation {equalize!r}")
-    levels = tf.reshape(tf.cast(image, tf.int32), [-1])
-    counts = tf.math.bincount(levels, minlength=256, maxlength=256, dtype=tf.int64)
-    cdf = tf.cumsum(counts)
-    darkest = tf.gather(counts, tf.reduce_min(levels))
-    span = cdf[-1] - darkest
-    # Rounded half up, in integers; levels below the darkest (absent) come out negative and unused.
-    table = (2 * 255 * (cdf - darkest) + span) // tf.maximum(2 * span, 1)
-    table = tf.where(span > 0, table, tf.range(256, dtype=tf.int64))
-    equalized = tf.gather(tf.cast(tf.clip_by_value(table, 0, 255), tf.uint8), levels)
-    return tf.reshape(equalized, tf.shape(image))
-
-
-def resize_images(images: tf.Tensor, stored_px: int, image_size_px: int) -> tf.Tensor:
-    """uint8 (..., stored_px, stored_px, 1) -> uint8 (..., image_size_px, image_size_px, 1)."""
-    if stored_px == image_size_px:
-        return images
-    antialias = needs_antialias(stored_px, image_size_px)
-    resized = tf.image.resize(images, [image_size_px, image_size_px], antialias=antialias)
-    return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
-
-
 def _resize_batches(batches: tf.data.Dataset, stored_px: int, image_size_px: int) -> tf.data.Dataset:
     # Per batch rather than per image: one op over the batch costs less than many small ones.
     def resize(batch: dict) -> dict:
-        return batch | {"image": resize_images(batch["image"], stored_px, image_size_px)}
+        return batch | {"image": decode.resize_images(batch["image"], stored_px, image_size_px)}
 
     return batches.map(resize, num_parallel_calls=AUTOTUNE)
-
-
-def parse_record(
-    record: dict, stored_px: int, keep_source: bool, equalize: str = "none", border_crop: float = 0.0
-) -> dict:
-    """decode_example's features -> uint8 (read_size, read_size, 1) image (read_pixels'), float32
-    label (and source and RECORD_ATTRIBUTES, for evaluation's per-image rows and subgroups)."""
-    element = {
-        "image": read_pixels(decode_image(record["encoded"], stored_px), equalize, border_crop),
-        "label": tf.cast(record["label"], tf.float32),
-    }
-    if keep_source:
-        element["source"] = record["source"]
-        element.update((name, record[name]) for name in RECORD_ATTRIBUTES)
-    return element
 
 
 def _cache(

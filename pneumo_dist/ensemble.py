@@ -31,7 +31,6 @@ from pneumo_dist.errors import PneumoDistError
 MEMBERS_FOLDER = "members"  # train.py --ensemble: OUTPUT/members/seed-<seed>/, each a run's folder
 MEMBER_PREFIX = "member_"
 MEAN_LAYER = "mean_logit"
-OUTPUT_LAYER = "pneumonia"  # the classifier's output layer, and the ensemble's
 
 
 class EnsembleError(PneumoDistError):
@@ -54,7 +53,7 @@ def ensemble_model(detectors: list[tf_keras.Model]) -> tf_keras.Model:
         for index, detector in enumerate(detectors)
     ]
     mean = tf_keras.layers.Average(name=MEAN_LAYER)(logits)
-    probability = tf_keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_LAYER)(mean)
+    probability = tf_keras.layers.Activation("sigmoid", dtype="float32", name=model_lib.OUTPUT_LAYER)(mean)
     return tf_keras.Model(gray, probability, name="pneumonia_ensemble")
 
 
@@ -69,7 +68,7 @@ def member_probe(model: tf_keras.Model) -> tf_keras.Model | None:
     rgb = model.get_layer("gray_to_rgb")([gray, gray, gray])
     normalized = model.get_layer("imagenet_caffe")(rgb)
     logits = [model.get_layer(name)(normalized, training=False) for name in names]
-    probability = model.get_layer(OUTPUT_LAYER)(model.get_layer(MEAN_LAYER)(logits))
+    probability = model.get_layer(model_lib.OUTPUT_LAYER)(model.get_layer(MEAN_LAYER)(logits))
     return tf_keras.Model(gray, [probability, tf_keras.layers.Concatenate()(logits)])
 
 
@@ -179,7 +178,7 @@ def score(
 def _classifier(detector: tf_keras.Model) -> tf_keras.Model:
     """The classifier inside an exported inference model (model.inference_model)."""
     nested = [layer for layer in detector.layers if isinstance(layer, tf_keras.Model)]
-    if len(nested) != 1 or OUTPUT_LAYER not in [layer.name for layer in nested[0].layers]:
+    if len(nested) != 1 or model_lib.OUTPUT_LAYER not in [layer.name for layer in nested[0].layers]:
         raise EnsembleError(f"model {detector.name!r} is not a pneumo-dist export of one classifier")
     return nested[0]
 
@@ -189,7 +188,7 @@ def _logit_classifier(classifier: tf_keras.Model, name: str) -> tf_keras.Model:
     config = classifier.get_config()
     config["name"] = name
     for layer in config["layers"]:
-        if layer["config"]["name"] == OUTPUT_LAYER:
+        if layer["config"]["name"] == model_lib.OUTPUT_LAYER:
             layer["config"]["activation"] = "linear"
     copy = tf_keras.Model.from_config(config)
     copy.set_weights(classifier.get_weights())

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pneumo_dist import data, explain, report, schema, storage
+from pneumo_dist import data, decode, explain, report, schema, storage
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import sources as sources_lib
 from pneumo_dist.config import DataConfig
@@ -34,7 +34,7 @@ class Scores:
     labels: np.ndarray  # 0 NORMAL, 1 PNEUMONIA
     probabilities: np.ndarray  # P(PNEUMONIA)
     sources: list[str]  # each record's source path, in the split's order
-    # Each record's data.RECORD_ATTRIBUTES (subtype, sex, age_band, ...): name -> values, "" unknown.
+    # Each record's decode.RECORD_ATTRIBUTES (subtype, sex, age_band, ...): name -> values, "" unknown.
     attributes: dict[str, list[str]] = field(default_factory=dict)
     # An ensemble export's members' own P(PNEUMONIA), (N, k), uncalibrated; None: one model, or TTA.
     members: np.ndarray | None = None
@@ -84,7 +84,7 @@ def score_split(
     dataset.shards(split)  # a missing split raises here, naming the splits there are
     total = dataset.records(split)
     labels, probabilities, sources, members = [], [], [], []
-    attributes = {name: [] for name in data.RECORD_ATTRIBUTES}
+    attributes = {name: [] for name in decode.RECORD_ATTRIBUTES}
     for batch in data.eval_dataset(data_config, dataset, split, with_source=True):
         if tta_views == 1:
             scored, by_member = detector.probabilities_and_members(batch["image"])

@@ -13,13 +13,8 @@ import tensorflow as tf
 import tf_keras
 
 from pneumo_dist.errors import PneumoDistError
-from pneumo_dist.model import BACKBONE_NAME
+from pneumo_dist.model import BACKBONE_NAME, BACKBONE_STAGE_OUTPUTS, FRONT_LAYERS, OUTPUT_LAYER
 
-# Layer names of model.inference_model's wrapper around the classifier.
-_FRONT_LAYERS = ("gray_to_rgb", "imagenet_caffe")
-_OUTPUT_LAYER = "pneumonia"
-# ResNet50's stage outputs, deepest first (strides 32, 16, 8, 4).
-_STAGE_OUTPUTS = ("conv5_block3_out", "conv4_block6_out", "conv3_block4_out", "conv2_block3_out")
 MIN_MAP_CELLS = 7
 
 
@@ -33,8 +28,8 @@ def grad_cam(model: tf_keras.Model, pixels: np.ndarray, class_index: int) -> np.
     ensemble (ensemble.py), the sum of its members' maps of their mean logit."""
     members = _layers(model)  # refuses a model laid out otherwise, before using its layers
     gray = tf.cast(tf.convert_to_tensor(pixels), tf.float32)
-    rgb = model.get_layer(_FRONT_LAYERS[0])([gray, gray, gray])
-    normalized = model.get_layer(_FRONT_LAYERS[1])(rgb)
+    rgb = model.get_layer(FRONT_LAYERS[0])([gray, gray, gray])
+    normalized = model.get_layer(FRONT_LAYERS[1])(rgb)
     maps = 0.0
     for backbone, head, output in members:
         stage = map_layer(backbone)
@@ -56,7 +51,7 @@ def grad_cam(model: tf_keras.Model, pixels: np.ndarray, class_index: int) -> np.
 
 def map_layer(backbone: tf_keras.Model) -> tf_keras.layers.Layer:
     """The deepest stage output with at least MIN_MAP_CELLS x MIN_MAP_CELLS cells (else the shallowest)."""
-    for name in _STAGE_OUTPUTS:
+    for name in BACKBONE_STAGE_OUTPUTS:
         layer = backbone.get_layer(name)
         if layer.output.shape[1] >= MIN_MAP_CELLS:
             return layer
@@ -67,16 +62,16 @@ def _layers(model: tf_keras.Model) -> list[tuple]:
     """-> (backbone, head layers between backbone and output, output Dense layer) of each classifier
     in the model: one, or an ensemble's members."""
     try:
-        for name in _FRONT_LAYERS:
+        for name in FRONT_LAYERS:
             model.get_layer(name)
         classifiers = [layer for layer in model.layers if isinstance(layer, tf_keras.Model)]
-        found = [(c, c.get_layer(BACKBONE_NAME), c.get_layer(_OUTPUT_LAYER)) for c in classifiers]
+        found = [(c, c.get_layer(BACKBONE_NAME), c.get_layer(OUTPUT_LAYER)) for c in classifiers]
         if not found:
             raise ValueError("no classifier")
     except ValueError:
         raise NotExplainable(
-            f"model {model.name!r} is not a pneumo-dist export (expected layers {_FRONT_LAYERS}, a "
-            f"classifier with {BACKBONE_NAME!r} and {_OUTPUT_LAYER!r})"
+            f"model {model.name!r} is not a pneumo-dist export (expected layers {FRONT_LAYERS}, a "
+            f"classifier with {BACKBONE_NAME!r} and {OUTPUT_LAYER!r})"
         ) from None
     members = []
     for classifier, backbone, output in found:

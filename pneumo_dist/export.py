@@ -39,7 +39,7 @@ class Preprocessing:
     stored_size_px: int  # as make_shards stored the records
     image_format: str  # jpeg or png
     jpeg_quality: int | None
-    # How the stored pixels are read (data.read_pixels): DataConfig.equalize and border_crop.
+    # How the stored pixels are read (decode.read_pixels): DataConfig.equalize and border_crop.
     equalize: str = "none"
     border_crop: float = 0.0
 

@@ -12,11 +12,22 @@ import tensorflow as tf
 import tf_keras
 
 from pneumo_dist import storage
-from pneumo_dist.augment import IMAGENET_BGR_MEAN
 from pneumo_dist.config import ModelConfig, TrainConfig
 
+# The backbone, and what the rest of the project knows of it: a new backbone changes these and
+# config.py's ModelConfig, nothing else.
 BACKBONE_NAME = "resnet50"
 BATCHNORM_MOMENTUM_FROM_SCRATCH = 0.9
+# tf-keras' resnet50.preprocess_input ("caffe" mode): RGB -> BGR, minus the ImageNet channel means,
+# no scaling. Our images are gray (R = G = B), so the channel flip changes nothing but the means' order.
+# augment.model_inputs and the exported model's front (inference_front) both apply it.
+BACKBONE_BGR_MEAN = (103.939, 116.779, 123.68)
+# The backbone's stage outputs, deepest first (strides 32, 16, 8, 4): Grad-CAM's candidate maps.
+BACKBONE_STAGE_OUTPUTS = ("conv5_block3_out", "conv4_block6_out", "conv3_block4_out", "conv2_block3_out")
+# Layer names of the exported model: its front (gray -> the backbone's input) and the classifier's
+# output (an ensemble's too).
+FRONT_LAYERS = ("gray_to_rgb", "imagenet_caffe")
+OUTPUT_LAYER = "pneumonia"
 
 
 def resolve_precision(train: TrainConfig) -> str:
@@ -58,7 +69,7 @@ def build_classifier(model: ModelConfig, image_size_px: int, policy: str = "floa
         )(x)
         x = tf_keras.layers.Dropout(model.dropout, dtype="float32", name="dropout_dense")(x)
         # The probability stays float32 under mixed precision: a bfloat16 sigmoid saturates near 0 and 1.
-        outputs = tf_keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia")(x)
+        outputs = tf_keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=OUTPUT_LAYER)(x)
     finally:
         tf_keras.mixed_precision.set_global_policy("float32")
     classifier = tf_keras.Model(inputs, outputs, name="pneumo_resnet50")
@@ -134,10 +145,10 @@ def inference_front(size: int) -> tuple:
     """The exported model's input, gray (size, size, 1) pixels in 0..255, and the classifier's input
     made of it (augment.model_inputs' normalisation): one front for a model and for an ensemble."""
     gray = tf_keras.Input((size, size, 1), name="gray_0_255")
-    rgb = tf_keras.layers.Concatenate(name="gray_to_rgb")([gray, gray, gray])
-    normalized = tf_keras.layers.Rescaling(
-        1.0, offset=[-m for m in IMAGENET_BGR_MEAN], name="imagenet_caffe"
-    )(rgb)
+    rgb = tf_keras.layers.Concatenate(name=FRONT_LAYERS[0])([gray, gray, gray])
+    normalized = tf_keras.layers.Rescaling(1.0, offset=[-m for m in BACKBONE_BGR_MEAN], name=FRONT_LAYERS[1])(
+        rgb
+    )
     return gray, normalized
 
 

@@ -4,7 +4,7 @@
     detector.predict("patient1.jpeg")  # -> Prediction(label="PNEUMONIA", probability=0.97, ...)
 
 An image goes the way a training record went: images.to_stored_image (as make_shards stored it), then
-data.decode_image, data.read_pixels and data.resize_images (as the input pipeline read it);
+decode.decode_image, decode.read_pixels and decode.resize_images (as the input pipeline read it);
 the exported model holds the normalisation. The evaluator scores shards through the same
 `probabilities`, so both give one number.
 """
@@ -24,7 +24,7 @@ import tensorflow as tf
 import tf_keras
 from PIL import Image
 
-from pneumo_dist import data, images, schema, storage
+from pneumo_dist import decode, images, schema, storage
 from pneumo_dist import export as export_lib
 from pneumo_dist.augment import augment_batch
 from pneumo_dist.config import AugmentConfig
@@ -251,10 +251,10 @@ class PneumoniaDetector:
 
 def stored_to_pixels(stored: bytes, preprocessing: export_lib.Preprocessing) -> np.ndarray:
     """A stored-format image -> uint8 (image_size_px, image_size_px, 1), as the input pipeline reads it."""
-    pixels = data.decode_image(tf.constant(stored), preprocessing.stored_size_px)
-    pixels = data.read_pixels(pixels, preprocessing.equalize, preprocessing.border_crop)
-    read_px = data.read_size(preprocessing.stored_size_px, preprocessing.border_crop)
-    return data.resize_images(pixels, read_px, preprocessing.image_size_px).numpy()
+    pixels = decode.decode_image(tf.constant(stored), preprocessing.stored_size_px)
+    pixels = decode.read_pixels(pixels, preprocessing.equalize, preprocessing.border_crop)
+    read_px = decode.read_size(preprocessing.stored_size_px, preprocessing.border_crop)
+    return decode.resize_images(pixels, read_px, preprocessing.image_size_px).numpy()
 
 
 def operating_point(

@@ -6,8 +6,8 @@ and returns P(PNEUMONIA) (calibrated as PneumoniaDetector's), the label at the e
 threshold and the model version. Everything PneumoniaDetector does to an image is in the graph:
 
   source bytes -> 8-bit gray (images.decode_grayscale) -> stored size (images.resize_square) -> the
-  stored format (JPEG at the manifest's quality, or PNG) -> data.decode_image -> data.read_pixels
-  (border cut, equalisation) -> data.resize_images
+  stored format (JPEG at the manifest's quality, or PNG) -> decode.decode_image -> decode.read_pixels
+  (border cut, equalisation) -> decode.resize_images
 
 Where the graph differs from Pillow (PneumoniaDetector's way), and why it does not matter:
 - Resizing to the stored size is Pillow's Lanczos in the graph (pillow_lanczos), to the bit; libjpeg
@@ -32,7 +32,7 @@ import tempfile
 import tensorflow as tf
 import tf_keras
 
-from pneumo_dist import data, images, storage
+from pneumo_dist import decode, images, storage
 from pneumo_dist import export as export_lib
 
 FOLDER = "saved_model"
@@ -64,7 +64,7 @@ class ServingModel(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
     def serve(self, image_bytes):
-        size = data.read_size(self._stored_size, self._border_crop)
+        size = decode.read_size(self._stored_size, self._border_crop)
         # One image at a time: a request's memory is one image's decoding and resizing (README), not
         # map_fn's default of 10 in parallel.
         read = tf.map_fn(
@@ -73,7 +73,7 @@ class ServingModel(tf.Module):
             fn_output_signature=tf.TensorSpec([size, size, 1], tf.uint8),
             parallel_iterations=1,
         )
-        pixels = data.resize_images(read, size, self._image_size)
+        pixels = decode.resize_images(read, size, self._image_size)
         probability = self._forward(tf.cast(pixels, tf.float32))
         if self._calibration is not None:
             p = tf.clip_by_value(tf.cast(probability, tf.float64), 1e-7, 1.0 - 1e-7)
@@ -96,8 +96,8 @@ class ServingModel(tf.Module):
         )
         resized = tf.ensure_shape(resized, [size, size, 1])
         if self._format != "png":  # (a PNG is lossless: decoding it again gives these pixels)
-            resized = data.decode_image(tf.io.encode_jpeg(resized, quality=self._quality), size)
-        return data.read_pixels(resized, self._equalize, self._border_crop)
+            resized = decode.decode_image(tf.io.encode_jpeg(resized, quality=self._quality), size)
+        return decode.read_pixels(resized, self._equalize, self._border_crop)
 
 
 def pillow_lanczos(gray, size: int):

@@ -187,15 +187,15 @@ def stored_split(manifest_uri: str, split: str) -> tuple[np.ndarray, np.ndarray]
     """Every record of `split` as stored: uint8 (N, S, S, 1) pixels and int labels, in order."""
     import tensorflow as tf
 
-    from pneumo_dist import data, schema
+    from pneumo_dist import data, decode, schema
 
     manifest = schema.Manifest.read(manifest_uri)
     dataset = data.Dataset(manifest, manifest_uri)
     stored_px = manifest.image.stored_size_px
     pixels, labels = [], []
     for serialized in tf.data.TFRecordDataset(dataset.shards(split)):
-        record = data.decode_example(serialized)
-        pixels.append(data.decode_image(record["encoded"], stored_px).numpy())
+        record = decode.decode_example(serialized)
+        pixels.append(decode.decode_image(record["encoded"], stored_px).numpy())
         labels.append(int(record["label"]))
     return np.stack(pixels), np.asarray(labels, np.int64)
 
@@ -214,7 +214,7 @@ def score_shifts(
     a PneumoniaDetector; figures at its threshold, on its calibrated probabilities."""
     import tensorflow as tf
 
-    from pneumo_dist import data
+    from pneumo_dist import decode
 
     names = names or list(SHIFTS)
     unknown = sorted(set(names) - set(SHIFTS))
@@ -222,14 +222,14 @@ def score_shifts(
         raise ValueError(f"unknown shifts {unknown}; known: {', '.join(SHIFTS)}")
     stored, labels = stored_split(manifest_uri, split)
     step = detector.info.preprocessing
-    read_px = data.read_size(stored.shape[1], step.border_crop)
+    read_px = decode.read_size(stored.shape[1], step.border_crop)
     by_shift, raw = {}, {}
     for name in names:
         if on_shift:
             on_shift(name)
         shifted = apply(name, stored, seed)
-        read = [data.read_pixels(tf.constant(image), step.equalize, step.border_crop) for image in shifted]
-        pixels = data.resize_images(tf.stack(read), read_px, step.image_size_px).numpy()
+        read = [decode.read_pixels(tf.constant(image), step.equalize, step.border_crop) for image in shifted]
+        pixels = decode.resize_images(tf.stack(read), read_px, step.image_size_px).numpy()
         raw[name] = np.concatenate(
             [
                 detector.probabilities(pixels[start : start + batch_size], calibrated=False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pneumo_dist import data, schema, shards, storage
+from pneumo_dist import data, decode, schema, shards, storage
 from pneumo_dist.config import ConfigError, DataConfig
 
 
@@ -87,7 +87,7 @@ def test_histogram_equalization_flattens_the_levels_and_ignores_the_contrast_cur
     rng = np.random.default_rng(0)
     # A dim, low-contrast "radiograph": levels 20..99, most of them dark.
     image = (20 + 80 * rng.beta(2, 5, (64, 64, 1))).astype(np.uint8)
-    equalized = data.standardize_intensity(tf.constant(image), "histogram").numpy()
+    equalized = decode.standardize_intensity(tf.constant(image), "histogram").numpy()
     np.testing.assert_array_equal(equalized, equalized_reference(image))
     assert equalized.min() == 0 and equalized.max() == 255
     quarters = np.histogram(equalized, bins=4, range=(0, 256))[0] / equalized.size
@@ -96,11 +96,11 @@ def test_histogram_equalization_flattens_the_levels_and_ignores_the_contrast_cur
     # every equalised pixel.
     exposed = np.round(255 * ((image / 255.0) ** 0.6 - 0.1) / 0.8).clip(0, 255).astype(np.uint8)
     assert not np.array_equal(exposed, image) and len(np.unique(exposed)) == len(np.unique(image))
-    again = data.standardize_intensity(tf.constant(exposed), "histogram").numpy()
+    again = decode.standardize_intensity(tf.constant(exposed), "histogram").numpy()
     np.testing.assert_array_equal(again, equalized)
     flat = np.full((8, 8, 1), 7, np.uint8)  # one level: nothing to spread
-    np.testing.assert_array_equal(data.standardize_intensity(tf.constant(flat), "histogram").numpy(), flat)
-    np.testing.assert_array_equal(data.standardize_intensity(tf.constant(image), "none").numpy(), image)
+    np.testing.assert_array_equal(decode.standardize_intensity(tf.constant(flat), "histogram").numpy(), flat)
+    np.testing.assert_array_equal(decode.standardize_intensity(tf.constant(image), "none").numpy(), image)
 
 
 def test_the_pipelines_equalize_every_record_as_read(demo_shards):
@@ -124,11 +124,11 @@ def test_the_pipelines_equalize_every_record_as_read(demo_shards):
 def test_a_border_crop_cuts_each_edge_before_the_resize_to_the_model_input(demo_shards):
     plain, cropped = (config(demo_shards, border_crop=crop, cache="none") for crop in (0.0, 0.125))
     dataset = data.open_dataset(plain)
-    assert data.read_size(32, 0.125) == 24
+    assert decode.read_size(32, 0.125) == 24
     ours = next(iter(data.eval_dataset(cropped, dataset, "test")))["image"]
     read = next(iter(data.eval_dataset(plain, dataset, "test")))["image"]
     assert ours.shape[1:] == (32, 32, 1)  # cut to 24 px, then resized to the model's 32
-    np.testing.assert_array_equal(ours.numpy(), data.resize_images(read[:, 4:28, 4:28], 24, 32).numpy())
+    np.testing.assert_array_equal(ours.numpy(), decode.resize_images(read[:, 4:28, 4:28], 24, 32).numpy())
     batch = next(iter(data.train_dataset(cropped, dataset)))["image"]
     assert batch.shape[1:] == (24, 24, 1)  # the training step's warp resizes them
 

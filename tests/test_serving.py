@@ -13,7 +13,7 @@ import tensorflow as tf
 import tf_keras
 from PIL import Image
 
-from pneumo_dist import data, images, metrics, serving
+from pneumo_dist import decode, images, metrics, serving
 from pneumo_dist import export as export_lib
 from pneumo_dist.predict import PneumoniaDetector
 
@@ -146,7 +146,7 @@ def test_the_graph_prepares_every_image_kind_to_the_pixels_of_its_record(image_f
     for name, content in sources().items():
         stored, _ = images.to_stored_image(content, 64, image_format, 95)
         record = {"encoded": stored, "label": 0}
-        expected = data.parse_record(record, 64, False, equalize, border_crop)["image"].numpy()
+        expected = decode.parse_record(record, 64, False, equalize, border_crop)["image"].numpy()
         assert expected.shape == (64 - 2 * round(64 * border_crop),) * 2 + (1,)
         np.testing.assert_array_equal(
             module._read_pixels(tf.constant(content)).numpy(), expected, err_msg=name
