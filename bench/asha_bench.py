@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import statistics
@@ -150,7 +149,7 @@ def state_aucs(trial_uri: str) -> list[float]:
 
 
 def state_history(trial_uri: str) -> list[dict]:
-    return json.loads(storage.read_bytes(run_folder.state_uri(trial_uri)))["history"]
+    return run_folder.RunState.from_json(storage.read_bytes(run_folder.state_uri(trial_uri))).history
 
 
 def experiment_overheads(experiment: str) -> list[tuple[str, bool, float]]:

@@ -22,7 +22,7 @@ from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import model as model_lib
 from pneumo_dist import serving, storage
 from pneumo_dist.config import RunConfig, TrainConfig, to_yaml
-from pneumo_dist.run_folder import CONFIG
+from pneumo_dist.run_folder import CONFIG, RunState
 from pneumo_dist.schema import StoredImage
 
 METRICS_NAME = "metrics.json"
@@ -55,7 +55,7 @@ def export_run(
     stored: StoredImage,
     labels: np.ndarray,
     scores: np.ndarray,
-    state: dict,
+    state: RunState,
     work: str,
     output: str,
     chief: bool,
@@ -88,7 +88,7 @@ def export_run(
             # Under a distribution strategy the model's variables are distributed (and some reads of
             # them collective): the chief serves a plain copy of the file it just wrote.
             detector = tf_keras.models.load_model(model_path, compile=False, safe_mode=True)
-        history = {"best_epoch": state["best_epoch"], "history": state["history"]}
+        history = {"best_epoch": state.best_epoch, "history": state.history}
         _complete(
             detector, config, stored, labels, scores, operating, at_threshold, history, export_dir, export_uri
         )

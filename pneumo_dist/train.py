@@ -11,7 +11,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import glob
-import json
 import math
 import os
 import random
@@ -34,7 +33,15 @@ from pneumo_dist import model as model_lib
 from pneumo_dist import optimizer as optimizer_lib
 from pneumo_dist.config import RunConfig, TrainConfig, TuneConfig, to_yaml
 from pneumo_dist.errors import PneumoDistError
-from pneumo_dist.run_folder import BEST_WEIGHTS, CHECKPOINTS, CONFIG, FOLDERS, STATE_NAME, TENSORBOARD
+from pneumo_dist.run_folder import (
+    BEST_WEIGHTS,
+    CHECKPOINTS,
+    CONFIG,
+    FOLDERS,
+    STATE_NAME,
+    TENSORBOARD,
+    RunState,
+)
 
 SCRATCH_PREFIX = "pneumo-train-"
 
@@ -352,9 +359,9 @@ class _Run:
 
     def fit(self, resume: bool, on_step, on_epoch) -> TrainResult:
         cfg = self.train_cfg
-        state = self._restore() if resume else _fresh_state()
+        state = self._restore() if resume else RunState()
         # A resumed run may have been given more epochs than the one that wrote the checkpoint.
-        state["finished"] = state["next_epoch"] >= cfg.epochs or state["stopped_early"]
+        state.finished = state.next_epoch >= cfg.epochs or state.stopped_early
         if self.chief and not resume:
             # A fresh run replaces an earlier one's results, so that its checkpoints are never mixed
             # with ours (and a state.json of theirs cannot name a checkpoint of ours).
@@ -369,13 +376,13 @@ class _Run:
         if self.chief:
             print(self.describe(), flush=True)
             if resume:
-                best = f"best validation AUC {state['best_auc']:.4f} at epoch {state['best_epoch'] + 1}"
-                print(f"train: resuming {self.output} after epoch {state['next_epoch']} ({best})", flush=True)
+                best = f"best validation AUC {state.best_auc:.4f} at epoch {state.best_epoch + 1}"
+                print(f"train: resuming {self.output} after epoch {state.next_epoch} ({best})", flush=True)
         iterator = iter(self.train_batches)
-        phase, first_epoch = None, state["next_epoch"]
-        result = self._export(state) if state["finished"] else None  # resumed after the last epoch
-        while not state["finished"]:
-            epoch = state["next_epoch"]
+        phase, first_epoch = None, state.next_epoch
+        result = self._export(state) if state.finished else None  # resumed after the last epoch
+        while not state.finished:
+            epoch = state.next_epoch
             head_only = epoch < cfg.head_warmup_epochs
             if phase != head_only:
                 unfreeze = 0 if head_only else self.config.model.unfreeze
@@ -404,7 +411,7 @@ class _Run:
             with self._averaged_weights():  # (the weights themselves when train.ema_decay is 0)
                 labels, probabilities = self.predict("val")
                 metrics = metrics_lib.binary_metrics(labels, probabilities)
-                improved = not math.isnan(metrics["auc"]) and metrics["auc"] > state["best_auc"]
+                improved = not math.isnan(metrics["auc"]) and metrics["auc"] > state.best_auc
                 if improved:
                     self._save_best_weights()
             record = {
@@ -421,15 +428,15 @@ class _Run:
                 record["setup_s"] = self.setup_seconds  # the first epoch this process ran
                 record["reused_build"] = int(self.reused_build)  # (a number: Ray reports take numbers)
             if improved:
-                state.update(best_auc=metrics["auc"], best_epoch=epoch, epochs_since_best=0)
+                state.best_auc, state.best_epoch, state.epochs_since_best = metrics["auc"], epoch, 0
                 self.best_val_scores = labels, probabilities  # the export's threshold comes from these
             else:
-                state["epochs_since_best"] += 1
-            state["history"].append(record)
-            state["next_epoch"] = epoch + 1
+                state.epochs_since_best += 1
+            state.history.append(record)
+            state.next_epoch = epoch + 1
             patience = cfg.early_stopping_patience
-            state["stopped_early"] = bool(patience) and state["epochs_since_best"] >= patience
-            state["finished"] = state["next_epoch"] >= cfg.epochs or state["stopped_early"]
+            state.stopped_early = bool(patience) and state.epochs_since_best >= patience
+            state.finished = state.next_epoch >= cfg.epochs or state.stopped_early
             self._save_checkpoint(epoch, state, improved)
             if writer:
                 with writer.as_default(step=epoch):
@@ -438,7 +445,7 @@ class _Run:
                             tf.summary.scalar(tensorboard_tag(key), value)
                 writer.flush()
                 storage.publish(os.path.join(self.work, TENSORBOARD), storage.join(self.output, TENSORBOARD))
-            if state["finished"]:
+            if state.finished:
                 # Before the last report: a scheduler may end the process as soon as it gets it.
                 export_started = time.perf_counter()
                 result = self._export(state)
@@ -596,12 +603,12 @@ class _Run:
             if os.path.exists(partial):
                 os.remove(partial)
 
-    def _save_checkpoint(self, epoch: int, state: dict, improved: bool) -> None:
+    def _save_checkpoint(self, epoch: int, state: RunState, improved: bool) -> None:
         folder = os.path.join(self.work, CHECKPOINTS)
         os.makedirs(folder, exist_ok=True)
         self.epoch.assign(epoch)
         prefix = self.checkpoint.write(os.path.join(folder, f"ckpt-{epoch}"))
-        state["checkpoint"] = os.path.basename(prefix)
+        state.checkpoint = os.path.basename(prefix)
         keep = tuple(f"ckpt-{e}." for e in range(epoch - self.train_cfg.checkpoints_to_keep + 1, epoch + 1))
         old = [name for name in os.listdir(folder) if name.startswith("ckpt-") and not name.startswith(keep)]
         if not self.chief:
@@ -609,7 +616,7 @@ class _Run:
             return
         remote = storage.join(self.output, CHECKPOINTS)
         files = [name for name in os.listdir(folder) if name.startswith(f"ckpt-{epoch}.")]
-        storage.write_bytes(os.path.join(folder, STATE_NAME), json.dumps(state, indent=1).encode())
+        storage.write_bytes(os.path.join(folder, STATE_NAME), state.to_json())
 
         def upload() -> None:
             storage.publish(folder, remote, files + ([BEST_WEIGHTS] if improved else []))
@@ -617,7 +624,7 @@ class _Run:
             storage.publish(folder, remote, [STATE_NAME])
             storage.discard(folder, remote, old)
 
-        if not storage.is_gcs(remote) or state["finished"]:
+        if not storage.is_gcs(remote) or state.finished:
             upload()
             return
         # To a bucket, ResNet50's checkpoint (~0.3 GB with its optimizer state) uploads while the next
@@ -637,30 +644,30 @@ class _Run:
         if upload is not None:
             upload.result()
 
-    def _restore(self) -> dict:
+    def _restore(self) -> RunState:
         remote = storage.join(self.output, CHECKPOINTS)
         try:
-            state = json.loads(storage.read_bytes(storage.join(remote, STATE_NAME)))
+            state = RunState.from_json(storage.read_bytes(storage.join(remote, STATE_NAME)))
         except storage.StorageNotFound:
             raise TrainingError(
                 f"--resume: no checkpoint in {remote} (no {STATE_NAME}); start without --resume"
             ) from None
-        except json.JSONDecodeError as error:
+        except (ValueError, TypeError) as error:
             raise TrainingError(f"--resume: {remote}/{STATE_NAME} is damaged ({error})") from None
         folder = os.path.join(self.work, CHECKPOINTS)
-        checkpoint = storage.child(folder, state["checkpoint"], storage.join(remote, STATE_NAME))
+        checkpoint = storage.child(folder, state.checkpoint, storage.join(remote, STATE_NAME))
         names = [storage.basename(f.uri) for f in storage.list_files(remote)]
-        wanted = [n for n in names if n.startswith(state["checkpoint"] + ".") or n == BEST_WEIGHTS]
+        wanted = [n for n in names if n.startswith(state.checkpoint + ".") or n == BEST_WEIGHTS]
         storage.fetch(remote, folder, wanted)
         self.checkpoint.read(checkpoint).assert_existing_objects_matched()
         return state
 
     # --- export -------------------------------------------------------------------------------------
 
-    def _export(self, state: dict) -> TrainResult:
+    def _export(self, state: RunState) -> TrainResult:
         if self.chief:
             where = storage.join(self.output, export_lib.FOLDER)
-            last, best = state["next_epoch"], state["best_epoch"] + 1
+            last, best = state.next_epoch, state.best_epoch + 1
             print(
                 f"train: epoch {last} was the last; exporting epoch {best}'s weights to {where}", flush=True
             )
@@ -681,11 +688,11 @@ class _Run:
             self._warn,
         )
         return TrainResult(
-            best_epoch=state["best_epoch"],
-            best_val_auc=state["best_auc"],
-            epochs_run=state["next_epoch"],
-            stopped_early=state["stopped_early"],
-            history=state["history"],
+            best_epoch=state.best_epoch,
+            best_val_auc=state.best_auc,
+            epochs_run=state.next_epoch,
+            stopped_early=state.stopped_early,
+            history=state.history,
             export_uri=exported.uri,
             threshold=exported.threshold,
             val_metrics=exported.val_metrics,
@@ -740,16 +747,3 @@ def _swapper(weights: list[tf.Variable], averaged: list[tf.Variable]) -> Callabl
             average.assign(tf.cast(own, average.dtype))
 
     return swap
-
-
-def _fresh_state() -> dict:
-    return {
-        "next_epoch": 0,
-        "best_auc": -1.0,
-        "best_epoch": -1,
-        "epochs_since_best": 0,
-        "stopped_early": False,
-        "finished": False,
-        "history": [],
-        "checkpoint": None,
-    }

@@ -34,6 +34,7 @@ import numpy as np
 from pneumo_dist import config as config_lib
 from pneumo_dist import console, export, ray_setup, run_folder, storage
 from pneumo_dist.errors import PneumoDistError
+from pneumo_dist.run_folder import RunState
 
 TRIALS_FOLDER = "trials"
 TRAIN_RUNS_FOLDER = "ray-train"  # Ray Train's own records of each trial's run
@@ -366,8 +367,8 @@ def run_trial(params: dict, setup: dict) -> None:
         trainer.fit()
     # Training ends with a finished state (all epochs, or early stopping): anything else is a run that was
     # cut short (an interrupted search), which must stay unfinished for --resume, not count as done.
-    state = _read_state(storage.join(setup["trial_root"], trial_id))
-    if not state.get("finished"):
+    state = RunState.read(storage.join(setup["trial_root"], trial_id))
+    if not (state and state.finished):
         raise SearchError(f"trial {trial_id}: its training ended before it finished")
 
 
@@ -391,8 +392,8 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
     output = loop_config["output"]
     config = trial_config(loop_config["base"], loop_config["sampled"], output)
     # A restarted trial (a worker died) finds its own last complete checkpoint.
-    state = _read_state(output)
-    resume = bool(state)
+    state = RunState.read(output)
+    resume = state is not None
     history: list[dict] = []
 
     def on_epoch(record: dict) -> None:
@@ -407,10 +408,10 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
             metrics.update(strategy_s=strategy_ready - imported)
         report({**metrics, "epoch": record["epoch"] + 1})
 
-    if state.get("finished") and storage.exists(run_folder.export_info_uri(output)):
+    if state and state.finished and storage.exists(run_folder.export_info_uri(output)):
         # The trial had finished when the search was interrupted, before Tune recorded its results
         # (--resume then starts it again): report its epochs again, train and export nothing.
-        for record in state["history"]:
+        for record in state.history:
             report({**_reportable(record), "epoch": record["epoch"] + 1})
         return
     # Without a complete checkpoint, whatever is in the trial's own folder is an earlier attempt of this
@@ -488,7 +489,8 @@ def _summarize(result, config: config_lib.RunConfig, trial_root: str) -> TrialSu
     trial_id = os.path.basename(result.path.rstrip("/")) if result.path else "unknown"
     trial_id = (result.metrics or {}).get("trial_id", trial_id)
     output = storage.join(trial_root, trial_id)
-    stopped_early = _read_state(output).get("stopped_early", False)
+    state = RunState.read(output)
+    stopped_early = bool(state and state.stopped_early)
     sampled = result.config.get("sampled", {})
     return TrialSummary(
         trial_id=trial_id,
@@ -525,10 +527,3 @@ def _reportable(record: dict) -> dict:
 
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and not np.isnan(value)
-
-
-def _read_state(output: str) -> dict:
-    try:
-        return json.loads(storage.read_bytes(run_folder.state_uri(output)))
-    except storage.StorageNotFound:
-        return {}

@@ -14,6 +14,7 @@ import tf_keras
 
 from pneumo_dist import config as config_lib
 from pneumo_dist import data, distribute, metrics, storage, train
+from pneumo_dist.run_folder import RunState
 
 from .conftest import FROM_SCRATCH_OVERRIDES, REPO, TF_STARTUP
 
@@ -221,6 +222,32 @@ def test_resume_without_a_checkpoint_says_so(learnable_shards, tmp_path):
     config = make_config(learnable_shards, str(tmp_path / "empty"), "train.epochs=1")
     with pytest.raises(train.TrainingError, match="--resume: no checkpoint in .*empty/checkpoints"):
         train.train(config, distribute.choose_strategy(local=True), resume=True)
+
+
+def test_resume_from_a_damaged_state_says_so_in_one_line(learnable_shards, tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "state.json").write_text('["not", "a", "state"]')
+    config = make_config(learnable_shards, str(tmp_path / "run"), "train.epochs=1")
+    with pytest.raises(train.TrainingError, match="--resume: .*run/checkpoints/state.json is damaged"):
+        train.train(config, distribute.choose_strategy(local=True), resume=True)
+
+
+def test_the_run_state_file_keeps_its_keys_and_reads_back(tmp_path):
+    state = RunState(next_epoch=3, best_auc=0.9, best_epoch=1, history=[{"epoch": 0}], checkpoint="ckpt-2")
+    assert set(json.loads(state.to_json())) == {
+        "next_epoch",
+        "best_auc",
+        "best_epoch",
+        "epochs_since_best",
+        "stopped_early",
+        "finished",
+        "history",
+        "checkpoint",
+    }  # the file's keys, as runs before the type wrote them
+    assert RunState.read(str(tmp_path)) is None  # no complete checkpoint yet
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "state.json").write_bytes(state.to_json())
+    assert RunState.read(str(tmp_path)) == state
 
 
 def test_a_dataset_without_validation_is_refused(tiny_demo_root, tmp_path):
