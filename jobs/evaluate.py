@@ -105,39 +105,37 @@ def run(args: argparse.Namespace) -> int:
             drift_scores=drift,
             shift_seed=args.shift,
         )
-    print(f"{args.split} split, {summary['data']['count']} images ({summary['data']['positives']} PNEUMONIA)")
-    for name in ("at_0.5", "at_threshold"):
-        print(f"threshold {summary[name]['threshold']:.4f}: {evaluate.headline(summary[name], '  ')}")
-    for name, point in summary["policies"].items():
-        print(f"  {name} policy, threshold {point['threshold']:.4f}: {evaluate.headline(point, '  ')}")
-    for attribute, groups in summary["subgroups"].items():
+    print(f"{args.split} split, {summary.data.count} images ({summary.data.positives} PNEUMONIA)")
+    for point in (summary.at_half, summary.at_threshold):
+        print(f"threshold {point.threshold:.4f}: {evaluate.headline(point, '  ')}")
+    for name, point in summary.policies.items():
+        print(f"  {name} policy, threshold {point.threshold:.4f}: {evaluate.headline(point, '  ')}")
+    for attribute, groups in summary.subgroups.items():
         for value, group in groups.items():
             figures = "  ".join(
-                f"{m} {group[m]['value']:.3f} [{group[m]['ci95'][0]:.3f}, {group[m]['ci95'][1]:.3f}]"
+                f"{m} {group.metrics[m]}"
                 for m in evaluate.SUBGROUP_METRICS
-                if np.isfinite(group[m]["value"])
+                if np.isfinite(group.metrics[m].value)
             )
-            print(f"  {attribute}={value}: {group['count']} images  {figures}")
-    for index, member in enumerate(summary["members"]):
-        auc = member["auc"]
+            print(f"  {attribute}={value}: {group.count} images  {figures}")
+    for index, row in enumerate(summary.members):
         print(
-            f"  ensemble member {index} alone: auc {auc['value']:.3f} [{auc['ci95'][0]:.3f}, "
-            f"{auc['ci95'][1]:.3f}]  ece {member['ece']['value']:.3f}  ({member['source']})"
+            f"  ensemble member {index} alone: auc {row.auc}  ece {row.ece.value:.3f}  ({row.member.source})"
         )
-    if "robustness" in summary:
-        r = summary["robustness"]["summary"]
+    if summary.robustness:
+        r = summary.robustness["summary"]
         print(
             f"robustness: mean auc under shift {r['mean_auc']:.3f} (worst {r['worst_auc']:.3f}); "
             f"lowest specificity {r['worst_specificity']:.3f} ({r['worst_specificity_shift']}); "
             f"mean ece {r['mean_ece']:.3f}"
         )
     if drift:
-        d = summary["drift"]
+        d = summary.drift
         print(
             f"drift: {d['actual_count']} scored images against the {args.split} split's "
             f"{d['expected_count']}: PSI {d['psi']:.3f}, {d['verdict']}"
         )
-    print(f"ECE {summary['calibration']['ece']:.4f}\nreport: {storage.join(out, 'report.html')}")
+    print(f"ECE {summary.calibration.ece:.4f}\nreport: {storage.join(out, 'report.html')}")
     print(f"next: python jobs/predict.py IMAGES_OR_FOLDER --model {detector.uri} --out predictions.csv")
     return 0
 

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if result.test_metrics:
         from pneumo_dist import evaluate
 
-        figures = evaluate.headline(result.test_metrics["at_threshold"])
+        figures = evaluate.headline(result.test_metrics.at_threshold)
         print(f"test split at the validation threshold (95% intervals): {figures}")
         print(f"report: {storage.join(result.best_export_uri, 'report', 'report.html')}")
     return 0

@@ -21,6 +21,8 @@ from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import sources as sources_lib
 from pneumo_dist.config import DataConfig
 from pneumo_dist.errors import PneumoDistError
+from pneumo_dist.export import Member
+from pneumo_dist.metrics import Estimate
 from pneumo_dist.predict import PneumoniaDetector
 from pneumo_dist.report import CASES, PLOTS, SUBGROUP_METRICS  # noqa: F401 - PLOTS: the report's files
 
@@ -38,6 +40,122 @@ class Scores:
     attributes: dict[str, list[str]] = field(default_factory=dict)
     # An ensemble export's members' own P(PNEUMONIA), (N, k), uncalibrated; None: one model, or TTA.
     members: np.ndarray | None = None
+
+
+# --- the summary's types: what run_evaluation returns and metrics.json holds -----------------------------
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    threshold: float
+    metrics: dict[str, Estimate]  # metrics.INTERVAL_METRICS
+    confusion: dict[str, int]  # true_positives, false_positives, true_negatives, false_negatives
+
+
+@dataclass(frozen=True)
+class GroupFigures:
+    """One subgroup's figures at the operating threshold."""
+
+    count: int
+    positives: int
+    negatives: int
+    metrics: dict[str, Estimate]  # SUBGROUP_METRICS
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "positives": self.positives, "negatives": self.negatives} | {
+            name: dataclasses.asdict(figure) for name, figure in self.metrics.items()
+        }
+
+
+@dataclass(frozen=True)
+class MemberFigures:
+    """An ensemble member alone on the split (its own uncalibrated scores)."""
+
+    member: Member
+    auc: Estimate
+    ece: Estimate
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self.member) | {
+            "auc": dataclasses.asdict(self.auc),
+            "ece": dataclasses.asdict(self.ece),
+        }
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    uri: str
+    version: str
+    image_size_px: int
+    threshold: float
+    threshold_source: str  # "validation", or "user" for a threshold given on the command line
+    threshold_policy: str | None
+    calibration: dict | None  # the export's Calibration as a dict; None: probabilities as the model gives
+    target_sensitivity: float | str  # "unknown" for an export that does not record it
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    manifest_uri: str
+    split: str
+    count: int
+    positives: int
+    negatives: int
+    # False: these shards were stored differently from the training ones (size or encoding), so the model
+    # sees slightly different pixels than a PneumoniaDetector.predict of the sources.
+    preprocessing_matches_training: bool
+
+
+@dataclass(frozen=True)
+class CalibrationFigures:
+    ece: float
+    bins: list[dict]  # metrics.reliability_bins
+
+
+@dataclass
+class Evaluation:
+    """Everything run_evaluation measured; `to_dict` is metrics.json's layout."""
+
+    model: ModelSummary
+    data: SplitSummary
+    tta_views: int
+    created_utc: str
+    at_half: OperatingPoint  # at threshold 0.5 ("at_0.5" in metrics.json)
+    at_threshold: OperatingPoint  # at the operating threshold
+    policies: dict[str, OperatingPoint]  # at each threshold policy's threshold (chosen on validation)
+    calibration: CalibrationFigures
+    bootstrap: dict  # resamples, seed, method
+    subgroups: dict[str, dict[str, GroupFigures]] = field(default_factory=dict)  # attribute -> value ->
+    members: list[MemberFigures] = field(default_factory=list)  # an ensemble's, each alone
+    robustness: dict | None = None  # shift.ShiftRun's report, when the shift benchmark ran
+    drift: dict | None = None  # metrics.population_stability against a scored batch, and its scores_uri
+    gradcam: dict[str, list[str]] | None = None  # case -> the sources shown in gradcam.png
+
+    def to_dict(self) -> dict:
+        def point(p: OperatingPoint) -> dict:
+            return dataclasses.asdict(p) | {
+                "metrics": {m: dataclasses.asdict(e) for m, e in p.metrics.items()}
+            }
+
+        written = {
+            "model": dataclasses.asdict(self.model),
+            "data": dataclasses.asdict(self.data),
+            "tta_views": self.tta_views,
+            "created_utc": self.created_utc,
+            "at_0.5": point(self.at_half),
+            "at_threshold": point(self.at_threshold),
+            "policies": {name: point(p) for name, p in self.policies.items()},
+            "calibration": dataclasses.asdict(self.calibration),
+            "bootstrap": self.bootstrap,
+            "subgroups": {
+                a: {v: g.to_dict() for v, g in groups.items()} for a, groups in self.subgroups.items()
+            },
+            "members": [m.to_dict() for m in self.members],
+        }
+        for name in ("robustness", "drift", "gradcam"):
+            if getattr(self, name) is not None:
+                written[name] = getattr(self, name)
+        return _json_safe(written)
 
 
 def _attribute(name: str):
@@ -103,7 +221,9 @@ def score_split(
     return Scores(labels, np.concatenate(probabilities), sources, attributes, members)
 
 
-def member_report(scores: Scores, members: list, resamples: int = 2000, seed: int = 0) -> list[dict]:
+def member_report(
+    scores: Scores, members: list[Member], resamples: int = 2000, seed: int = 0
+) -> list[MemberFigures]:
     """Each ensemble member's own figures on the split (its uncalibrated scores; AUC with its 95%
     interval, ECE), beside the ensemble's: what averaging bought. `members`: the export's Members."""
     if scores.members is None:
@@ -113,11 +233,11 @@ def member_report(scores: Scores, members: list, resamples: int = 2000, seed: in
         interval = metrics_lib.bootstrap_intervals(scores.labels, column, [0.5], resamples, seed=seed)[0]
         figures = metrics_lib.binary_metrics(scores.labels, column)
         rows.append(
-            dataclasses.asdict(member)
-            | {
-                "auc": {"value": figures["auc"], "ci95": interval["auc"]},
-                "ece": {"value": figures["ece"], "ci95": interval["ece"]},
-            }
+            MemberFigures(
+                member,
+                auc=Estimate(figures["auc"], tuple(interval["auc"])),
+                ece=Estimate(figures["ece"], tuple(interval["ece"])),
+            )
         )
     return rows
 
@@ -138,49 +258,31 @@ def split_images(
     return found
 
 
-def metrics_report(
+def operating_points(
     scores: Scores,
-    threshold: float,
+    thresholds: list[float],
     resamples: int = 2000,
     seed: int = 0,
-    policies: dict[str, float] | None = None,
-) -> dict:
-    """Point estimates with 95% intervals at 0.5, at the operating threshold and at each threshold
-    policy's threshold (`policies`: name -> threshold, chosen on validation), plus calibration."""
-    policies = policies or {}
-    thresholds = [0.5, threshold, *policies.values()]
+) -> list[OperatingPoint]:
+    """Point estimates with 95% intervals at each of `thresholds`."""
     intervals = metrics_lib.bootstrap_intervals(
         scores.labels, scores.probabilities, thresholds, resamples, seed=seed
     )
 
-    def operating_point(value: float, interval: dict) -> dict:
+    points = []
+    for value, interval in zip(thresholds, intervals, strict=True):
         point = metrics_lib.binary_metrics(scores.labels, scores.probabilities, value)
-        return {
-            "threshold": value,
-            "metrics": {
-                m: {"value": point[m], "ci95": list(interval[m])} for m in metrics_lib.INTERVAL_METRICS
-            },
-            "confusion": {
-                k: point[k]
-                for k in ("true_positives", "false_positives", "true_negatives", "false_negatives")
-            },
+        estimates = {m: Estimate(point[m], tuple(interval[m])) for m in metrics_lib.INTERVAL_METRICS}
+        confusion = {
+            k: point[k] for k in ("true_positives", "false_positives", "true_negatives", "false_negatives")
         }
-
-    points = [operating_point(value, interval) for value, interval in zip(thresholds, intervals, strict=True)]
-    report = {
-        "at_0.5": points[0],
-        "at_threshold": points[1],
-        "policies": dict(zip(policies, points[2:], strict=True)),
-    }
-    report["calibration"] = {
-        "ece": metrics_lib.expected_calibration_error(scores.labels, scores.probabilities),
-        "bins": metrics_lib.reliability_bins(scores.labels, scores.probabilities),
-    }
-    report["bootstrap"] = {"resamples": resamples, "seed": seed, "method": "class-stratified percentile"}
-    return report
+        points.append(OperatingPoint(value, estimates, confusion))
+    return points
 
 
-def subgroup_report(scores: Scores, threshold: float, resamples: int = 2000, seed: int = 0) -> dict:
+def subgroup_report(
+    scores: Scores, threshold: float, resamples: int = 2000, seed: int = 0
+) -> dict[str, dict[str, GroupFigures]]:
     """Per SUBGROUPS attribute and value, at the operating threshold: the counts, and sensitivity,
     specificity and AUC with 95% intervals where the group has the classes they need (a group of one
     class has no AUC; "person" images are all PNEUMONIA). -> {attribute: {value: figures}}"""
@@ -199,21 +301,19 @@ def subgroup_report(scores: Scores, threshold: float, resamples: int = 2000, see
             (interval,) = metrics_lib.bootstrap_intervals(
                 labels, probabilities, [threshold], resamples, seed=seed
             )
-            report[attribute][value] = {
-                "count": len(indices),
-                "positives": int(labels.sum()),
-                "negatives": int(len(labels) - labels.sum()),
-                **{m: {"value": point[m], "ci95": list(interval[m])} for m in SUBGROUP_METRICS},
-            }
+            report[attribute][value] = GroupFigures(
+                count=len(indices),
+                positives=int(labels.sum()),
+                negatives=int(len(labels) - labels.sum()),
+                metrics={m: Estimate(point[m], tuple(interval[m])) for m in SUBGROUP_METRICS},
+            )
     return report
 
 
-def headline(operating_point: dict, separator: str = ", ") -> str:
-    """ "auc 0.991 [0.976, 1.000], accuracy ..." for one operating point of metrics_report."""
-    metrics = operating_point["metrics"]
+def headline(point: OperatingPoint, separator: str = ", ") -> str:
+    """ "auc 0.991 [0.976, 1.000], accuracy ..." for one operating point."""
     return separator.join(
-        f"{m} {metrics[m]['value']:.3f} [{metrics[m]['ci95'][0]:.3f}, {metrics[m]['ci95'][1]:.3f}]"
-        for m in ("auc", "accuracy", "sensitivity", "specificity")
+        f"{m} {point.metrics[m]}" for m in ("auc", "accuracy", "sensitivity", "specificity")
     )
 
 
@@ -248,13 +348,13 @@ def predictions_csv(scores: Scores, threshold: float) -> bytes:
     return out.getvalue().encode()
 
 
-def write_report(out_uri: str, summary: dict, plots: dict[str, bytes], predictions: bytes) -> None:
+def write_report(out_uri: str, summary: Evaluation, plots: dict[str, bytes], predictions: bytes) -> None:
     """Write every file to a local folder or gs:// prefix; report.html last, so that its presence
     means the report is complete."""
     files = {
         **plots,
         "predictions.csv": predictions,
-        "metrics.json": json.dumps(_json_safe(summary), indent=1).encode(),
+        "metrics.json": json.dumps(summary.to_dict(), indent=1).encode(),
     }
     for name, content in files.items():
         storage.write_bytes(storage.join(out_uri, name), content)
@@ -318,6 +418,82 @@ def read_scores(uri: str) -> np.ndarray:
     return probabilities
 
 
+def summarize(
+    detector: PneumoniaDetector,
+    manifest_uri: str,
+    split: str,
+    scores: Scores,
+    stored: schema.StoredImage,
+    tta_views: int,
+    resamples: int,
+) -> Evaluation:
+    """The figures of a scored split (no robustness, drift or Grad-CAM: run_evaluation adds those).
+    `stored`: how the split's shards store their images."""
+    policies = detector.operating_points
+    at_half, at_threshold, *at_policies = operating_points(
+        scores, [0.5, detector.threshold, *policies.values()], resamples
+    )
+    return Evaluation(
+        model=ModelSummary(
+            uri=detector.uri,
+            version=detector.version,
+            image_size_px=detector.image_size_px,
+            threshold=detector.threshold,
+            threshold_source=detector.threshold_source,
+            threshold_policy=detector.policy,
+            calibration=dataclasses.asdict(detector.calibration) if detector.calibration else None,
+            target_sensitivity=detector.info.target_sensitivity or "unknown",
+        ),
+        data=SplitSummary(
+            manifest_uri=manifest_uri,
+            split=split,
+            count=len(scores.labels),
+            positives=int(scores.labels.sum()),
+            negatives=int(len(scores.labels) - scores.labels.sum()),
+            preprocessing_matches_training=(stored.stored_size_px, stored.format)
+            == (detector.stored_size_px, detector.image_format),
+        ),
+        tta_views=tta_views,
+        created_utc=storage.utc_timestamp(),
+        at_half=at_half,
+        at_threshold=at_threshold,
+        policies=dict(zip(policies, at_policies, strict=True)),
+        calibration=CalibrationFigures(
+            ece=metrics_lib.expected_calibration_error(scores.labels, scores.probabilities),
+            bins=metrics_lib.reliability_bins(scores.labels, scores.probabilities),
+        ),
+        bootstrap={"resamples": resamples, "seed": 0, "method": "class-stratified percentile"},
+        subgroups=subgroup_report(scores, detector.threshold, resamples),
+        members=member_report(scores, detector.info.members, resamples),
+    )
+
+
+def grad_cam_examples(
+    detector: PneumoniaDetector,
+    data_config: DataConfig,
+    dataset: data.Dataset,
+    split: str,
+    scores: Scores,
+    per_case: int,
+) -> dict[str, list[tuple[np.ndarray, np.ndarray, float, str]]]:
+    """The `per_case` most confident images of each case (true/false positive/negative) with their
+    Grad-CAM maps: case -> [(pixels, map, probability, source)], report.plot_grad_cam's input."""
+    cases = confident_cases(scores, detector.threshold, per_case)
+    pixels = split_images(data_config, dataset, split, [i for chosen in cases.values() for i in chosen])
+    examples = {case: [] for case in cases}
+    for case, chosen in cases.items():
+        if not chosen:
+            continue
+        batch = np.stack([pixels[i] for i in chosen])
+        # The evidence for what the model decided: PNEUMONIA for predicted positives, else NORMAL.
+        maps = explain.grad_cam(detector.model, batch, class_index=int(case.endswith("positive")))
+        examples[case] = [
+            (pixels[i], heat, float(scores.probabilities[i]), scores.sources[i])
+            for i, heat in zip(chosen, maps, strict=True)
+        ]
+    return examples
+
+
 def run_evaluation(
     detector: PneumoniaDetector,
     manifest_uri: str,
@@ -330,7 +506,7 @@ def run_evaluation(
     on_batch=None,
     drift_scores: tuple[str, np.ndarray] | None = None,
     shift_seed: int | None = None,
-) -> dict:
+) -> Evaluation:
     """Score `split`, compute the figures and, when out_uri is given, write the report there.
     `drift_scores` (where from, probabilities: read_scores): a scored batch whose distribution of
     probabilities is compared with this split's (metrics.population_stability). `shift_seed`: add the
@@ -338,43 +514,16 @@ def run_evaluation(
     data_config = split_data_config(detector, manifest_uri, batch_size)
     dataset = data.open_dataset(data_config)
     scores = score_split(detector, data_config, dataset, split, tta_views, on_batch)
-    stored = dataset.manifest.image
-    summary = {
-        "model": {
-            "uri": detector.uri,
-            "version": detector.version,
-            "image_size_px": detector.image_size_px,
-            "threshold": detector.threshold,
-            "threshold_source": detector.threshold_source,
-            "threshold_policy": detector.policy,
-            "calibration": dataclasses.asdict(detector.calibration) if detector.calibration else None,
-            "target_sensitivity": detector.info.target_sensitivity or "unknown",
-        },
-        "data": {
-            "manifest_uri": manifest_uri,
-            "split": split,
-            "count": len(scores.labels),
-            "positives": int(scores.labels.sum()),
-            "negatives": int(len(scores.labels) - scores.labels.sum()),
-            # False: these shards were stored differently from the training ones (size or encoding), so
-            # the model sees slightly different pixels than a PneumoniaDetector.predict of the sources.
-            "preprocessing_matches_training": (stored.stored_size_px, stored.format)
-            == (detector.stored_size_px, detector.image_format),
-        },
-        "tta_views": tta_views,
-        "created_utc": storage.utc_timestamp(),
-    } | metrics_report(scores, detector.threshold, resamples, policies=detector.operating_points)
-    summary["subgroups"] = subgroup_report(scores, detector.threshold, resamples)
-    summary["members"] = member_report(scores, detector.info.members, resamples)
+    summary = summarize(detector, manifest_uri, split, scores, dataset.manifest.image, tta_views, resamples)
     if shift_seed is not None:
         from pneumo_dist import shift
 
-        summary["robustness"] = shift.score_shifts(
+        summary.robustness = shift.score_shifts(
             detector, dataset.manifest_uri, split, shift_seed, min(resamples, 1000)
         ).report
     if drift_scores is not None:
         scores_uri, probabilities = drift_scores
-        summary["drift"] = {"scores_uri": scores_uri} | metrics_lib.population_stability(
+        summary.drift = {"scores_uri": scores_uri} | metrics_lib.population_stability(
             scores.probabilities, probabilities
         )
     if out_uri is None:
@@ -386,20 +535,8 @@ def run_evaluation(
         "reliability.png": report.plot_reliability(summary),
     }
     if gradcam_per_case > 0:
-        cases = confident_cases(scores, detector.threshold, gradcam_per_case)
-        pixels = split_images(data_config, dataset, split, [i for chosen in cases.values() for i in chosen])
-        examples = {}
-        for case, chosen in cases.items():
-            if not chosen:
-                continue
-            batch = np.stack([pixels[i] for i in chosen])
-            # The evidence for what the model decided: PNEUMONIA for predicted positives, else NORMAL.
-            maps = explain.grad_cam(detector.model, batch, class_index=int(case.endswith("positive")))
-            examples[case] = [
-                (pixels[i], heat, float(scores.probabilities[i]), scores.sources[i])
-                for i, heat in zip(chosen, maps, strict=True)
-            ]
-        summary["gradcam"] = {case: [scores.sources[i] for i in chosen] for case, chosen in cases.items()}
+        examples = grad_cam_examples(detector, data_config, dataset, split, scores, gradcam_per_case)
+        summary.gradcam = {case: [source for *_, source in shown] for case, shown in examples.items()}
         plots["gradcam.png"] = report.plot_grad_cam(examples)
     write_report(out_uri, summary, plots, predictions_csv(scores, detector.threshold))
     return summary

@@ -7,6 +7,7 @@ Plain numpy in, plain floats out, so that every worker computes the same numbers
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import roc_curve
@@ -14,6 +15,18 @@ from sklearn.metrics import roc_curve
 # The figures that get a confidence interval. Counts and the loss do not.
 INTERVAL_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "pr_auc", "ece")
 CALIBRATION_BINS = 10
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure with its 95% bootstrap interval; NaN (None read back from JSON) where the data cannot
+    define it: the AUC of one class, precision with nothing called PNEUMONIA."""
+
+    value: float
+    ci95: tuple[float, float]
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} [{self.ci95[0]:.3f}, {self.ci95[1]:.3f}]"
 
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:

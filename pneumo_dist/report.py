@@ -5,9 +5,11 @@ engineer (every figure with its interval). No I/O here: evaluate.write_report wr
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.cm import ScalarMappable
@@ -18,41 +20,42 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import schema
 
+if TYPE_CHECKING:  # evaluate.py imports this module
+    from pneumo_dist.evaluate import Evaluation, SplitSummary
+
 CASES = ("true_positive", "false_positive", "false_negative", "true_negative")
 PLOTS = ("roc.png", "pr.png", "confusion.png", "reliability.png", "gradcam.png")
 POLICY_COLUMNS = ("sensitivity", "specificity", "accuracy", "precision")
 SUBGROUP_METRICS = ("sensitivity", "specificity", "auc")
 
 
-def plot_roc(labels: np.ndarray, probabilities: np.ndarray, report: dict) -> bytes:
+def plot_roc(labels: np.ndarray, probabilities: np.ndarray, summary: Evaluation) -> bytes:
     fpr, tpr, _ = roc_curve(labels, probabilities)
-    auc = report["at_0.5"]["metrics"]["auc"]
     figure = Figure(figsize=(5, 5))
     axes = figure.subplots()
-    axes.plot(fpr, tpr, label=f"ROC, AUC {auc['value']:.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}]")
+    axes.plot(fpr, tpr, label=f"ROC, AUC {summary.at_half.metrics['auc']}")
     axes.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    _mark_operating_points(axes, report, lambda m: (1 - m["specificity"]["value"], m["sensitivity"]["value"]))
+    _mark_operating_points(axes, summary, lambda m: (1 - m["specificity"].value, m["sensitivity"].value))
     _finish(axes, "1 - specificity (false positive rate)", "sensitivity", "ROC")
     return _png(figure)
 
 
-def plot_precision_recall(labels: np.ndarray, probabilities: np.ndarray, report: dict) -> bytes:
+def plot_precision_recall(labels: np.ndarray, probabilities: np.ndarray, summary: Evaluation) -> bytes:
     precision, recall, _ = precision_recall_curve(labels, probabilities)
-    pr_auc = report["at_0.5"]["metrics"]["pr_auc"]
     figure = Figure(figsize=(5, 5))
     axes = figure.subplots()
-    axes.plot(recall, precision, label=f"PR, AP {pr_auc['value']:.3f}")
+    axes.plot(recall, precision, label=f"PR, AP {summary.at_half.metrics['pr_auc'].value:.3f}")
     axes.axhline(np.mean(labels), color="grey", linestyle=":", linewidth=1, label="prevalence")
-    _mark_operating_points(axes, report, lambda m: (m["sensitivity"]["value"], m["precision"]["value"]))
+    _mark_operating_points(axes, summary, lambda m: (m["sensitivity"].value, m["precision"].value))
     _finish(axes, "recall (sensitivity)", "precision", "Precision-recall")
     return _png(figure)
 
 
-def plot_confusion(report: dict) -> bytes:
+def plot_confusion(summary: Evaluation) -> bytes:
     figure = Figure(figsize=(9, 4))
     panels = figure.subplots(1, 2)
-    for axes, name in zip(panels, ("at_0.5", "at_threshold"), strict=True):
-        counts = report[name]["confusion"]
+    for axes, point in zip(panels, (summary.at_half, summary.at_threshold), strict=True):
+        counts = point.confusion
         matrix = np.array(
             [
                 [counts["true_negatives"], counts["false_positives"]],
@@ -65,14 +68,14 @@ def plot_confusion(report: dict) -> bytes:
             axes.text(column, row, str(count), ha="center", va="center", color=color, fontsize=14)
         axes.set_xticks([0, 1], [f"pred {c}" for c in schema.CLASS_NAMES])
         axes.set_yticks([0, 1], [f"true {c}" for c in schema.CLASS_NAMES])
-        axes.set_title(f"threshold {report[name]['threshold']:.3f}")
+        axes.set_title(f"threshold {point.threshold:.3f}")
     figure.tight_layout()
     return _png(figure)
 
 
-def plot_reliability(report: dict) -> bytes:
+def plot_reliability(summary: Evaluation) -> bytes:
     """The reliability curve above, the images per bin as bars below: counts never cover the points."""
-    rows = report["calibration"]["bins"]
+    rows = summary.calibration.bins
     bins = [b for b in rows if b["count"]]
     figure = Figure(figsize=(5, 6))
     curve, counts = figure.subplots(2, 1, height_ratios=[3, 1], sharex=True)
@@ -81,7 +84,7 @@ def plot_reliability(report: dict) -> bytes:
         [b["mean_probability"] for b in bins],
         [b["positive_fraction"] for b in bins],
         "o-",
-        label=f"model, ECE {report['calibration']['ece']:.3f}",
+        label=f"model, ECE {summary.calibration.ece:.3f}",
     )
     curve.set_ylabel("share with PNEUMONIA")
     curve.set_title("Reliability")
@@ -130,17 +133,20 @@ def plot_grad_cam(examples: dict[str, list[tuple[np.ndarray, np.ndarray, float, 
     return _png(figure)
 
 
-def _mark_operating_points(axes, report: dict, point) -> None:
+def _mark_operating_points(axes, summary: Evaluation, where) -> None:
     """The model at 0.5 (a large open circle) and at its operating threshold (a small filled square),
-    each at `point(metrics) -> (x, y)`: both stay visible where they coincide."""
-    styles = {
-        "at_0.5": {"marker": "o", "markersize": 13, "markerfacecolor": "none", "markeredgewidth": 2},
-        "at_threshold": {"marker": "s", "markersize": 6},
-    }
-    for name, style in styles.items():
-        x, y = point(report[name]["metrics"])
-        suffix = " (operating)" if name == "at_threshold" else ""
-        axes.plot(x, y, linestyle="none", label=f"threshold {report[name]['threshold']:.3f}{suffix}", **style)
+    each at `where(metrics) -> (x, y)`: both stay visible where they coincide."""
+    styles = [
+        (
+            summary.at_half,
+            "",
+            {"marker": "o", "markersize": 13, "markerfacecolor": "none", "markeredgewidth": 2},
+        ),
+        (summary.at_threshold, " (operating)", {"marker": "s", "markersize": 6}),
+    ]
+    for point, suffix, style in styles:
+        x, y = where(point.metrics)
+        axes.plot(x, y, linestyle="none", label=f"threshold {point.threshold:.3f}{suffix}", **style)
 
 
 def _finish(axes, xlabel: str, ylabel: str, title: str) -> None:
@@ -215,14 +221,13 @@ CAPTIONS = {
 }
 
 
-def html_page(summary: dict, plots: dict[str, bytes]) -> bytes:
+def html_page(summary: Evaluation, plots: dict[str, bytes]) -> bytes:
     """One file with everything in it (the PNGs inlined, so it can be mailed or attached): a plain
     summary, the figures with intervals, subgroups, ensemble members, robustness, plots with captions
     and a glossary."""
-    model, dataset = summary["model"], summary["data"]
-    fields = {**model, **dataset, "created_utc": summary["created_utc"]}
+    model, dataset, bootstrap = summary.model, summary.data, summary.bootstrap
+    fields = {**dataclasses.asdict(model), **dataclasses.asdict(dataset), "created_utc": summary.created_utc}
     escaped = {key: html.escape(str(value)) for key, value in fields.items()}
-    bootstrap = summary["bootstrap"]
     images = "".join(
         f"<figure{' class=wide' if name in WIDE_PLOTS else ''}>"
         f"<img src='data:image/png;base64,{base64.b64encode(content).decode()}' alt='{name}'>"
@@ -236,8 +241,8 @@ def html_page(summary: dict, plots: dict[str, bytes]) -> bytes:
 {_warnings(dataset)}
 {_plain_summary(summary)}
 <p>Model <code>{escaped["uri"]}</code> (version {escaped["version"]}), {escaped["image_size_px"]} px.
-Data <code>{escaped["manifest_uri"]}</code>: {dataset["count"]} images, {dataset["positives"]} PNEUMONIA,
-{dataset["negatives"]} NORMAL. Test-time augmentation: {summary["tta_views"]} view(s). Intervals: 95%,
+Data <code>{escaped["manifest_uri"]}</code>: {dataset.count} images, {dataset.positives} PNEUMONIA,
+{dataset.negatives} NORMAL. Test-time augmentation: {summary.tta_views} view(s). Intervals: 95%,
 {bootstrap["method"]} bootstrap, {bootstrap["resamples"]} resamples.</p>
 <h2>Figures</h2>
 {_metrics_table(summary)}
@@ -245,8 +250,8 @@ Data <code>{escaped["manifest_uri"]}</code>: {dataset["count"]} images, {dataset
 {_calibration_text(summary)}
 {_member_table(summary)}
 {_subgroup_table(summary)}
-{_robustness_section(summary.get("robustness"))}
-{_drift_text(summary.get("drift"))}
+{_robustness_section(summary.robustness)}
+{_drift_text(summary.drift)}
 <h2>Plots</h2>
 <div class=plots>{images}</div>
 {_glossary()}
@@ -255,15 +260,15 @@ scores in predictions.csv.</p></body></html>
 """.encode()
 
 
-def _warnings(dataset: dict) -> str:
+def _warnings(dataset: SplitSummary) -> str:
     warning = ""
-    if dataset["split"] != "test":
+    if dataset.split != "test":
         warning = (
-            f"<p class=warn>These are <b>{html.escape(dataset['split'])}</b> figures. Validation figures "
+            f"<p class=warn>These are <b>{html.escape(dataset.split)}</b> figures. Validation figures "
             "flatter on chest X-rays (the test images differ from the training pool): judge a model on the "
             "test split.</p>"
         )
-    if not dataset["preprocessing_matches_training"]:
+    if not dataset.preprocessing_matches_training:
         warning += (
             "<p class=warn>These shards were stored at another size or encoding than the training "
             "shards: the model sees slightly different pixels than in training.</p>"
@@ -271,59 +276,59 @@ def _warnings(dataset: dict) -> str:
     return warning
 
 
-def _plain_summary(summary: dict) -> str:
+def _plain_summary(summary: Evaluation) -> str:
     """At the operating threshold, in counts of 100: what a clinician asks first."""
-    point = summary["at_threshold"]["metrics"]
+    point = summary.at_threshold.metrics
     sens, spec, auc = point["sensitivity"], point["specificity"], point["auc"]
 
-    def per_100(figure: dict, complement: bool = False) -> str:
-        value, (low, high) = figure["value"], figure["ci95"]
+    def per_100(figure: metrics_lib.Estimate, complement: bool = False) -> str:
+        value, (low, high) = figure.value, figure.ci95
         if complement:
             value, low, high = 1 - value, 1 - high, 1 - low
         return f"<b>{round(100 * value)}</b> (95% interval {round(100 * low)}-{round(100 * high)})"
 
     return (
         "<div class=summary><p>At its operating threshold "
-        f"({summary['model']['threshold']:.3f}), on this split: of 100 images with pneumonia, the model "
+        f"({summary.model.threshold:.3f}), on this split: of 100 images with pneumonia, the model "
         f"finds {per_100(sens)}; of 100 images without pneumonia, it flags {per_100(spec, True)} as "
-        f"pneumonia. Its ranking (AUC) is {auc['value']:.3f} ({auc['ci95'][0]:.3f}-{auc['ci95'][1]:.3f}). "
+        f"pneumonia. Its ranking (AUC) is {auc.value:.3f} ({auc.ci95[0]:.3f}-{auc.ci95[1]:.3f}). "
         "These are figures on the images of this split; on images from another hospital or machine they "
         "can be lower (see Robustness, where measured).</p></div>"
     )
 
 
-def _metrics_table(summary: dict) -> str:
+def _metrics_table(summary: Evaluation) -> str:
     """The figures at 0.5 and at the operating threshold; one column when the two thresholds agree."""
-    names = ["at_threshold"]
-    if abs(summary["at_0.5"]["threshold"] - summary["at_threshold"]["threshold"]) > 1e-9:
-        names.insert(0, "at_0.5")
+    points = [summary.at_threshold]
+    if abs(summary.at_half.threshold - summary.at_threshold.threshold) > 1e-9:
+        points.insert(0, summary.at_half)
     heads = "".join(
-        f"<th>threshold {summary[n]['threshold']:.3f}{' (operating)' if n == 'at_threshold' else ''}</th>"
-        for n in names
+        f"<th>threshold {p.threshold:.3f}{' (operating)' if p is summary.at_threshold else ''}</th>"
+        for p in points
     )
     rows = "".join(
         f"<tr><th title='{html.escape(GLOSSARY[m][1])}'>{GLOSSARY[m][0]}</th>"
-        + "".join(_figure_cell(summary[n]["metrics"][m]) for n in names)
+        + "".join(_figure_cell(p.metrics[m]) for p in points)
         + "</tr>"
         for m in metrics_lib.INTERVAL_METRICS
     )
     return f"<table><tr><th></th>{heads}</tr>{rows}</table>"
 
 
-def _policy_table(summary: dict) -> str:
+def _policy_table(summary: Evaluation) -> str:
     """Each threshold policy's figures; policies with the same threshold share a row."""
     groups: dict[float, list[str]] = {}
-    for name, point in summary["policies"].items():
-        groups.setdefault(round(point["threshold"], 9), []).append(name)
+    for name, point in summary.policies.items():
+        groups.setdefault(round(point.threshold, 9), []).append(name)
     if not groups:
         return ""
-    operating = round(summary["model"]["threshold"], 9)
+    operating = round(summary.model.threshold, 9)
     rows = ""
     for threshold, names in groups.items():
-        point = summary["policies"][names[0]]
+        point = summary.policies[names[0]]
         label = " = ".join(html.escape(n) for n in names) + (" (operating)" if threshold == operating else "")
-        cells = "".join(_figure_cell(point["metrics"][m]) for m in POLICY_COLUMNS)
-        rows += f"<tr><th>{label}</th><td>{point['threshold']:.4f}</td>{cells}</tr>"
+        cells = "".join(_figure_cell(point.metrics[m]) for m in POLICY_COLUMNS)
+        rows += f"<tr><th>{label}</th><td>{point.threshold:.4f}</td>{cells}</tr>"
     heads = "".join(f"<th>{GLOSSARY[m][0]}</th>" for m in POLICY_COLUMNS)
     return (
         "<p>Thresholds of each policy, chosen on the validation split (sensitivity: the highest reaching the "
@@ -333,17 +338,17 @@ def _policy_table(summary: dict) -> str:
     )
 
 
-def _calibration_text(summary: dict) -> str:
-    model, calibration = summary["model"], summary["calibration"]
+def _calibration_text(summary: Evaluation) -> str:
+    model, calibration = summary.model, summary.calibration
     source = "chosen on the validation split for sensitivity &ge; " + html.escape(
-        str(model["target_sensitivity"])
+        str(model.target_sensitivity)
     )
-    if model["threshold_source"] != "validation":
+    if model.threshold_source != "validation":
         source = "given by the user"
-    elif model.get("threshold_policy") not in (None, "sensitivity"):
-        source = f"chosen on the validation split by the {html.escape(str(model['threshold_policy']))} policy"
-    if model.get("calibration"):
-        fitted = model["calibration"]
+    elif model.threshold_policy not in (None, "sensitivity"):
+        source = f"chosen on the validation split by the {html.escape(str(model.threshold_policy))} policy"
+    if model.calibration:
+        fitted = model.calibration
         method = html.escape(fitted.get("method", "platt"))
         calibrated = (
             f"Probabilities calibrated on the validation split ({method}: "
@@ -353,37 +358,37 @@ def _calibration_text(summary: dict) -> str:
     else:
         calibrated = "Probabilities as the model gives them (not calibrated)."
     return (
-        f"<p>Operating threshold {model['threshold']:.4f}, {source}. {calibrated} Expected calibration error "
-        f"on this split ({len(calibration['bins'])} bins): {calibration['ece']:.4f}. Grad-CAM maps show the "
+        f"<p>Operating threshold {model.threshold:.4f}, {source}. {calibrated} Expected calibration error "
+        f"on this split ({len(calibration.bins)} bins): {calibration.ece:.4f}. Grad-CAM maps show the "
         "evidence for the predicted class at the operating threshold.</p>"
     )
 
 
-def _member_table(summary: dict) -> str:
+def _member_table(summary: Evaluation) -> str:
     rows = "".join(
-        f"<tr><th>{index}</th><td><code>{html.escape(member['source'])}</code></td>"
-        f"<td>{html.escape(member['model_version'])}</td>"
-        + _figure_cell(member["auc"])
-        + _figure_cell(member["ece"])
+        f"<tr><th>{index}</th><td><code>{html.escape(row.member.source)}</code></td>"
+        f"<td>{html.escape(row.member.model_version)}</td>"
+        + _figure_cell(row.auc)
+        + _figure_cell(row.ece)
         + "</tr>"
-        for index, member in enumerate(summary.get("members", []))
+        for index, row in enumerate(summary.members)
     )
     if not rows:
         return ""
     return (
         "<h2>Ensemble</h2><p>The model's probability is the sigmoid of its members' mean logit. Each member "
         f"alone on this split (its own scores, uncalibrated; the ensemble's AUC is "
-        f"{summary['at_threshold']['metrics']['auc']['value']:.3f}):</p><table><tr><th>member</th>"
+        f"{summary.at_threshold.metrics['auc'].value:.3f}):</p><table><tr><th>member</th>"
         f"<th>trained as</th><th>version</th><th>AUC</th><th>ECE</th></tr>{rows}</table>"
     )
 
 
-def _subgroup_table(summary: dict) -> str:
-    subgroups = summary.get("subgroups", {})
+def _subgroup_table(summary: Evaluation) -> str:
+    subgroups = summary.subgroups
     rows = "".join(
-        f"<tr><th>{html.escape(attribute)} = {html.escape(value)}</th><td>{group['count']} "
-        f"({group['positives']} / {group['negatives']})</td>"
-        + "".join(_figure_cell(group[m]) for m in SUBGROUP_METRICS)
+        f"<tr><th>{html.escape(attribute)} = {html.escape(value)}</th><td>{group.count} "
+        f"({group.positives} / {group.negatives})</td>"
+        + "".join(_figure_cell(group.metrics[m]) for m in SUBGROUP_METRICS)
         + "</tr>"
         for attribute, groups in subgroups.items()
         for value, group in groups.items()
@@ -428,7 +433,10 @@ def _robustness_section(robustness: dict | None) -> str:
         return ""
     rows = "".join(
         f"<tr><th>{html.escape(name.replace('_', ' '))}</th>"
-        + "".join(_figure_cell(figures[m]) for m in ("auc", "sensitivity", "specificity", "ece"))
+        + "".join(
+            _figure_cell(metrics_lib.Estimate(**figures[m]))
+            for m in ("auc", "sensitivity", "specificity", "ece")
+        )
         + "</tr>"
         for name, figures in robustness["shifts"].items()
     )
@@ -447,8 +455,8 @@ def _robustness_section(robustness: dict | None) -> str:
     )
 
 
-def _figure_cell(figure: dict) -> str:
-    value, (low, high) = figure["value"], figure["ci95"]
+def _figure_cell(figure: metrics_lib.Estimate) -> str:
+    value, (low, high) = figure.value, figure.ci95
     if value is None or not np.isfinite(value):  # e.g. precision with no positive prediction
         return "<td>-</td>"
     return f"<td>{value:.3f} [{low:.3f}, {high:.3f}]</td>"

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from pneumo_dist import config as config_lib
 from pneumo_dist import console, export, ray_setup, run_folder, storage
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.run_folder import RunState
+
+if TYPE_CHECKING:  # TensorFlow: imported where a search evaluates its best model, not by the driver
+    from pneumo_dist.evaluate import Evaluation
 
 TRIALS_FOLDER = "trials"
 TRAIN_RUNS_FOLDER = "ray-train"  # Ray Train's own records of each trial's run
@@ -83,7 +87,7 @@ class SearchResult:
     trials: list[TrialSummary]
     best: TrialSummary | None
     best_export_uri: str | None
-    test_metrics: dict | None  # evaluate.run_evaluation's figures for the best trial on the test split
+    test_metrics: Evaluation | None  # evaluate.run_evaluation's figures for the best trial on the test split
     table_uri: str
 
 
@@ -425,7 +429,7 @@ def train_trial(loop_config: dict, report: Callable[[dict], None], rank: int, re
     train_lib.train(config, strategy, resume=resume, on_epoch=on_epoch, overwrite=True, reuse=reuse)
 
 
-def report_on_test(detector, config: config_lib.RunConfig) -> dict | None:
+def report_on_test(detector, config: config_lib.RunConfig) -> Evaluation | None:
     """evaluate.py's report of an exported model (a PneumoniaDetector) on the test split, written to
     EXPORT/report/; returns its figures (evaluate.run_evaluation), or None when the dataset has no test
     split."""

@@ -142,17 +142,17 @@ def test_evaluation_reports_the_ensemble_and_each_member(trained_ensemble, learn
     summary = evaluate.run_evaluation(
         detector, learnable_shards, "test", str(tmp_path / "report"), resamples=200, gradcam_per_case=0
     )
-    assert len(summary["members"]) == 2
+    assert len(summary.members) == 2
     split_config = evaluate.split_data_config(detector, learnable_shards, batch_size=64)
     batches = list(data.eval_dataset(split_config, data.open_dataset(split_config), "test"))
     pixels = np.concatenate([b["image"].numpy() for b in batches])
     labels = np.concatenate([b["label"].numpy() for b in batches])
-    for row, member_config in zip(summary["members"], seen, strict=True):
+    for row, member_config in zip(summary.members, seen, strict=True):
         member = PneumoniaDetector.load(member_config.train.output_uri + "/export")
         # A member's own ranking (calibration does not change an AUC).
         auc = metrics.roc_auc(labels, member.probabilities(pixels))
-        assert row["auc"]["value"] == pytest.approx(auc, abs=1e-6)
-        assert row["source"] == member.uri and row["model_version"] == member.version
+        assert row.auc.value == pytest.approx(auc, abs=1e-6)
+        assert row.member.source == member.uri and row.member.model_version == member.version
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<h2>Ensemble</h2>" in page and seen[1].train.output_uri in page
 

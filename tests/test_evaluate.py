@@ -92,7 +92,7 @@ def test_report_reads_and_writes_gcs(export, learnable_shards, bucket):
     assert {"report.html", "metrics.json", "predictions.csv", *evaluate.PLOTS} <= names
     page = storage.read_bytes(f"{bucket}/run/eval-val/report.html").decode()
     assert "These are <b>val</b> figures" in page  # validation figures are labelled as such
-    assert summary["data"]["split"] == "val"
+    assert summary.data.split == "val"
 
 
 def test_confident_cases_are_the_most_confident_of_each_kind():
@@ -132,14 +132,16 @@ def test_subgroups_come_from_record_attributes_and_the_kaggle_file_name_families
     )
     report = evaluate.subgroup_report(scores, threshold=0.5, resamples=200)
     assert set(report) == {"subtype", "acquisition", "sex"}  # one age band: no comparison
-    assert (report["sex"]["M"]["count"], report["sex"]["M"]["specificity"]["value"]) == (3, 0.5)
+    assert (report["sex"]["M"].count, report["sex"]["M"].metrics["specificity"].value) == (3, 0.5)
     assert set(report["acquisition"]) == {"IM", "NORMAL2-IM", "person"}
     im, normal2, person = (report["acquisition"][g] for g in ("IM", "NORMAL2-IM", "person"))
-    assert (im["count"], im["negatives"], im["specificity"]["value"]) == (2, 2, 0.5)  # 0.6 is a false alarm
-    assert normal2["specificity"]["value"] == 1.0 and np.isnan(normal2["sensitivity"]["value"])
-    assert person["sensitivity"]["value"] == 0.75 and np.isnan(person["auc"]["value"])  # one class: no AUC
-    assert report["subtype"]["bacteria"]["sensitivity"]["value"] == 0.5
-    assert report["subtype"]["virus"]["sensitivity"]["value"] == 1.0
+    assert (im.count, im.negatives, im.metrics["specificity"].value) == (2, 2, 0.5)  # 0.6 is a false alarm
+    assert normal2.metrics["specificity"].value == 1.0 and np.isnan(normal2.metrics["sensitivity"].value)
+    assert person.metrics["sensitivity"].value == 0.75 and np.isnan(
+        person.metrics["auc"].value
+    )  # one class: no AUC
+    assert report["subtype"]["bacteria"].metrics["sensitivity"].value == 0.5
+    assert report["subtype"]["virus"].metrics["sensitivity"].value == 1.0
     # One value is no comparison: an attribute the split does not vary is left out.
     same = evaluate.Scores(
         scores.labels, scores.probabilities, [f"x{i}.png" for i in range(8)], {"subtype": ["virus"] * 8}
