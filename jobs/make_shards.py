@@ -176,7 +176,7 @@ def summarize(result: shards.Result) -> str:
     lines.append(f"  stored as {manifest.image.stored_size_px} px grayscale {manifest.image.format}")
     if manifest.skipped:
         lines.append(f"  skipped {len(manifest.skipped)} files (listed in the manifest), e.g.:")
-        lines += [f"    {s['source']}: {s['reason']}" for s in manifest.skipped[:5]]
+        lines += [f"    {s.source}: {s.reason}" for s in manifest.skipped[:5]]
     lines += [f"  note: {note}" for note in manifest.notes]
     duplicates = manifest.duplicates
     if duplicates:
@@ -185,7 +185,7 @@ def summarize(result: shards.Result) -> str:
             "the manifest under duplicates; --strict makes this an error), e.g.:"
         )
         lines += [
-            "    " + " = ".join(f"{f['source']} ({f['split']})" for f in group["sources"])
+            "    " + " = ".join(f"{copy.source} ({copy.split})" for copy in group.sources)
             for group in duplicates[:5]
         ]
     return "\n".join(lines)

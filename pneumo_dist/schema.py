@@ -69,6 +69,28 @@ class StoredImage:
     jpeg_quality: int | None  # None for png
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """An input file left out of the dataset, and why."""
+
+    source: str  # as the source names it (relative to the source folder)
+    reason: str
+
+
+@dataclass(frozen=True)
+class Copy:
+    split: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The same bytes in more than one split: listed, never moved (the test split is never touched)."""
+
+    sha256: str
+    sources: list[Copy]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Manifest:
     """A dataset's manifest.json, written last by make_shards (shards.py): a folder without one is not
@@ -89,8 +111,8 @@ class Manifest:
     patients: dict[str, int]  # split -> patients
     class_weights: dict[str, float]  # class name -> loss weight (balanced on train)
     splits: dict[str, Split]
-    skipped: list[dict]  # {"source", "reason"}
-    duplicates: list[dict]  # {"sha256", "sources": [{"split", "source"}]}
+    skipped: list[Skipped]
+    duplicates: list[Duplicate]
     notes: list[str]
 
     @classmethod
@@ -126,7 +148,15 @@ class Manifest:
                 name: Split(split["records"], [Shard(**shard) for shard in split["shards"]])
                 for name, split in raw["splits"].items()
             }
-            manifest = cls(**(raw | {"splits": splits, "image": StoredImage(**raw["image"])}))
+            typed = {
+                "splits": splits,
+                "image": StoredImage(**raw["image"]),
+                "skipped": [Skipped(**s) for s in raw["skipped"]],
+                "duplicates": [
+                    Duplicate(d["sha256"], [Copy(**c) for c in d["sources"]]) for d in raw["duplicates"]
+                ],
+            }
+            manifest = cls(**(raw | typed))
             for split in manifest.splits:
                 manifest.shard_uris(manifest_uri, split)
         except (KeyError, TypeError, AttributeError) as error:

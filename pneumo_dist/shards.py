@@ -97,6 +97,60 @@ class ShardTask:
 
 
 @dataclass(frozen=True)
+class Sidecar:
+    """_work/<shard>.json: what write_shard wrote into one shard, published after the shard (its presence
+    means the shard is complete); the manifest is built from these."""
+
+    path: str  # the shard's name
+    records: int
+    bytes: int
+    sha256: str  # of the shard file
+    counts: dict[str, int]  # class name -> records
+    patients: list[str]  # pseudonyms
+    contents: list[tuple[str, str]]  # (sha256 of the source bytes, source) per record: duplicates
+    skipped: list[schema.Skipped]
+    dicom_records: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Sidecar:
+        """Raises ValueError, TypeError, KeyError or AttributeError for a file that is not a sidecar."""
+        fields = json.loads(raw)
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        contents = [(sha256, source) for sha256, source in fields["contents"]]
+        skipped = [schema.Skipped(**s) for s in fields["skipped"]]
+        return cls(**(fields | {"contents": contents, "skipped": skipped}))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """_work/plan.json, written before the first shard: the run's fingerprint and shard names, so that a
+    re-run knows which files an interrupted run wrote (and may delete) and whether its shards fit."""
+
+    fingerprint: str | None = None
+    shards: list[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, uri: str) -> Plan:
+        """The plan at `uri`; an empty plan when there is none, or it is damaged (it names nothing then)."""
+        try:
+            fields = json.loads(storage.read_bytes(uri))
+        except (storage.StorageNotFound, json.JSONDecodeError, UnicodeDecodeError):
+            return cls()
+        if not isinstance(fields, dict):
+            return cls()
+        names = fields.get("shards")
+        fingerprint = fields.get("fingerprint")
+        return cls(
+            fingerprint if isinstance(fingerprint, str) else None,
+            [n for n in names if isinstance(n, str)] if isinstance(names, list) else [],
+        )
+
+
+@dataclass(frozen=True)
 class Result:
     manifest_uri: str
     manifest: schema.Manifest
@@ -149,7 +203,7 @@ def make_shards(
                 f"({manifest_uri}); pass --overwrite to replace it"
             )
         plan_uri = storage.join(destination, WORK_FOLDER, PLAN_NAME)
-        plan = _read_plan(plan_uri)
+        plan = Plan.read(plan_uri)
         present = [info.uri for info in storage.list_files(destination)]
         ours = _files_we_wrote(destination, existing, plan, present)
         foreign = [uri for uri in present if uri not in ours]
@@ -160,10 +214,10 @@ def make_shards(
                 "or pass --overwrite to write the dataset beside them (they are left alone)"
             )
         tasks = _plan_shards(assigned, options, destination, pool)
-        if overwrite or existing is not None or plan.get("fingerprint") != fingerprint:
+        if overwrite or existing is not None or plan.fingerprint != fingerprint:
             _delete(ours, destination)
-            names = [task.name for task in tasks]
-            storage.write_bytes(plan_uri, json.dumps({"fingerprint": fingerprint, "shards": names}).encode())
+            plan = Plan(fingerprint, [task.name for task in tasks])
+            storage.write_bytes(plan_uri, json.dumps(dataclasses.asdict(plan)).encode())
 
         done = {task.name: _read_sidecar(destination, task.name) for task in tasks}
         pending = [task for task in tasks if done[task.name] is None]
@@ -181,10 +235,10 @@ def make_shards(
 
         manifest = _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done)
         if options.strict and manifest.duplicates:
-            first = manifest.duplicates[0]["sources"]
+            first = manifest.duplicates[0].sources
             raise ShardError(
                 f"{len(manifest.duplicates)} images appear in more than one split, e.g. "
-                f"{first[0]['source']} ({first[0]['split']}) = {first[1]['source']} ({first[1]['split']}) "
+                f"{first[0].source} ({first[0].split}) = {first[1].source} ({first[1].split}) "
                 "(--strict); no manifest was written"
             )
         # The manifest is the commit point: written last, atomically.
@@ -323,10 +377,10 @@ def _encoded_size(image: SourceImage, options: ShardOptions) -> int | None:
         return None
 
 
-def write_shard(task: ShardTask, options: ShardOptions) -> dict:
+def write_shard(task: ShardTask, options: ShardOptions) -> Sidecar:
     """Convert one shard's images, publish the shard, then its sidecar; return the sidecar."""
     uri = storage.join(task.destination, task.name)
-    skipped: list[dict] = []
+    skipped: list[schema.Skipped] = []
     counts: Counter = Counter()
     patients: set[str] = set()
     contents: list[tuple[str, str]] = []  # (source sha256, source): duplicates across splits
@@ -348,7 +402,7 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
                         raise ShardError(
                             f"{image.source}: {error} (--strict stops at the first bad file)"
                         ) from None
-                    skipped.append({"source": image.source, "reason": str(error)})
+                    skipped.append(schema.Skipped(image.source, str(error)))
                     continue
                 patient = pseudonyms.pseudonym(image.patient_id, options.patient_key)
                 if dicom is not None:  # the source's own values win over the file's
@@ -369,18 +423,18 @@ def write_shard(task: ShardTask, options: ShardOptions) -> dict:
     finally:
         if os.path.exists(local_path):
             os.remove(local_path)
-    sidecar = {
-        "path": task.name,
-        "records": records,
-        "bytes": size_bytes,
-        "sha256": digest.hexdigest(),
-        "counts": dict(sorted(counts.items())),
-        "patients": sorted(patients),
-        "contents": contents,
-        "skipped": skipped,
-        "dicom_records": dicom_records,
-    }
-    storage.write_bytes(_sidecar_uri(task.destination, task.name), json.dumps(sidecar).encode())
+    sidecar = Sidecar(
+        path=task.name,
+        records=records,
+        bytes=size_bytes,
+        sha256=digest.hexdigest(),
+        counts=dict(sorted(counts.items())),
+        patients=sorted(patients),
+        contents=contents,
+        skipped=skipped,
+        dicom_records=dicom_records,
+    )
+    storage.write_bytes(_sidecar_uri(task.destination, task.name), sidecar.to_json())
     return sidecar
 
 
@@ -437,36 +491,15 @@ def _sidecar_uri(destination: str, shard_name: str) -> str:
     return storage.join(destination, WORK_FOLDER, shard_name + ".json")
 
 
-def _read_sidecar(destination: str, shard_name: str) -> dict | None:
+def _read_sidecar(destination: str, shard_name: str) -> Sidecar | None:
     # The sidecar is published after its shard, so its presence means the shard is complete. One that
     # cannot be read (damaged by a crash of the disk or VM) means the shard must be written again.
     try:
-        sidecar = json.loads(storage.read_bytes(_sidecar_uri(destination, shard_name)))
-    except (storage.StorageNotFound, json.JSONDecodeError, UnicodeDecodeError):
+        return Sidecar.from_json(storage.read_bytes(_sidecar_uri(destination, shard_name)))
+    except storage.StorageNotFound:
         return None
-    fields = (
-        "path",
-        "records",
-        "bytes",
-        "sha256",
-        "counts",
-        "patients",
-        "contents",
-        "skipped",
-        "dicom_records",
-    )
-    if not isinstance(sidecar, dict) or any(key not in sidecar for key in fields):
+    except (ValueError, TypeError, KeyError, AttributeError):  # (JSON and Unicode errors are ValueErrors)
         return None
-    return sidecar
-
-
-def _read_plan(plan_uri: str) -> dict:
-    """The plan of an unfinished run: {"fingerprint": ..., "shards": [names]}; {} when there is none."""
-    try:
-        plan = json.loads(storage.read_bytes(plan_uri))
-    except (storage.StorageNotFound, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return plan if isinstance(plan, dict) else {}
 
 
 def _read_manifest_if_any(manifest_uri: str) -> dict | None:
@@ -488,11 +521,11 @@ _SHARD_NAME = re.compile(r"(train|val|test)-\d{5}-of-\d{5}\.tfrecord")
 _TEMPORARY = re.compile(r"\.(.+)\.[^./]+\.tmp")
 
 
-def _files_we_wrote(destination: str, manifest: dict | None, plan: dict, present: list[str]) -> set[str]:
+def _files_we_wrote(destination: str, manifest: dict | None, plan: Plan, present: list[str]) -> set[str]:
     """URIs under `destination` that an earlier make_shards wrote, by the names its manifest and its plan
     recorded, with their sidecars and, among the `present` files, the temporary files of a killed run.
     Nothing else is ever deleted."""
-    names = set(plan.get("shards") or [])
+    names = set(plan.shards)
     with contextlib.suppress(AttributeError, KeyError, TypeError):  # a damaged manifest names nothing
         names.update(shard["path"] for split in manifest["splits"].values() for shard in split["shards"])
     shards = sorted(n for n in names if isinstance(n, str) and _SHARD_NAME.fullmatch(n))
@@ -543,8 +576,8 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
     splits: dict[str, schema.Split] = {}
     counts: dict[str, dict[str, int]] = {}
     patients: dict[str, int] = {}
-    skipped = [dataclasses.asdict(s) for s in listing.skipped]
-    copies: dict[str, list[dict]] = defaultdict(list)
+    skipped = list(listing.skipped)
+    copies: dict[str, list[schema.Copy]] = defaultdict(list)
     for split in schema.SPLITS:
         shard_names = [task.name for task in tasks if task.name.startswith(split + "-")]
         if not shard_names:
@@ -553,12 +586,12 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
         split_counts = Counter()
         split_patients: set[str] = set()
         for sidecar in sidecars:
-            split_counts.update(sidecar["counts"])
-            split_patients.update(sidecar["patients"])
-            skipped.extend(sidecar["skipped"])
+            split_counts.update(sidecar.counts)
+            split_patients.update(sidecar.patients)
+            skipped.extend(sidecar.skipped)
         for sidecar in sidecars:
-            for sha256, source in sidecar["contents"]:
-                copies[sha256].append({"split": split, "source": source})
+            for sha256, source in sidecar.contents:
+                copies[sha256].append(schema.Copy(split, source))
         for class_name in schema.CLASS_NAMES:
             if not split_counts[class_name]:
                 raise ShardError(
@@ -568,24 +601,24 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
         counts[split] = {name: split_counts[name] for name in schema.CLASS_NAMES}
         patients[split] = len(split_patients)
         splits[split] = schema.Split(
-            records=sum(s["records"] for s in sidecars),
-            shards=[schema.Shard(s["path"], s["records"], s["bytes"], s["sha256"]) for s in sidecars],
+            records=sum(s.records for s in sidecars),
+            shards=[schema.Shard(s.path, s.records, s.bytes, s.sha256) for s in sidecars],
         )
     # The same bytes in two splits: a patient with no id, or one filed twice. Listed, never moved (the test
     # split is never touched); within a split a duplicate only weighs an image twice.
     duplicates = [
-        {"sha256": sha256, "sources": sorted(found, key=lambda f: (f["split"], f["source"]))}
+        schema.Duplicate(sha256, sorted(found, key=lambda f: (f.split, f.source)))
         for sha256, found in sorted(copies.items())
-        if len({f["split"] for f in found}) > 1
+        if len({f.split for f in found}) > 1
     ]
-    within = sum(1 for found in copies.values() if len(found) > 1 and len({f["split"] for f in found}) == 1)
+    within = sum(1 for found in copies.values() if len(found) > 1 and len({f.split for f in found}) == 1)
     notes = listing.notes + split_notes
     if within:
         notes = [*notes, f"{within} groups of identical images within one split"]
     train = counts["train"]
     total = sum(train.values())
     source = {"uri": source_uri, "format": listing.source_format}
-    if listing.dicom_headers_read or any(sidecar.get("dicom_records") for sidecar in done.values()):
+    if listing.dicom_headers_read or any(sidecar.dicom_records for sidecar in done.values()):
         # What was read of the DICOM files: pixels and display, the patient's id, sex and age.
         source["dicom_attributes_read"] = sorted(
             {*imaging.DICOM_ATTRIBUTES_READ, *sources.DICOM_PATIENT_ATTRIBUTES}
@@ -608,7 +641,7 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
         # Balanced weights, n / (classes * n_class): the loss weighs both classes equally.
         class_weights={name: total / (len(train) * n) for name, n in train.items()},
         splits=splits,
-        skipped=sorted(skipped, key=lambda s: s["source"]),
+        skipped=sorted(skipped, key=lambda s: s.source),
         duplicates=duplicates,
         notes=notes,
     )

@@ -22,7 +22,7 @@ import numpy as np
 from pneumo_dist import storage
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.images import has_image_extension, is_dicom, is_dicom_name
-from pneumo_dist.schema import CLASS_NAMES, SPLITS
+from pneumo_dist.schema import CLASS_NAMES, SPLITS, Skipped
 
 # Kaggle names: person1_bacteria_1.jpeg, person124_virus_246.jpeg, IM-0115-0001.jpeg,
 # NORMAL2-IM-0372-0001.jpeg, NORMAL2-IM-0587-0001-0002.jpeg (a patient's second view).
@@ -68,12 +68,6 @@ class SourceImage:
     version: str = ""  # CSV sources: the file's mtime / object generation, also in the fingerprint
     npz_key: str = ""  # for npz sources: array key and row
     npz_index: int = -1
-
-
-@dataclass(frozen=True)
-class Skipped:
-    source: str
-    reason: str
 
 
 @dataclass

@@ -281,7 +281,7 @@ def test_the_rsna_layout_keeps_labels_classes_boxes_sex_and_age_band_but_no_pati
         manifest.source["dicom_attributes_read"]
     )
     assert "PatientName" not in manifest.source["dicom_attributes_read"]
-    assert manifest.skipped == [{"source": "stage_2_train_images/gone.dcm", "reason": "no such file"}]
+    assert manifest.skipped == [schema.Skipped("stage_2_train_images/gone.dcm", "no such file")]
     assert any("ignored 1 files in stage_2_train_images/" in note for note in manifest.notes)
     assert manifest.counts["train"]["PNEUMONIA"] + manifest.counts.get("val", {}).get("PNEUMONIA", 0) == 3
     assert set(manifest.splits) == {"train", "val"}  # the challenge's test images have no labels
@@ -337,7 +337,7 @@ def test_a_patients_dicom_files_share_a_split_and_a_hash_and_the_given_key_is_us
     salt = "a key of 32 characters or more, given"
     options = shards.ShardOptions(stored_size_px=32, min_shards=1, val_fraction=0.5, patient_key=salt)
     result = shards.make_shards(str(source), str(tmp_path / "ds"), options, workers=1)
-    assert result.manifest.skipped == [{"source": "train/NORMAL/README", "reason": sources.NOT_AN_IMAGE}]
+    assert result.manifest.skipped == [schema.Skipped("train/NORMAL/README", sources.NOT_AN_IMAGE)]
     assert result.manifest.patients == {"train": 4, "val": 4}
     splits_of = {}
     for split in ("train", "val"):

@@ -205,7 +205,7 @@ def write_bad_files(root):
 def test_bad_files_are_skipped_counted_and_listed(demo_copy, tmp_path):
     write_bad_files(demo_copy)
     result = shards.make_shards(str(demo_copy), str(tmp_path / "ds"), SMALL, workers=2)
-    reasons = {s["source"]: s["reason"] for s in result.manifest.skipped}
+    reasons = {s.source: s.reason for s in result.manifest.skipped}
     assert reasons == {
         "train/NORMAL/.DS_Store": "system file, not an image",
         "train/NORMAL/IM-9001-0001.jpeg": "empty file (0 bytes)",
@@ -264,7 +264,7 @@ def test_interrupted_gcs_run_resumes(tiny_demo_root, bucket):
     )  # same fingerprint: strict is not in it
     result = shards.make_shards(storage.join(bucket, "raw"), destination, lenient, workers=1)
     assert result.shards_reused == len(sidecars) - 1
-    assert [s["source"] for s in result.manifest.skipped] == ["test/NORMAL/IM-0999-0001.jpeg"]
+    assert [s.source for s in result.manifest.skipped] == ["test/NORMAL/IM-0999-0001.jpeg"]
 
 
 def test_npz_source_on_gcs_keeps_native_size(bucket, tmp_path):
@@ -457,8 +457,8 @@ def test_the_same_image_in_two_splits_is_listed_and_strict_refuses_it(demo_copy,
     shutil.copyfile(train_image, copy)
     result = shards.make_shards(str(demo_copy), str(tmp_path / "ds"), SMALL, workers=1)
     (group,) = result.manifest.duplicates
-    assert group["sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
-    assert {f["source"] for f in group["sources"]} == {
+    assert group.sha256 == hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert {f.source for f in group.sources} == {
         str(train_image.relative_to(demo_copy)),
         "test/NORMAL/IM-9999-0001.jpeg",
     }
