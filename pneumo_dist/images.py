@@ -100,7 +100,8 @@ def decode_grayscale(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_px
     if not data:
         raise BadImage("empty file (0 bytes)")
     if is_dicom(data):
-        return _decode_dicom(data, max_pixels)
+        image, size, _ = decode_dicom(data, max_pixels)
+        return image, size
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -155,26 +156,34 @@ def is_dicom(data: bytes) -> bool:
     return data[offset : offset + len(magic)] == magic
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
-    """_read_dicom, with any other error than its own reasons a BadImage too: a hostile file's attribute
-    of any VR and value reaches pydicom and numpy, which raise many kinds of errors (tests/dicom_fuzz.py
-    makes them)."""
+def decode_dicom(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, header_names: tuple[str, ...] = ()
+) -> tuple[Image.Image, tuple[int, int], dict[str, str]]:
+    """A DICOM file -> (8-bit gray image, (rows, columns), {name: stripped text} of `header_names`, ""
+    for what it lacks): the header attributes come from the same parse as the pixels (make_shards reads
+    the patient's sex and age so). Any other error than _read_dicom's own reasons is a BadImage too: a
+    hostile file's attribute of any VR and value reaches pydicom and numpy, which raise many kinds of
+    errors (tests/dicom_fuzz.py makes them)."""
     try:
-        return _read_dicom(data, max_pixels)
+        return _read_dicom(data, max_pixels, header_names)
     except BadImage:
         raise
     except Exception as error:  # noqa: BLE001 - see above
         raise BadImage(f"not a usable DICOM file: {_reason(error)}") from None
 
 
-def _read_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+def _read_dicom(
+    data: bytes, max_pixels: int, header_names: tuple[str, ...]
+) -> tuple[Image.Image, tuple[int, int], dict[str, str]]:
     """A DICOM file -> (8-bit gray image as a radiologist's viewer shows it, (rows, columns)): the
     Modality LUT (rescale slope/intercept, or its table), then the VOI LUT table or the first window
     (DICOM PS3.3 C.11.2.1.2, linear or sigmoid), else the image's own min..max; MONOCHROME1 inverted."""
     import pydicom
 
     try:
-        dataset = pydicom.dcmread(io.BytesIO(data), specific_tags=list(DICOM_ATTRIBUTES_READ))
+        tags = [*DICOM_ATTRIBUTES_READ, *header_names]
+        dataset = pydicom.dcmread(io.BytesIO(data), specific_tags=tags)
+        header = {name: str(dataset.get(name, "") or "").strip() for name in header_names}
         modality = str(dataset.get("Modality", "") or "")
         frames = int(dataset.get("NumberOfFrames", 1) or 1)
         rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
@@ -207,7 +216,7 @@ def _read_dicom(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, i
             f"DICOM pixel data is {pixels.shape[1]}x{pixels.shape[0]}, its header says {columns}x{rows}"
         )
     try:
-        return _display_image(pixels, dataset), (rows, columns)
+        return _display_image(pixels, dataset), (rows, columns), header
     except Exception as error:  # noqa: BLE001 - display attributes of any value and VR reach numpy
         raise BadImage(
             f"DICOM display attributes unusable (window, LUT, rescale): {_reason(error)}"

@@ -450,11 +450,19 @@ def _convert(
         )
         return encoded, hashlib.sha256(pixels.tobytes()).hexdigest(), pixels.shape[:2], None
     data = storage.read_bytes(image.uri)
-    encoded, original_size = imaging.to_stored_image(
-        data, options.stored_size_px, options.image_format, options.jpeg_quality, options.max_pixels
+    sha256 = hashlib.sha256(data).hexdigest()
+    if not imaging.is_dicom(data):
+        encoded, original_size = imaging.to_stored_image(
+            data, options.stored_size_px, options.image_format, options.jpeg_quality, options.max_pixels
+        )
+        return encoded, sha256, original_size, None
+    # One parse of the file: its pixels and the patient's sex and age.
+    gray, original_size, header = imaging.decode_dicom(data, options.max_pixels, ("PatientSex", "PatientAge"))
+    encoded = imaging.encode(
+        imaging.resize_square(gray, options.stored_size_px), options.image_format, options.jpeg_quality
     )
-    dicom = sources.dicom_sex_and_age_band(data) if imaging.is_dicom(data) else None
-    return encoded, hashlib.sha256(data).hexdigest(), original_size, dicom
+    sex_and_age = sources.sex_and_age_band(header["PatientSex"], header["PatientAge"])
+    return encoded, sha256, original_size, sex_and_age
 
 
 @functools.cache

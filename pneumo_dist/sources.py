@@ -251,9 +251,8 @@ def _dicom_patient_id(image: SourceImage) -> str | None:
     return patient
 
 
-def dicom_sex_and_age_band(data: bytes) -> tuple[str, str]:
-    """A DICOM file's PatientSex (M/F/O) and PatientAge as a ten-year band; "" for what it lacks."""
-    sex, age = _dicom_header(data, "PatientSex", "PatientAge")
+def sex_and_age_band(sex: str, age: str) -> tuple[str, str]:
+    """A DICOM header's PatientSex (-> M/F/O) and PatientAge (-> a ten-year band); "" for what it lacks."""
     return SEXES.get(sex.upper(), ""), dicom_age_band(age)
 
 

@@ -154,8 +154,15 @@ def test_dicom_files_that_are_not_one_radiograph_are_bad_images_with_a_reason(xr
         images.decode_grayscale(content)
 
 
-def test_make_shards_reads_dicom_folders_and_no_patient_value_reaches_any_file(xray, tmp_path):
+def test_make_shards_reads_dicom_folders_and_no_patient_value_reaches_any_file(xray, tmp_path, monkeypatch):
     png, gray = xray
+    parses = []  # stop_before_pixels of each pydicom.dcmread: a header for the listing, else the whole file
+    dcmread = pydicom.dcmread
+    monkeypatch.setattr(
+        pydicom,
+        "dcmread",
+        lambda *a, **k: parses.append(bool(k.get("stop_before_pixels"))) or dcmread(*a, **k),
+    )
     source = tmp_path / "source"
     files = {
         "train/NORMAL/IM-0001-0001.dcm": make_dicom(gray),
@@ -171,6 +178,10 @@ def test_make_shards_reads_dicom_folders_and_no_patient_value_reaches_any_file(x
     destination = tmp_path / "shards"
     options = shards.ShardOptions(stored_size_px=48, min_shards=1, val_fraction=0.0, keep_val=False)
     shards.make_shards(str(source), str(destination), options, workers=1)
+    # Each file parsed once when listing (its PatientID) and once when written (pixels, sex and age), and
+    # the first few once more, encoded to size the shards.
+    sampled = min(len(files), shards._SIZE_SAMPLE)
+    assert (parses.count(True), parses.count(False)) == (len(files), len(files) + sampled)
     written = b"".join(p.read_bytes() for p in destination.rglob("*") if p.is_file())
     assert written, "no shard written"
     for value in PHI.values():
