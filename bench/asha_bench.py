@@ -53,6 +53,7 @@ ARMS = {  # name: (scheduler, search algorithm)
 
 
 def main() -> None:
+    """Longer than a screen: the flags, the two searches run alike, and the report, in that order."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", default=str(REPO / "data" / "mnist-shards"))
     parser.add_argument("--samples", type=int, default=18)

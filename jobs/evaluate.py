@@ -14,6 +14,7 @@ import sys
 import pneumo_dist  # noqa: F401 - selects tf-keras before TensorFlow loads
 from pneumo_dist import console, export
 from pneumo_dist.errors import PneumoDistError
+from pneumo_dist.evaluation_summary import Evaluation
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -67,6 +68,46 @@ def main(argv: list[str] | None = None) -> int:
         return console.INTERRUPTED
 
 
+def figures_text(summary: Evaluation) -> str:
+    """The evaluation's figures as the job prints them."""
+    import numpy as np
+
+    from pneumo_dist import evaluate
+
+    lines = [f"{summary.data.split} split, {summary.data.count} images ({summary.data.positives} PNEUMONIA)"]
+    for point in (summary.at_half, summary.at_threshold):
+        lines.append(f"threshold {point.threshold:.4f}: {evaluate.headline(point, '  ')}")
+    for name, point in summary.policies.items():
+        lines.append(f"  {name} policy, threshold {point.threshold:.4f}: {evaluate.headline(point, '  ')}")
+    for attribute, groups in summary.subgroups.items():
+        for value, group in groups.items():
+            figures = "  ".join(
+                f"{m} {group.metrics[m]}"
+                for m in evaluate.SUBGROUP_METRICS
+                if np.isfinite(group.metrics[m].value)
+            )
+            lines.append(f"  {attribute}={value}: {group.count} images  {figures}")
+    for index, row in enumerate(summary.members):
+        lines.append(
+            f"  ensemble member {index} alone: auc {row.auc}  ece {row.ece.value:.3f}  ({row.member.source})"
+        )
+    if summary.robustness:
+        r = summary.robustness["summary"]
+        lines.append(
+            f"robustness: mean auc under shift {r['mean_auc']:.3f} (worst {r['worst_auc']:.3f}); "
+            f"lowest specificity {r['worst_specificity']:.3f} ({r['worst_specificity_shift']}); "
+            f"mean ece {r['mean_ece']:.3f}"
+        )
+    if summary.drift:
+        d = summary.drift
+        lines.append(
+            f"drift: {d['actual_count']} scored images against the {summary.data.split} split's "
+            f"{d['expected_count']}: PSI {d['psi']:.3f}, {d['verdict']}"
+        )
+    lines.append(f"ECE {summary.calibration.ece:.4f}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from pneumo_dist import schema, storage
 
@@ -75,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     schema.Manifest.read(manifest_uri).shard_uris(manifest_uri, args.split)
     export.read(export.folder_of(args.model))
     console.load_tensorflow(args.verbose)
-    import numpy as np
     from tqdm import tqdm
 
     from pneumo_dist import evaluate, predict
@@ -105,37 +145,8 @@ def run(args: argparse.Namespace) -> int:
             drift_scores=drift,
             shift_seed=args.shift,
         )
-    print(f"{args.split} split, {summary.data.count} images ({summary.data.positives} PNEUMONIA)")
-    for point in (summary.at_half, summary.at_threshold):
-        print(f"threshold {point.threshold:.4f}: {evaluate.headline(point, '  ')}")
-    for name, point in summary.policies.items():
-        print(f"  {name} policy, threshold {point.threshold:.4f}: {evaluate.headline(point, '  ')}")
-    for attribute, groups in summary.subgroups.items():
-        for value, group in groups.items():
-            figures = "  ".join(
-                f"{m} {group.metrics[m]}"
-                for m in evaluate.SUBGROUP_METRICS
-                if np.isfinite(group.metrics[m].value)
-            )
-            print(f"  {attribute}={value}: {group.count} images  {figures}")
-    for index, row in enumerate(summary.members):
-        print(
-            f"  ensemble member {index} alone: auc {row.auc}  ece {row.ece.value:.3f}  ({row.member.source})"
-        )
-    if summary.robustness:
-        r = summary.robustness["summary"]
-        print(
-            f"robustness: mean auc under shift {r['mean_auc']:.3f} (worst {r['worst_auc']:.3f}); "
-            f"lowest specificity {r['worst_specificity']:.3f} ({r['worst_specificity_shift']}); "
-            f"mean ece {r['mean_ece']:.3f}"
-        )
-    if drift:
-        d = summary.drift
-        print(
-            f"drift: {d['actual_count']} scored images against the {args.split} split's "
-            f"{d['expected_count']}: PSI {d['psi']:.3f}, {d['verdict']}"
-        )
-    print(f"ECE {summary.calibration.ece:.4f}\nreport: {storage.join(out, 'report.html')}")
+    print(figures_text(summary), flush=True)
+    print(f"report: {storage.join(out, 'report.html')}")
     print(f"next: python jobs/predict.py IMAGES_OR_FOLDER --model {detector.uri} --out predictions.csv")
     return 0
 

@@ -26,6 +26,7 @@ PATIENT_KEY_ENV = "PNEUMO_DIST_PATIENT_KEY"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line (longer than a screen: one add_argument with its help per flag)."""
     parser = argparse.ArgumentParser(
         prog="make_shards.py",
         description=__doc__.split("\n\n")[0],

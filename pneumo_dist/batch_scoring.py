@@ -79,7 +79,9 @@ def score(
     the operating point and OUT are known to be right) -> counts of labels and errors over the parts
     this run wrote, "skipped_parts" and "ray" (cluster or in-process). `gpus_per_actor` None: 1 on a
     cluster with GPUs, else 0; `actors` None: one per GPU, else the CPUs but one. `on_scored(n)`: n
-    more images scored (a progress bar; Ray Data's own bars and start-up lines only when `verbose`)."""
+    more images scored (a progress bar; Ray Data's own bars and start-up lines only when `verbose`).
+    Longer than a screen, read top to bottom: check the model, claim OUT, find the parts already
+    written, join Ray, score the rest part by part, count."""
     folder = export_lib.folder_of(model_uri)
     info = check_model(model_uri, point)
     parts = [paths[start : start + part_size] for start in range(0, len(paths), part_size)]

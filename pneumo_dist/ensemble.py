@@ -29,17 +29,10 @@ from pneumo_dist.config import DataConfig, RunConfig
 from pneumo_dist.errors import PneumoDistError
 
 MEMBERS_FOLDER = "members"  # train.py --ensemble: OUTPUT/members/seed-<seed>/, each a run's folder
-MEMBER_PREFIX = "member_"
-MEAN_LAYER = "mean_logit"
 
 
 class EnsembleError(PneumoDistError):
     """The models cannot be combined; the message says which and why."""
-
-
-def member_names(model: tf_keras.Model) -> list[str]:
-    """The member layers of an ensemble's model, in order; [] for a single model."""
-    return [layer.name for layer in model.layers if layer.name.startswith(MEMBER_PREFIX)]
 
 
 def ensemble_model(detectors: list[tf_keras.Model]) -> tf_keras.Model:
@@ -49,27 +42,14 @@ def ensemble_model(detectors: list[tf_keras.Model]) -> tf_keras.Model:
         raise EnsembleError(f"an ensemble needs at least 2 models, got {len(detectors)}")
     gray, normalized = model_lib.inference_front(detectors[0].input_shape[1])
     logits = [
-        _logit_classifier(_classifier(detector), f"{MEMBER_PREFIX}{index}")(normalized, training=False)
+        _logit_classifier(_classifier(detector), f"{model_lib.MEMBER_PREFIX}{index}")(
+            normalized, training=False
+        )
         for index, detector in enumerate(detectors)
     ]
-    mean = tf_keras.layers.Average(name=MEAN_LAYER)(logits)
+    mean = tf_keras.layers.Average(name=model_lib.MEAN_LAYER)(logits)
     probability = tf_keras.layers.Activation("sigmoid", dtype="float32", name=model_lib.OUTPUT_LAYER)(mean)
     return tf_keras.Model(gray, probability, name="pneumonia_ensemble")
-
-
-def member_probe(model: tf_keras.Model) -> tf_keras.Model | None:
-    """An ensemble's model -> one giving [P(PNEUMONIA), member logits (N, k)] in one forward pass, with the
-    same layers and weights; None for a single model."""
-    names = member_names(model)
-    if not names:
-        return None
-    size = model.input_shape[1]
-    gray = tf_keras.Input((size, size, 1))
-    rgb = model.get_layer("gray_to_rgb")([gray, gray, gray])
-    normalized = model.get_layer("imagenet_caffe")(rgb)
-    logits = [model.get_layer(name)(normalized, training=False) for name in names]
-    probability = model.get_layer(model_lib.OUTPUT_LAYER)(model.get_layer(MEAN_LAYER)(logits))
-    return tf_keras.Model(gray, [probability, tf_keras.layers.Concatenate()(logits)])
 
 
 def member_config(config: RunConfig, index: int) -> RunConfig:
@@ -159,7 +139,7 @@ def score(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, the ensemble's P(PNEUMONIA), each member's P(PNEUMONIA) (N, k)) of every record of `split`,
     uncalibrated."""
-    probe = member_probe(model)
+    probe = model_lib.member_probe(model)
     forward = tf.function(lambda x: probe(x, training=False), reduce_retracing=True)
     labels, scores, members = [], [], []
     for batch in data.eval_dataset(data_config, dataset, split):

@@ -1,6 +1,7 @@
 """The evaluation of an exported model on one split: scores, metrics with bootstrap intervals,
 calibration, subgroups, ensemble members, robustness, Grad-CAM examples, written as JSON + CSV + PNG +
-one self-contained HTML page (the page and the plots: report.py).
+one self-contained HTML page (the figures' types: evaluation_summary.py; the page and the plots:
+report.py).
 
 jobs/evaluate.py is the command line; each step here is a function of arrays, the I/O is at the end.
 """
@@ -21,6 +22,15 @@ from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import sources as sources_lib
 from pneumo_dist.config import DataConfig
 from pneumo_dist.errors import PneumoDistError
+from pneumo_dist.evaluation_summary import (
+    CalibrationFigures,
+    Evaluation,
+    GroupFigures,
+    MemberFigures,
+    ModelSummary,
+    OperatingPoint,
+    SplitSummary,
+)
 from pneumo_dist.export import Member
 from pneumo_dist.metrics import Estimate
 from pneumo_dist.predict import PneumoniaDetector
@@ -40,122 +50,6 @@ class Scores:
     attributes: dict[str, list[str]] = field(default_factory=dict)
     # An ensemble export's members' own P(PNEUMONIA), (N, k), uncalibrated; None: one model, or TTA.
     members: np.ndarray | None = None
-
-
-# --- the summary's types: what run_evaluation returns and metrics.json holds -----------------------------
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    threshold: float
-    metrics: dict[str, Estimate]  # metrics.INTERVAL_METRICS
-    confusion: dict[str, int]  # true_positives, false_positives, true_negatives, false_negatives
-
-
-@dataclass(frozen=True)
-class GroupFigures:
-    """One subgroup's figures at the operating threshold."""
-
-    count: int
-    positives: int
-    negatives: int
-    metrics: dict[str, Estimate]  # SUBGROUP_METRICS
-
-    def to_dict(self) -> dict:
-        return {"count": self.count, "positives": self.positives, "negatives": self.negatives} | {
-            name: dataclasses.asdict(figure) for name, figure in self.metrics.items()
-        }
-
-
-@dataclass(frozen=True)
-class MemberFigures:
-    """An ensemble member alone on the split (its own uncalibrated scores)."""
-
-    member: Member
-    auc: Estimate
-    ece: Estimate
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self.member) | {
-            "auc": dataclasses.asdict(self.auc),
-            "ece": dataclasses.asdict(self.ece),
-        }
-
-
-@dataclass(frozen=True)
-class ModelSummary:
-    uri: str
-    version: str
-    image_size_px: int
-    threshold: float
-    threshold_source: str  # "validation", or "user" for a threshold given on the command line
-    threshold_policy: str | None
-    calibration: dict | None  # the export's Calibration as a dict; None: probabilities as the model gives
-    target_sensitivity: float | str  # "unknown" for an export that does not record it
-
-
-@dataclass(frozen=True)
-class SplitSummary:
-    manifest_uri: str
-    split: str
-    count: int
-    positives: int
-    negatives: int
-    # False: these shards were stored differently from the training ones (size or encoding), so the model
-    # sees slightly different pixels than a PneumoniaDetector.predict of the sources.
-    preprocessing_matches_training: bool
-
-
-@dataclass(frozen=True)
-class CalibrationFigures:
-    ece: float
-    bins: list[dict]  # metrics.reliability_bins
-
-
-@dataclass
-class Evaluation:
-    """Everything run_evaluation measured; `to_dict` is metrics.json's layout."""
-
-    model: ModelSummary
-    data: SplitSummary
-    tta_views: int
-    created_utc: str
-    at_half: OperatingPoint  # at threshold 0.5 ("at_0.5" in metrics.json)
-    at_threshold: OperatingPoint  # at the operating threshold
-    policies: dict[str, OperatingPoint]  # at each threshold policy's threshold (chosen on validation)
-    calibration: CalibrationFigures
-    bootstrap: dict  # resamples, seed, method
-    subgroups: dict[str, dict[str, GroupFigures]] = field(default_factory=dict)  # attribute -> value ->
-    members: list[MemberFigures] = field(default_factory=list)  # an ensemble's, each alone
-    robustness: dict | None = None  # shift.ShiftRun's report, when the shift benchmark ran
-    drift: dict | None = None  # metrics.population_stability against a scored batch, and its scores_uri
-    gradcam: dict[str, list[str]] | None = None  # case -> the sources shown in gradcam.png
-
-    def to_dict(self) -> dict:
-        def point(p: OperatingPoint) -> dict:
-            return dataclasses.asdict(p) | {
-                "metrics": {m: dataclasses.asdict(e) for m, e in p.metrics.items()}
-            }
-
-        written = {
-            "model": dataclasses.asdict(self.model),
-            "data": dataclasses.asdict(self.data),
-            "tta_views": self.tta_views,
-            "created_utc": self.created_utc,
-            "at_0.5": point(self.at_half),
-            "at_threshold": point(self.at_threshold),
-            "policies": {name: point(p) for name, p in self.policies.items()},
-            "calibration": dataclasses.asdict(self.calibration),
-            "bootstrap": self.bootstrap,
-            "subgroups": {
-                a: {v: g.to_dict() for v, g in groups.items()} for a, groups in self.subgroups.items()
-            },
-            "members": [m.to_dict() for m in self.members],
-        }
-        for name in ("robustness", "drift", "gradcam"):
-            if getattr(self, name) is not None:
-                written[name] = getattr(self, name)
-        return _json_safe(written)
 
 
 def _attribute(name: str):
@@ -359,17 +253,6 @@ def write_report(out_uri: str, summary: Evaluation, plots: dict[str, bytes], pre
     for name, content in files.items():
         storage.write_bytes(storage.join(out_uri, name), content)
     storage.write_bytes(storage.join(out_uri, "report.html"), report.html_page(summary, plots))
-
-
-def _json_safe(value):
-    """NaN (e.g. precision when nothing is predicted positive) -> null: strict JSON has no NaN."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 # --- the whole evaluation -------------------------------------------------------------------------------

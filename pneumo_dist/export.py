@@ -150,6 +150,8 @@ def folder_of(uri: str) -> str:
 
 
 def read(folder: str) -> ExportInfo:
+    """The export.json of `folder`, checked. Longer than a screen: every check of a file that whoever
+    wrote the bucket could have got wrong, in the order the file is read, each with its one-line error."""
     info_uri = storage.join(folder, INFO_NAME)
     try:
         raw = json.loads(storage.read_bytes(info_uri))

@@ -28,6 +28,9 @@ BACKBONE_STAGE_OUTPUTS = ("conv5_block3_out", "conv4_block6_out", "conv3_block4_
 # output (an ensemble's too).
 FRONT_LAYERS = ("gray_to_rgb", "imagenet_caffe")
 OUTPUT_LAYER = "pneumonia"
+# An ensemble export's model (ensemble.py): member_0 .. member_<k-1>, each ending in its logit, averaged.
+MEMBER_PREFIX = "member_"
+MEAN_LAYER = "mean_logit"
 
 
 def resolve_precision(train: TrainConfig) -> str:
@@ -150,6 +153,26 @@ def inference_front(size: int) -> tuple:
         rgb
     )
     return gray, normalized
+
+
+def member_names(model: tf_keras.Model) -> list[str]:
+    """The member layers of an ensemble's model, in order; [] for a single model."""
+    return [layer.name for layer in model.layers if layer.name.startswith(MEMBER_PREFIX)]
+
+
+def member_probe(model: tf_keras.Model) -> tf_keras.Model | None:
+    """An ensemble's model -> one giving [P(PNEUMONIA), member logits (N, k)] in one forward pass, with the
+    same layers and weights; None for a single model."""
+    names = member_names(model)
+    if not names:
+        return None
+    size = model.input_shape[1]
+    gray = tf_keras.Input((size, size, 1))
+    rgb = model.get_layer(FRONT_LAYERS[0])([gray, gray, gray])
+    normalized = model.get_layer(FRONT_LAYERS[1])(rgb)
+    logits = [model.get_layer(name)(normalized, training=False) for name in names]
+    probability = model.get_layer(OUTPUT_LAYER)(model.get_layer(MEAN_LAYER)(logits))
+    return tf_keras.Model(gray, [probability, tf_keras.layers.Concatenate()(logits)])
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from PIL import Image
 
 from pneumo_dist import decode, images, schema, storage
 from pneumo_dist import export as export_lib
+from pneumo_dist import model as model_lib
 from pneumo_dist.augment import augment_batch
 from pneumo_dist.config import AugmentConfig
 
@@ -195,9 +196,7 @@ class PneumoniaDetector:
         if not self.info.members:
             return self.probabilities(pixels), None
         if self._probe is None:
-            from pneumo_dist import ensemble
-
-            probe = ensemble.member_probe(self.model)
+            probe = model_lib.member_probe(self.model)
             self._probe = tf.function(lambda x: probe(x, training=False), reduce_retracing=True)
         probability, logits = self._probe(tf.cast(tf.convert_to_tensor(pixels, tf.uint8), tf.float32))
         probabilities = probability.numpy()[:, 0].astype(np.float64)

@@ -9,7 +9,6 @@ import dataclasses
 import html
 import io
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.cm import ScalarMappable
@@ -19,9 +18,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import schema
-
-if TYPE_CHECKING:  # evaluate.py imports this module
-    from pneumo_dist.evaluate import Evaluation, SplitSummary
+from pneumo_dist.evaluation_summary import Evaluation, SplitSummary
 
 CASES = ("true_positive", "false_positive", "false_negative", "true_negative")
 PLOTS = ("roc.png", "pr.png", "confusion.png", "reliability.png", "gradcam.png")

@@ -3,6 +3,9 @@
 Each shard is written by a worker process and published atomically together with a small sidecar
 (_work/<shard>.json); the manifest is written last. A folder without a manifest is never a dataset, and a
 re-run with the same inputs and options reuses every shard whose sidecar exists.
+
+Past ~500 lines on purpose: one file format's writer (shards, sidecars, plan, manifest) with its crash
+safety and cleanup rules, which only make sense read together.
 """
 
 from __future__ import annotations
@@ -167,7 +170,9 @@ def make_shards(
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Result:
-    """Convert `source_uri` into a dataset at `destination`. `on_progress(done, total)` counts images."""
+    """Convert `source_uri` into a dataset at `destination`. `on_progress(done, total)` counts images.
+    Longer than a screen, read top to bottom: list the source, assign splits, fingerprint the inputs,
+    claim the destination (or find it complete), plan, write the shards, write the manifest last."""
     options.validate()
     destination = destination.rstrip("/")
     # The workers start first, so that their start-up overlaps listing and planning.
@@ -204,35 +209,14 @@ def make_shards(
             )
         plan_uri = storage.join(destination, WORK_FOLDER, PLAN_NAME)
         plan = Plan.read(plan_uri)
-        present = [info.uri for info in storage.list_files(destination)]
-        ours = _files_we_wrote(destination, existing, plan, present)
-        foreign = [uri for uri in present if uri not in ours]
-        if foreign and not overwrite:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise ShardError(
-                f"{destination} holds files make_shards did not write ({shown}): choose an empty folder, "
-                "or pass --overwrite to write the dataset beside them (they are left alone)"
-            )
+        ours = _claim(destination, existing, plan, overwrite)
         tasks = _plan_shards(assigned, options, destination, pool)
         if overwrite or existing is not None or plan.fingerprint != fingerprint:
             _delete(ours, destination)
             plan = Plan(fingerprint, [task.name for task in tasks])
             storage.write_bytes(plan_uri, json.dumps(dataclasses.asdict(plan)).encode())
 
-        done = {task.name: _read_sidecar(destination, task.name) for task in tasks}
-        pending = [task for task in tasks if done[task.name] is None]
-        total = sum(len(task.images) for task in tasks)
-        progress = total - sum(len(task.images) for task in pending)
-        if on_progress:
-            on_progress(progress, total)
-        futures = {pool.submit(write_shard, task, options): task for task in pending}
-        for future in concurrent.futures.as_completed(futures):
-            task, sidecar = futures[future], future.result()
-            done[task.name] = sidecar
-            progress += len(task.images)
-            if on_progress:
-                on_progress(progress, total)
-
+        done, written = _write_shards(tasks, options, pool, on_progress)
         manifest = _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done)
         if options.strict and manifest.duplicates:
             first = manifest.duplicates[0].sources
@@ -245,7 +229,43 @@ def make_shards(
         storage.write_bytes(manifest_uri, manifest.to_json())
         _delete(_work_files(destination, [task.name for task in tasks]), destination)
         _delete_leftover_temporaries(destination)
-        return Result(manifest_uri, manifest, len(pending), len(tasks) - len(pending), unchanged=False)
+        return Result(manifest_uri, manifest, written, len(tasks) - written, unchanged=False)
+
+
+def _claim(destination: str, existing: dict | None, plan: Plan, overwrite: bool) -> set[str]:
+    """The files under `destination` an earlier make_shards wrote (ours to replace); a ShardError when
+    others are there too, unless `overwrite` (they are left alone then)."""
+    present = [info.uri for info in storage.list_files(destination)]
+    ours = _files_we_wrote(destination, existing, plan, present)
+    foreign = [uri for uri in present if uri not in ours]
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ShardError(
+            f"{destination} holds files make_shards did not write ({shown}): choose an empty folder, "
+            "or pass --overwrite to write the dataset beside them (they are left alone)"
+        )
+    return ours
+
+
+def _write_shards(
+    tasks: list[ShardTask], options: ShardOptions, pool, on_progress
+) -> tuple[dict[str, Sidecar], int]:
+    """Write every shard without a sidecar (an interrupted run's finished shards are kept) in `pool`;
+    -> (every shard's sidecar by name, the number written now)."""
+    done = {task.name: _read_sidecar(task.destination, task.name) for task in tasks}
+    pending = [task for task in tasks if done[task.name] is None]
+    total = sum(len(task.images) for task in tasks)
+    progress = total - sum(len(task.images) for task in pending)
+    if on_progress:
+        on_progress(progress, total)
+    futures = {pool.submit(write_shard, task, options): task for task in pending}
+    for future in concurrent.futures.as_completed(futures):
+        task, sidecar = futures[future], future.result()
+        done[task.name] = sidecar
+        progress += len(task.images)
+        if on_progress:
+            on_progress(progress, total)
+    return done, len(pending)
 
 
 # --- planning ---------------------------------------------------------------------------------------
@@ -580,7 +600,23 @@ def _delete(uris: set[str], destination: str) -> None:
             storage.delete(uri)
 
 
+def _duplicates(copies: dict[str, list[schema.Copy]]) -> tuple[list[schema.Duplicate], int]:
+    """-> (the same bytes in two splits, the number of groups of identical images within one split).
+    Across splits: a patient with no id, or one filed twice; listed, never moved (the test split is never
+    touched). Within a split a duplicate only weighs an image twice."""
+    duplicates = [
+        schema.Duplicate(sha256, sorted(found, key=lambda f: (f.split, f.source)))
+        for sha256, found in sorted(copies.items())
+        if len({f.split for f in found}) > 1
+    ]
+    within = sum(1 for found in copies.values() if len(found) > 1 and len({f.split for f in found}) == 1)
+    return duplicates, within
+
+
 def _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done) -> schema.Manifest:
+    """The manifest from the listing and each shard's sidecar (`done`): per split its counts, patients and
+    shards, then the skipped files, duplicates, notes and class weights. Longer than a screen: most of it
+    is the Manifest's fields, one per line."""
     splits: dict[str, schema.Split] = {}
     counts: dict[str, dict[str, int]] = {}
     patients: dict[str, int] = {}
@@ -612,14 +648,7 @@ def _build_manifest(source_uri, listing, split_notes, options, fingerprint, task
             records=sum(s.records for s in sidecars),
             shards=[schema.Shard(s.path, s.records, s.bytes, s.sha256) for s in sidecars],
         )
-    # The same bytes in two splits: a patient with no id, or one filed twice. Listed, never moved (the test
-    # split is never touched); within a split a duplicate only weighs an image twice.
-    duplicates = [
-        schema.Duplicate(sha256, sorted(found, key=lambda f: (f.split, f.source)))
-        for sha256, found in sorted(copies.items())
-        if len({f.split for f in found}) > 1
-    ]
-    within = sum(1 for found in copies.values() if len(found) > 1 and len({f.split for f in found}) == 1)
+    duplicates, within = _duplicates(copies)
     notes = listing.notes + split_notes
     if within:
         notes = [*notes, f"{within} groups of identical images within one split"]

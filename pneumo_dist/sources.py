@@ -4,6 +4,9 @@ and splits.
 Nothing here decodes pixels: it decides which image goes where, deterministically, before any work. A
 DICOM file's header is read for its PatientID only, to keep a patient's images in one split; the id stays
 in memory (shards.py stores a salted hash of it).
+
+Past ~500 lines on purpose: five source layouts (Kaggle folders, .npz, CSV, DICOM folders, RSNA) and
+the patient and split rules they all go through.
 """
 
 from __future__ import annotations
@@ -388,7 +391,8 @@ def list_rsna(root: str, files: list[storage.FileInfo]) -> Listing:
     """The RSNA Pneumonia Detection Challenge's folder: stage_2_train_images/<patientId>.dcm, labelled by
     stage_2_train_labels.csv (a row per opacity box; Target 1 is PNEUMONIA, its boxes are kept) and,
     when present, stage_2_detailed_class_info.csv (the detailed class, kept as the subtype). Every image
-    is train: validation is carved out by patient, and the challenge's test images have no labels."""
+    is train: validation is carved out by patient, and the challenge's test images have no labels.
+    Longer than a screen: both CSVs are checked row by row, each error naming its line."""
     root = root.rstrip("/")
     labels_uri = storage.join(root, RSNA_LABELS)
     listing = Listing("rsna", [], described_by=[labels_uri])

@@ -3,13 +3,15 @@ MultiWorkerMirroredStrategy): data -> model -> epochs of custom steps -> validat
 export. It knows nothing of Ray: tune.py calls `train` on each Ray worker with an `on_epoch` callback.
 
 The output folder it writes: run_folder.py.
+
+Past ~500 lines on purpose: the loop, its checkpoints, resume and the hand-over to the exporter share
+one run's state (_Run) and read top to bottom.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import glob
 import math
 import os
@@ -20,18 +22,19 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
 from pneumo_dist import augment, data, distribute, exporter, storage
+from pneumo_dist import build as build_lib
 from pneumo_dist import export as export_lib
 from pneumo_dist import metrics as metrics_lib
 from pneumo_dist import model as model_lib
 from pneumo_dist import optimizer as optimizer_lib
-from pneumo_dist.config import RunConfig, TrainConfig, TuneConfig, to_yaml
+from pneumo_dist.config import RunConfig, TrainConfig, to_yaml
 from pneumo_dist.errors import PneumoDistError
 from pneumo_dist.run_folder import (
     BEST_WEIGHTS,
@@ -42,9 +45,6 @@ from pneumo_dist.run_folder import (
     TENSORBOARD,
     RunState,
 )
-
-SCRATCH_PREFIX = "pneumo-train-"
-
 
 # Steps per loop by default: a GPU step of ResNet50 takes ~0.1-0.3 s, so 100 steps make each host
 # round-trip (~1 ms) negligible; TF Model Garden's image classification configs use
@@ -92,7 +92,7 @@ def train(
 
     `reuse`: keep the built model and its traced step functions for later `reuse` runs of this
     process, and use a kept one whose config differs from this run's only in REUSABLE (a search's
-    trials, one after another in a process Tune reuses); see _Built.
+    trials, one after another in a process Tune reuses); see build.Built.
     """
     config.validate()
     distribute.configure_process(config.train)
@@ -135,78 +135,12 @@ def scratch_folder() -> tempfile.TemporaryDirectory:
     """This process's local working folder, named after the host and process id. Removes first the
     folders of processes of this host that have died without removing theirs: a Ray worker killed by the
     OOM killer or a node failure would otherwise leave a checkpoint behind on every restart."""
-    host_prefix = f"{SCRATCH_PREFIX}{socket.gethostname()}-"
+    host_prefix = f"{build_lib.SCRATCH_PREFIX}{socket.gethostname()}-"
     for path in glob.glob(os.path.join(tempfile.gettempdir(), host_prefix + "*")):
         pid = os.path.basename(path)[len(host_prefix) :].split("-", 1)[0]
         if pid.isdigit() and not storage.process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
     return tempfile.TemporaryDirectory(prefix=f"{host_prefix}{os.getpid()}-")
-
-
-# Config values that the built model and its traced steps take as variables (the peak learning rate,
-# the dropout rate) or never see: runs that differ only in these can share one build (_Built).
-REUSABLE = {"train": ("learning_rate", "output_uri"), "model": ("dropout",)}
-
-
-@dataclass
-class _Built:
-    """What a run builds and traces: the model, its optimizer, the variables the steps use and the step
-    functions. Tracing ResNet50's training step and its first run cost ~25 s of a trial on 2 CPU cores
-    (BENCHMARKS.md), XLA compilation more on a GPU; a later run of the same process whose config differs
-    only in REUSABLE starts from the state this was built in (`as_built_path`, a checkpoint) instead.
-    Not bit-identical to a fresh process: Keras' Dropout draws its masks from stateful random ops whose
-    state lives on in the traced step (a resumed run differs from an uninterrupted one the same way)."""
-
-    key: str
-    strategy: tf.distribute.Strategy
-    classifier: tf_keras.Model
-    optimizer: tf_keras.optimizers.Optimizer
-    schedule: optimizer_lib.WarmupCosine
-    dropout_rate: tf.Variable
-    epoch: tf.Variable
-    checkpoint: tf.train.Checkpoint
-    loss_sum: tf.Variable
-    # train.ema_decay's moving averages of classifier.weights, in order (empty: off), and the function
-    # that swaps them with the weights.
-    averaged: list[tf.Variable] = field(default_factory=list)
-    swap_averaged: Callable | None = None
-    train_loops: dict = field(default_factory=dict)  # head_only -> train_loop
-    predict_step: Callable | None = None
-    as_built_path: str = ""  # the checkpoint of the state as built, written for reuse
-
-
-# This process's builds kept for reuse, the most recently used last. A search space with a few
-# architectures (e.g. model.dense_units: {choice: [64, 128, 256]}) keeps one of each; each holds ResNet50
-# with its optimizer state in memory (~0.3 GB) and its as-built checkpoint on local disk (as much).
-KEEP_BUILDS = 3
-_kept: list[_Built] = []
-
-
-def _graph_key(config: RunConfig) -> str:
-    """The config without what REUSABLE lists (and the search's own settings)."""
-    sections = {
-        section: dataclasses.replace(getattr(config, section), **{name: None for name in names})
-        for section, names in REUSABLE.items()
-    }
-    return to_yaml(dataclasses.replace(config, tune=TuneConfig(), **sections))
-
-
-def _previous_build(config: RunConfig, strategy: tf.distribute.Strategy) -> _Built | None:
-    key = _graph_key(config)
-    return next((b for b in _kept if b.strategy is strategy and b.key == key), None)
-
-
-def _keep_for_reuse(built: _Built) -> None:
-    if built in _kept:
-        _kept.remove(built)
-    else:
-        # Named like scratch folders, so that a later process removes it if this one dies.
-        host_prefix = f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-"
-        folder = tempfile.mkdtemp(prefix=host_prefix)
-        built.as_built_path = built.checkpoint.write(os.path.join(folder, "as-built"))
-    _kept.append(built)
-    while len(_kept) > KEEP_BUILDS:
-        shutil.rmtree(os.path.dirname(_kept.pop(0).as_built_path), ignore_errors=True)
 
 
 class _Run:
@@ -215,6 +149,9 @@ class _Run:
     def __init__(
         self, config: RunConfig, strategy: tf.distribute.Strategy, scratch: str, reuse: bool = False
     ):
+        """The run's set-up, in the order it must happen: seeds before the model, the dataset before the
+        batch arithmetic, the build (or the reused one) before the distributed dataset. Longer than a
+        screen; each piece with a name is its own function (_set_seeds, build.build, data.resolve_batch)."""
         started = time.perf_counter()
         self.config, self.strategy = config, strategy
         self.train_cfg: TrainConfig = config.train
@@ -224,15 +161,8 @@ class _Run:
         # still be written: saving reads distributed variables collectively) go through a local folder.
         local_output = self.chief and not storage.is_gcs(self.output)
         self.work = self.output if local_output else scratch
-        built = _previous_build(config, strategy) if reuse else None
-        if built is None or tf.compat.v1.random.get_seed(0)[0] != config.train.seed:
-            tf_keras.utils.set_random_seed(config.train.seed)
-        else:
-            # TensorFlow's global seed is this run's already. Setting it again would clear TensorFlow's
-            # kernel caches, and the reused step would be instantiated and optimised again at its first
-            # call (~11 s on 2 cores, BENCHMARKS.md).
-            random.seed(config.train.seed)
-            np.random.seed(config.train.seed)
+        built = build_lib.previous_build(config, strategy) if reuse else None
+        _set_seeds(config.train.seed, reused=built is not None)
         self.xla = model_lib.resolve_xla(config.train)
         if self.xla and config.train.deterministic_ops:
             # Found at the first step otherwise: "GPU MaxPool gradient ops do not yet have a
@@ -268,7 +198,7 @@ class _Run:
         self.learning_rate = optimizer_lib.scaled_learning_rate(config.train, self.data_cfg.global_batch_size)
         self.reused_build = built is not None
         if built is None:
-            built = self._build()
+            built = build_lib.build(config, strategy, self.policy, self.learning_rate, self.steps_per_epoch)
         else:
             # This process's previous run built and traced the same graph: back to the state it was
             # built in, with this run's learning rate and dropout rate.
@@ -276,7 +206,7 @@ class _Run:
             built.schedule.peak.assign(self.learning_rate)
             built.dropout_rate.assign(config.model.dropout)
         if reuse:
-            _keep_for_reuse(built)
+            build_lib.keep_for_reuse(built)
         self.built = built
         self.classifier, self.optimizer, self.epoch = built.classifier, built.optimizer, built.epoch
         self.checkpoint, self.loss_sum = built.checkpoint, built.loss_sum
@@ -285,62 +215,6 @@ class _Run:
         )
         self.step_kind = distribute.step_kind(strategy, self.xla)
         self.setup_seconds = time.perf_counter() - started  # data, model and optimizer set-up
-
-    def _build(self) -> _Built:
-        """The model, its optimizer and the variables the step functions use, under the strategy."""
-        config, strategy = self.config, self.strategy
-        with strategy.scope():
-            classifier = model_lib.build_classifier(config.model, config.data.image_size_px, self.policy)
-            model_lib.set_trainable(classifier, config.model.unfreeze, config.model.train_batchnorm)
-            optimizer, schedule = optimizer_lib.make_optimizer(
-                config.train, self.learning_rate, self.steps_per_epoch, self.policy
-            )
-            # Built for every variable that will ever train, so the head warm-up can change the set.
-            optimizer.build(classifier.trainable_variables)
-            # Read when the step runs, not fixed when it is traced (see _Built).
-            dropout_rate = tf.Variable(config.model.dropout, trainable=False, name="dropout_rate")
-            model_lib.set_dropout_rate(classifier, dropout_rate)
-            epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            tracked = {"model": classifier, "optimizer": optimizer, "epoch": epoch}
-            averaged = []
-            if config.train.ema_decay:
-                # Every weight, BatchNorm's moving statistics too (as timm's ModelEmaV2 averages its
-                # buffers): the averaged model is then a consistent one. Each replica updates its own
-                # copy from the same all-reduced weights, without communicating (ON_READ); a read
-                # outside the step (the swap, a checkpoint) takes the first replica's, equal to all.
-                averaged = [
-                    tf.Variable(
-                        weight.read_value(),
-                        trainable=False,
-                        name=f"averaged_{index}",
-                        synchronization=tf.VariableSynchronization.ON_READ,
-                        aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-                    )
-                    for index, weight in enumerate(classifier.weights)
-                ]
-                tracked["averaged"] = averaged
-            checkpoint = tf.train.Checkpoint(**tracked)
-            # Each replica adds its loss share here during a loop; read (summed) once per loop.
-            loss_sum = tf.Variable(
-                0.0,
-                trainable=False,
-                synchronization=tf.VariableSynchronization.ON_READ,
-                aggregation=tf.VariableAggregation.SUM,
-                name="loss_sum",
-            )
-        return _Built(
-            key=_graph_key(config),
-            strategy=strategy,
-            classifier=classifier,
-            optimizer=optimizer,
-            schedule=schedule,
-            dropout_rate=dropout_rate,
-            epoch=epoch,
-            checkpoint=checkpoint,
-            loss_sum=loss_sum,
-            averaged=averaged,
-            swap_averaged=_swapper(classifier.weights, averaged) if averaged else None,
-        )
 
     def describe(self) -> str:
         """The start-up line: strategy, all-reduce, step, batch, loop and precision."""
@@ -362,22 +236,7 @@ class _Run:
         state = self._restore() if resume else RunState()
         # A resumed run may have been given more epochs than the one that wrote the checkpoint.
         state.finished = state.next_epoch >= cfg.epochs or state.stopped_early
-        if self.chief and not resume:
-            # A fresh run replaces an earlier one's results, so that its checkpoints are never mixed
-            # with ours (and a state.json of theirs cannot name a checkpoint of ours).
-            for folder in FOLDERS:
-                storage.delete_tree(storage.join(self.output, folder))  # never follows links out
-            storage.write_bytes(storage.join(self.output, CONFIG), to_yaml(self.config).encode())
-        # One TensorBoard run per training run, named after its folder (tensorboard --logdir of several
-        # runs' folders, or of a search's trials, then tells them apart).
-        run_name = storage.basename(self.output.rstrip("/")) or "run"
-        logdir = os.path.join(self.work, TENSORBOARD, run_name)
-        writer = tf.summary.create_file_writer(logdir) if self.chief else None
-        if self.chief:
-            print(self.describe(), flush=True)
-            if resume:
-                best = f"best validation AUC {state.best_auc:.4f} at epoch {state.best_epoch + 1}"
-                print(f"train: resuming {self.output} after epoch {state.next_epoch} ({best})", flush=True)
+        writer = self._begin(resume, state)
         iterator = iter(self.train_batches)
         phase, first_epoch = None, state.next_epoch
         result = self._export(state) if state.finished else None  # resumed after the last epoch
@@ -385,27 +244,9 @@ class _Run:
             epoch = state.next_epoch
             head_only = epoch < cfg.head_warmup_epochs
             if phase != head_only:
-                unfreeze = 0 if head_only else self.config.model.unfreeze
-                model_lib.set_trainable(self.classifier, unfreeze, self.config.model.train_batchnorm)
-                if head_only not in self.built.train_loops:
-                    self.built.train_loops[head_only] = self._make_train_loop()
-                train_loop = self.built.train_loops[head_only]
-                phase = head_only
-            start, loss_sum, done = time.perf_counter(), 0.0, 0
-            if on_step:
-                on_step(epoch, 0, self.steps_per_epoch, math.nan)  # the epoch starts
-            while done < self.steps_per_epoch:
-                steps = min(self.steps_per_loop, self.steps_per_epoch - done)
-                # The one host read of a loop: everything before it stayed on the device.
-                loop_loss = float(train_loop(iterator, tf.constant(steps, tf.int32)))
-                self.host_reads += 1
-                loss_sum += loop_loss
-                done += steps
-                if on_step:
-                    on_step(epoch, done, self.steps_per_epoch, loop_loss / steps)
-                if writer:
-                    with writer.as_default(step=int(self.optimizer.iterations.numpy())):
-                        tf.summary.scalar("train/loop_loss", loop_loss / steps)
+                train_loop, phase = self._train_loop_for(head_only), head_only
+            start = time.perf_counter()
+            loss_sum = self._train_epoch(epoch, train_loop, iterator, on_step, writer)
             seconds = time.perf_counter() - start
             self._wait_for_upload()  # the previous checkpoint's: before best weights are written
             with self._averaged_weights():  # (the weights themselves when train.ema_decay is 0)
@@ -439,12 +280,7 @@ class _Run:
             state.finished = state.next_epoch >= cfg.epochs or state.stopped_early
             self._save_checkpoint(epoch, state, improved)
             if writer:
-                with writer.as_default(step=epoch):
-                    for key, value in record.items():
-                        if isinstance(value, float) and not math.isnan(value):
-                            tf.summary.scalar(tensorboard_tag(key), value)
-                writer.flush()
-                storage.publish(os.path.join(self.work, TENSORBOARD), storage.join(self.output, TENSORBOARD))
+                self._log_epoch(writer, epoch, record)
             if state.finished:
                 # Before the last report: a scheduler may end the process as soon as it gets it.
                 export_started = time.perf_counter()
@@ -456,9 +292,70 @@ class _Run:
             writer.close()  # before the caller deletes a temporary working folder
         return result
 
+    def _begin(self, resume: bool, state: RunState):
+        """The chief's start of a run: a fresh run's folders emptied and its config written, the run
+        described; -> its TensorBoard writer (None on other workers)."""
+        if not self.chief:
+            return None
+        if not resume:
+            # A fresh run replaces an earlier one's results, so that its checkpoints are never mixed
+            # with ours (and a state.json of theirs cannot name a checkpoint of ours).
+            for folder in FOLDERS:
+                storage.delete_tree(storage.join(self.output, folder))  # never follows links out
+            storage.write_bytes(storage.join(self.output, CONFIG), to_yaml(self.config).encode())
+        print(self.describe(), flush=True)
+        if resume:
+            best = f"best validation AUC {state.best_auc:.4f} at epoch {state.best_epoch + 1}"
+            print(f"train: resuming {self.output} after epoch {state.next_epoch} ({best})", flush=True)
+        # One TensorBoard run per training run, named after its folder (tensorboard --logdir of several
+        # runs' folders, or of a search's trials, then tells them apart).
+        run_name = storage.basename(self.output.rstrip("/")) or "run"
+        return tf.summary.create_file_writer(os.path.join(self.work, TENSORBOARD, run_name))
+
+    def _train_loop_for(self, head_only: bool):
+        """Freeze the backbone (head_only) or unfreeze model.unfreeze of its layers; -> the train loop
+        traced for that set of trainable variables (one per phase, kept with the build for reuse)."""
+        unfreeze = 0 if head_only else self.config.model.unfreeze
+        model_lib.set_trainable(self.classifier, unfreeze, self.config.model.train_batchnorm)
+        if head_only not in self.built.train_loops:
+            self.built.train_loops[head_only] = self._make_train_loop()
+        return self.built.train_loops[head_only]
+
+    def _train_epoch(self, epoch: int, train_loop, iterator, on_step, writer) -> float:
+        """One epoch's steps, train.steps_per_loop to a call of `train_loop`; -> the summed loss."""
+        loss_sum, done = 0.0, 0
+        if on_step:
+            on_step(epoch, 0, self.steps_per_epoch, math.nan)  # the epoch starts
+        while done < self.steps_per_epoch:
+            steps = min(self.steps_per_loop, self.steps_per_epoch - done)
+            # The one host read of a loop: everything before it stayed on the device.
+            loop_loss = float(train_loop(iterator, tf.constant(steps, tf.int32)))
+            self.host_reads += 1
+            loss_sum += loop_loss
+            done += steps
+            if on_step:
+                on_step(epoch, done, self.steps_per_epoch, loop_loss / steps)
+            if writer:
+                with writer.as_default(step=int(self.optimizer.iterations.numpy())):
+                    tf.summary.scalar("train/loop_loss", loop_loss / steps)
+        return loss_sum
+
+    def _log_epoch(self, writer, epoch: int, record: dict) -> None:
+        """The epoch's record as TensorBoard scalars, published to the run folder."""
+        with writer.as_default(step=epoch):
+            for key, value in record.items():
+                if isinstance(value, float) and not math.isnan(value):
+                    tf.summary.scalar(tensorboard_tag(key), value)
+        writer.flush()
+        storage.publish(os.path.join(self.work, TENSORBOARD), storage.join(self.output, TENSORBOARD))
+
     def _make_train_loop(self):
         """-> train_loop(iterator, steps): `steps` training steps in one call, a tf.range loop on the
-        device (TF Model Garden's orbit loop does the same); returns the summed loss of those steps."""
+        device (TF Model Garden's orbit loop does the same); returns the summed loss of those steps.
+
+        One function, longer than a screen: the step's two forms (one XLA program per step; compiled
+        forward-backward, then the strategy's all-reduce, then the update) share `forward_backward` and
+        `update`, closures over the same variables, and read best as one description of the step."""
         strategy, classifier, optimizer = self.strategy, self.classifier, self.optimizer
         cfg, augment_cfg = self.train_cfg, self.config.augment
         size = self.config.data.image_size_px
@@ -736,14 +633,12 @@ def example_losses(
     return lam * weighted(labels) + (1.0 - lam) * weighted(tf.reverse(labels, axis=[0]))
 
 
-def _swapper(weights: list[tf.Variable], averaged: list[tf.Variable]) -> Callable:
-    """-> a function that swaps the values of `weights` and `averaged` (pairwise), on the device."""
-
-    @tf.function
-    def swap():
-        for weight, average in zip(weights, averaged, strict=True):
-            own = tf.identity(weight.read_value())
-            weight.assign(tf.cast(average, weight.dtype))
-            average.assign(tf.cast(own, average.dtype))
-
-    return swap
+def _set_seeds(seed: int, reused: bool) -> None:
+    """Python's, numpy's and TensorFlow's seeds. A reused build keeps TensorFlow's global seed when it is
+    this run's already: setting it again would clear TensorFlow's kernel caches, and the reused step would
+    be instantiated and optimised again at its first call (~11 s on 2 cores, BENCHMARKS.md)."""
+    if not reused or tf.compat.v1.random.get_seed(0)[0] != seed:
+        tf_keras.utils.set_random_seed(seed)
+    else:
+        random.seed(seed)
+        np.random.seed(seed)

@@ -15,6 +15,9 @@ trial, two concurrent trials on a 2-CPU machine hold both CPUs and their workers
 (WorkerGroupStartupTimeoutError, retried for ever). The hang of ray-project/ray#54305 (a stopped trial's
 placement group never released) is fixed in the Ray we require (PR #58515); tests/test_tune.py runs
 ASHA searches that stop trials.
+
+Past ~500 lines on purpose: the search's driver and its trials (the Ray Train wiring, the results
+read back) are one protocol; split, each half would be read with the other open.
 """
 
 from __future__ import annotations
@@ -28,17 +31,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pneumo_dist import config as config_lib
 from pneumo_dist import console, export, ray_setup, run_folder, storage
 from pneumo_dist.errors import PneumoDistError
+from pneumo_dist.evaluation_summary import Evaluation
 from pneumo_dist.run_folder import RunState
-
-if TYPE_CHECKING:  # TensorFlow: imported where a search evaluates its best model, not by the driver
-    from pneumo_dist.evaluate import Evaluation
 
 TRIALS_FOLDER = "trials"
 TRAIN_RUNS_FOLDER = "ray-train"  # Ray Train's own records of each trial's run
@@ -103,64 +103,17 @@ def run_search(
     Unless `verbose`, Tune's periodic status tables give way to one line per trial-epoch. `in_process`:
     Ray runs in this process (ray_setup.connect_ray), so its resources are all there will be."""
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    cfg = config.tune
-    check_storage(cfg.storage_uri, sum(1 for node in ray.nodes() if node.get("Alive")))
+    check_storage(config.tune.storage_uri, sum(1 for node in ray.nodes() if node.get("Alive")))
     experiment = experiment_uri(config)
-    storage_root = storage.parent(experiment)
     trial_root = storage.join(experiment, TRIALS_FOLDER)
-    filesystem = storage.pyarrow_filesystem(storage_root)
     setup = {
         "base": base_for_workers(config),
         "trial_root": trial_root,
         "train_runs": storage.join(experiment, TRAIN_RUNS_FOLDER),
     }
-    concurrency = trial_concurrency(cfg, ray.cluster_resources() if in_process else None)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(cfg))
-    if resume:
-        if not tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
-            raise SearchError(f"--resume: no search to resume at {experiment}")
-        tuner = tune.Tuner.restore(
-            experiment,
-            trainable=trainable,
-            resume_unfinished=True,
-            resume_errored=True,
-            storage_filesystem=filesystem,
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"sampled": to_tune_space(cfg.search_space)},
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                num_samples=cfg.num_samples,
-                scheduler=ASHAScheduler(
-                    time_attr="epoch",
-                    max_t=config.train.epochs,
-                    grace_period=min(cfg.grace_period, config.train.epochs),  # Ray asserts it; warned of
-                    reduction_factor=cfg.reduction_factor,
-                )
-                if cfg.scheduler == "asha"
-                else FIFOScheduler(),
-                search_alg=search_algorithm(cfg, concurrency),
-                # A one-worker trial trains in its Tune function: the next trial of the process reuses
-                # its built model and traced step when only REUSABLE values differ (train._Built).
-                reuse_actors=cfg.workers_per_trial == 1,
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.name,
-                storage_path=storage_root,
-                storage_filesystem=filesystem,
-                # A worker's death is Ray Train's to handle (run_trial); Tune restarts a trial whose
-                # driver failed (e.g. its node was lost), from the trial's last checkpoint too.
-                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                verbose=1 if verbose else 0,
-                callbacks=[] if verbose else [console_reporter(config.train.epochs)],
-            ),
-        )
+    concurrency = trial_concurrency(config.tune, ray.cluster_resources() if in_process else None)
+    tuner = _tuner(config, setup, experiment, resume, verbose, concurrency)
     if not verbose:
         # Tune's legacy reporter at verbosity 0 prints nothing; the new one still prints a start box.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -172,29 +125,97 @@ def run_search(
     best = max(finished, key=lambda t: t.best_val_auc, default=None)
     best_export = test_metrics = None
     if best is not None:
-        # The driver's first TensorFlow: its start-up lines held back unless `verbose`.
-        console.load_tensorflow(verbose)
         best_export = storage.join(experiment, "best")
-        members = ensemble_members(finished, best, cfg.ensemble_top)
-        if len(members) > 1:
-            from pneumo_dist import ensemble
-
-            # The best trial's config: its threshold policies and the data whose validation split it saw.
-            best_config = trial_config(setup["base"], best.config, best.output_uri)
-            uris = [storage.join(t.output_uri, export.FOLDER) for t in members]
-            print(f"ensemble of the {len(members)} best trials: {', '.join(t.trial_id for t in members)}")
-            ensemble.export_ensemble(uris, best_config, best_export)
-        else:
-            storage.copy_tree(storage.join(best.output_uri, export.FOLDER), best_export)
-        if config.train.serving_export or cfg.evaluate_test:
-            from pneumo_dist import exporter, predict
-
-            detector = predict.PneumoniaDetector.load(best_export)
-            if config.train.serving_export:
-                exporter.add_serving_model(detector)
-            if cfg.evaluate_test:
-                test_metrics = report_on_test(detector, config)
+        test_metrics = _export_best(config, setup, finished, best, best_export, verbose)
     return SearchResult(trials, best, best_export, test_metrics, table_uri)
+
+
+def _tuner(
+    config: config_lib.RunConfig, setup: dict, experiment: str, resume: bool, verbose: bool, concurrency
+):
+    """The Tune experiment at `experiment`: a new one, or (`resume`) the interrupted one restored."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    cfg = config.tune
+    storage_root = storage.parent(experiment)
+    filesystem = storage.pyarrow_filesystem(storage_root)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(cfg))
+    if resume:
+        if not tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+            raise SearchError(f"--resume: no search to resume at {experiment}")
+        return tune.Tuner.restore(
+            experiment,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space={"sampled": to_tune_space(cfg.search_space)},
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=cfg.num_samples,
+            scheduler=ASHAScheduler(
+                time_attr="epoch",
+                max_t=config.train.epochs,
+                grace_period=min(cfg.grace_period, config.train.epochs),  # Ray asserts it; warned of
+                reduction_factor=cfg.reduction_factor,
+            )
+            if cfg.scheduler == "asha"
+            else FIFOScheduler(),
+            search_alg=search_algorithm(cfg, concurrency),
+            # A one-worker trial trains in its Tune function: the next trial of the process reuses
+            # its built model and traced step when only REUSABLE values differ (build.Built).
+            reuse_actors=cfg.workers_per_trial == 1,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.name,
+            storage_path=storage_root,
+            storage_filesystem=filesystem,
+            # A worker's death is Ray Train's to handle (run_trial); Tune restarts a trial whose
+            # driver failed (e.g. its node was lost), from the trial's last checkpoint too.
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            verbose=1 if verbose else 0,
+            callbacks=[] if verbose else [console_reporter(config.train.epochs)],
+        ),
+    )
+
+
+def _export_best(
+    config: config_lib.RunConfig,
+    setup: dict,
+    finished: list[TrialSummary],
+    best: TrialSummary,
+    best_export: str,
+    verbose: bool,
+) -> Evaluation | None:
+    """The best trial's export (or the ensemble of the tune.ensemble_top best) to `best_export`, with its
+    serving model and its test report when asked for; -> the test figures, or None."""
+    cfg = config.tune
+    # The driver's first TensorFlow: its start-up lines held back unless `verbose`.
+    console.load_tensorflow(verbose)
+    members = ensemble_members(finished, best, cfg.ensemble_top)
+    if len(members) > 1:
+        from pneumo_dist import ensemble
+
+        # The best trial's config: its threshold policies and the data whose validation split it saw.
+        best_config = trial_config(setup["base"], best.config, best.output_uri)
+        uris = [storage.join(t.output_uri, export.FOLDER) for t in members]
+        print(f"ensemble of the {len(members)} best trials: {', '.join(t.trial_id for t in members)}")
+        ensemble.export_ensemble(uris, best_config, best_export)
+    else:
+        storage.copy_tree(storage.join(best.output_uri, export.FOLDER), best_export)
+    if not (config.train.serving_export or cfg.evaluate_test):
+        return None
+    from pneumo_dist import exporter, predict
+
+    detector = predict.PneumoniaDetector.load(best_export)
+    if config.train.serving_export:
+        exporter.add_serving_model(detector)
+    return report_on_test(detector, config) if cfg.evaluate_test else None
 
 
 def ensemble_members(finished: list[TrialSummary], best: TrialSummary, top: int) -> list[TrialSummary]:

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
+from pneumo_dist import build, data, distribute, optimizer, train
 from pneumo_dist import config as config_lib
-from pneumo_dist import data, distribute, optimizer, train
 
 from .conftest import FROM_SCRATCH_OVERRIDES, REPO
 
@@ -246,11 +246,11 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
 ):
     """What a search's trials do when Tune reuses the trial's process: the second run traces nothing,
     and trains as a fresh process would with its own learning rate (dropout off: Keras' masks come from
-    stateful random ops, see train._Built); its dropout rate is its own too."""
+    stateful random ops, see build.Built); its dropout rate is its own too."""
 
     from pneumo_dist import export
 
-    monkeypatch.setattr(train, "_kept", [])
+    monkeypatch.setattr(build, "_kept", [])
     strategy = distribute.choose_strategy(local=True)
 
     def make_config(name: str, *overrides: str) -> config_lib.RunConfig:
@@ -280,18 +280,18 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
     # and the first one's config again, both on that build. (That the learning rate and dropout rate
     # are not fixed in the traced step: test_one_xla_program_per_step_...)
     alone = run("alone", "train.learning_rate=0.003", "model.dropout=0.0")
-    (built,) = train._kept
+    (built,) = build._kept
     other = run("other", "train.learning_rate=0.001", "model.dropout=0.0")
     assert other[0]["learning_rate"] != pytest.approx(alone[0]["learning_rate"], rel=1e-3)
     reused = run("b", "train.learning_rate=0.003", "model.dropout=0.0")
-    assert train._kept == [built] and built.train_loops[False].experimental_get_tracing_count() == 1
+    assert build._kept == [built] and built.train_loops[False].experimental_get_tracing_count() == 1
     for epoch_reused, epoch_alone in zip(reused, alone, strict=True):
         assert epoch_reused["learning_rate"] == pytest.approx(epoch_alone["learning_rate"], rel=1e-6)
         assert epoch_reused["train_loss"] == pytest.approx(epoch_alone["train_loss"], rel=1e-4)
         assert epoch_reused["val_auc"] == pytest.approx(epoch_alone["val_auc"], abs=1e-6)
 
     dropped = run("c", "train.learning_rate=0.003", "model.dropout=0.5")
-    assert train._kept == [built]
+    assert build._kept == [built]
     assert dropped[0]["train_loss"] != pytest.approx(reused[0]["train_loss"], rel=1e-3)
     # The saved model's config holds the run's rates as numbers (read from the archive: loading
     # ResNet50 costs ~20 s here, and tests/test_model.py loads exported models).
@@ -308,29 +308,29 @@ def test_a_later_run_in_the_process_reuses_the_traced_step_with_its_own_learning
     assert rates == {"dropout_pool": 0.5, "dropout_dense": 0.5}
 
     # Anything else is another graph, built anew.
-    assert train._previous_build(make_config("d", "train.learning_rate=0.01"), strategy) is built
-    assert train._previous_build(make_config("d", "model.dense_units=32"), strategy) is None
-    assert train._previous_build(make_config("d", "train.epochs=3"), strategy) is None
-    shutil.rmtree(os.path.dirname(built.as_built_path))  # the checkpoint _keep_for_reuse wrote
+    assert build.previous_build(make_config("d", "train.learning_rate=0.01"), strategy) is built
+    assert build.previous_build(make_config("d", "model.dense_units=32"), strategy) is None
+    assert build.previous_build(make_config("d", "train.epochs=3"), strategy) is None
+    shutil.rmtree(os.path.dirname(built.as_built_path))  # the checkpoint keep_for_reuse wrote
 
 
 def test_a_process_keeps_its_last_few_builds_and_removes_what_an_evicted_one_wrote(monkeypatch):
-    monkeypatch.setattr(train, "_kept", [])
+    monkeypatch.setattr(build, "_kept", [])
     builds = [
-        train._Built(
+        build.Built(
             key=str(n), strategy=None, classifier=None, optimizer=None, schedule=None, dropout_rate=None,
             epoch=None, checkpoint=tf.train.Checkpoint(value=tf.Variable(float(n))), loss_sum=None,
         )
-        for n in range(train.KEEP_BUILDS + 1)
+        for n in range(build.KEEP_BUILDS + 1)
     ]  # fmt: skip
     for built in builds[:-1]:
-        train._keep_for_reuse(built)
-    train._keep_for_reuse(builds[0])  # used again: now the most recent
-    train._keep_for_reuse(builds[-1])
-    assert train._kept == [*builds[2:-1], builds[0], builds[-1]]
+        build.keep_for_reuse(built)
+    build.keep_for_reuse(builds[0])  # used again: now the most recent
+    build.keep_for_reuse(builds[-1])
+    assert build._kept == [*builds[2:-1], builds[0], builds[-1]]
     assert not os.path.exists(os.path.dirname(builds[1].as_built_path))
-    assert all(os.path.exists(os.path.dirname(b.as_built_path)) for b in train._kept)
-    for built in train._kept:
+    assert all(os.path.exists(os.path.dirname(b.as_built_path)) for b in build._kept)
+    for built in build._kept:
         shutil.rmtree(os.path.dirname(built.as_built_path))
 
 
