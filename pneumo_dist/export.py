@@ -22,6 +22,7 @@ from pneumo_dist import storage
 from pneumo_dist.config import EQUALIZE_MODES, MAX_BORDER_CROP, THRESHOLD_POLICIES
 from pneumo_dist.errors import PneumoDistError
 
+APPLY_CLIP = 1e-300  # the lowest probability a calibration reads (float32 sigmoids reach 1e-45)
 FOLDER = "export"  # in a run's output folder
 INFO_NAME = "export.json"
 MODEL_FILE = "model.keras"
@@ -58,9 +59,12 @@ class Calibration:
         """A probability or a numpy array of them (numpy only: no TensorFlow here)."""
         import numpy as np
 
-        p = np.clip(np.asarray(probability, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+        # Clipped only where float64 must (p of 0 or 1) and a sigmoid that does not round small values to 0:
+        # calibration keeps the model's ranking. Clipping at 1e-7, as the fit does (metrics.logit), tied a
+        # saturated model's most confident scores and lowered the calibrated AUC (0.89 for 0.90, seen in CI).
+        p = np.clip(np.asarray(probability, dtype=np.float64), APPLY_CLIP, 1.0 - 2.0**-53)
         z = self.slope * (np.log(p) - np.log1p(-p)) + self.intercept
-        return 0.5 * (1.0 + np.tanh(0.5 * z))
+        return np.exp(-np.logaddexp(0.0, -z))
 
 
 @dataclass(frozen=True)
