@@ -309,12 +309,13 @@ def summarize(
     stored: schema.StoredImage,
     tta_views: int,
     resamples: int,
+    seed: int = 0,
 ) -> Evaluation:
     """The figures of a scored split (no robustness, drift or Grad-CAM: run_evaluation adds those).
-    `stored`: how the split's shards store their images."""
+    `stored`: how the split's shards store their images; `seed`: the bootstraps'."""
     policies = detector.operating_points
     at_half, at_threshold, *at_policies = operating_points(
-        scores, [0.5, detector.threshold, *policies.values()], resamples
+        scores, [0.5, detector.threshold, *policies.values()], resamples, seed
     )
     return Evaluation(
         model=ModelSummary(
@@ -345,9 +346,9 @@ def summarize(
             ece=metrics_lib.expected_calibration_error(scores.labels, scores.probabilities),
             bins=metrics_lib.reliability_bins(scores.labels, scores.probabilities),
         ),
-        bootstrap={"resamples": resamples, "seed": 0, "method": "class-stratified percentile"},
-        subgroups=subgroup_report(scores, detector.threshold, resamples),
-        members=member_report(scores, detector.info.members, resamples),
+        bootstrap={"resamples": resamples, "seed": seed, "method": "class-stratified percentile"},
+        subgroups=subgroup_report(scores, detector.threshold, resamples, seed),
+        members=member_report(scores, detector.info.members, resamples, seed),
     )
 
 

@@ -100,19 +100,14 @@ class Evaluation:
     gradcam: dict[str, list[str]] | None = None  # case -> the sources shown in gradcam.png
 
     def to_dict(self) -> dict:
-        def point(p: OperatingPoint) -> dict:
-            return dataclasses.asdict(p) | {
-                "metrics": {m: dataclasses.asdict(e) for m, e in p.metrics.items()}
-            }
-
         written = {
             "model": dataclasses.asdict(self.model),
             "data": dataclasses.asdict(self.data),
             "tta_views": self.tta_views,
             "created_utc": self.created_utc,
-            "at_0.5": point(self.at_half),
-            "at_threshold": point(self.at_threshold),
-            "policies": {name: point(p) for name, p in self.policies.items()},
+            "at_0.5": dataclasses.asdict(self.at_half),
+            "at_threshold": dataclasses.asdict(self.at_threshold),
+            "policies": {name: dataclasses.asdict(p) for name, p in self.policies.items()},
             "calibration": dataclasses.asdict(self.calibration),
             "bootstrap": self.bootstrap,
             "subgroups": {

@@ -76,7 +76,7 @@ class ServingModel(tf.Module):
         pixels = decode.resize_images(read, size, self._image_size)
         probability = self._forward(tf.cast(pixels, tf.float32))
         if self._calibration is not None:
-            p = tf.clip_by_value(tf.cast(probability, tf.float64), export_lib.APPLY_CLIP, 1.0 - 2.0**-53)
+            p = tf.clip_by_value(tf.cast(probability, tf.float64), *export_lib.APPLY_RANGE)
             z = self._calibration.slope * (tf.math.log(p) - tf.math.log1p(-p)) + self._calibration.intercept
             probability = tf.cast(tf.sigmoid(z), tf.float32)
         positive = probability >= self._threshold

@@ -136,6 +136,9 @@ class Plan:
     fingerprint: str | None = None
     shards: list[str] = field(default_factory=list)
 
+    def write(self, uri: str) -> None:
+        storage.write_bytes(uri, json.dumps(dataclasses.asdict(self)).encode())
+
     @classmethod
     def read(cls, uri: str) -> Plan:
         """The plan at `uri`; an empty plan when there is none, or it is damaged (it names nothing then)."""
@@ -213,8 +216,7 @@ def make_shards(
         tasks = _plan_shards(assigned, options, destination, pool)
         if overwrite or existing is not None or plan.fingerprint != fingerprint:
             _delete(ours, destination)
-            plan = Plan(fingerprint, [task.name for task in tasks])
-            storage.write_bytes(plan_uri, json.dumps(dataclasses.asdict(plan)).encode())
+            Plan(fingerprint, [task.name for task in tasks]).write(plan_uri)
 
         done, written = _write_shards(tasks, options, pool, on_progress)
         manifest = _build_manifest(source_uri, listing, split_notes, options, fingerprint, tasks, done)
