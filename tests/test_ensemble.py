@@ -81,13 +81,18 @@ def test_the_ensemble_is_one_export_whose_probability_is_its_members_mean_logit(
     np.testing.assert_allclose(uncalibrated, expected, rtol=1e-4, atol=1e-6)
     # The two members differ (seeds): the mean is not one of them.
     assert np.abs(raw[0] - raw[1]).max() > 1e-3
-    # PneumoniaDetector applies the calibration fitted on the ensemble's own validation scores.
-    calibration = detector.calibration
-    assert calibration is not None
-    slope, intercept = metrics.fit_platt(labels, expected)
-    assert (calibration.slope, calibration.intercept) == pytest.approx((slope, intercept), rel=1e-3, abs=1e-4)
+    # PneumoniaDetector applies the calibration fitted on the ensemble's own validation scores. Members
+    # trained for 12 steps rank near chance (ensemble validation AUC 0.47-0.71 in four runs, 2026-12-06),
+    # so Platt's slope can come out <= 0, and then the export holds none (metrics.fit_platt): either way
+    # the export must be what the fit on the mean logit gives.
+    calibration, fitted = detector.calibration, metrics.fit_platt(labels, expected)
+    assert (calibration is None) == (fitted is None)
     probabilities = detector.probabilities(pixels)
-    np.testing.assert_allclose(probabilities, calibration.apply(expected), rtol=1e-4, atol=1e-6)
+    if calibration is None:
+        np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-6)
+    else:
+        assert (calibration.slope, calibration.intercept) == pytest.approx(fitted, rel=1e-3, abs=1e-4)
+        np.testing.assert_allclose(probabilities, calibration.apply(expected), rtol=1e-4, atol=1e-6)
     # Every threshold policy was chosen on those calibrated ensemble scores.
     target = config.train.target_sensitivity
     assert detector.threshold == pytest.approx(

@@ -29,8 +29,10 @@ def make_config(shards: str, output: str, *overrides: str):
 
 def test_training_learns_the_demo_signal(trained):
     _, result, _, epochs_seen = trained
-    assert len(epochs_seen) == result.epochs_run == 8
-    assert result.best_val_auc > 0.85, [round(r["val_auc"], 3) for r in epochs_seen]
+    assert len(epochs_seen) == result.epochs_run == 12
+    # 40 validation images: chance's AUC has a standard deviation of 0.09, so 0.8 is over 3 of them above
+    # it; the runs measured 0.885-0.99 (conftest.trained).
+    assert result.best_val_auc > 0.8, [round(r["val_auc"], 3) for r in epochs_seen]
     assert epochs_seen[-1]["train_loss"] < epochs_seen[0]["train_loss"]
 
 
