@@ -66,18 +66,12 @@ def test_exported_model_reloads_and_gives_the_validation_predictions(trained):
 def test_checkpoints_keep_the_last_two_and_the_best(trained):
     _, result, output, _ = trained
     names = sorted(os.listdir(Path(output) / "checkpoints"))
-    assert names == sorted(
-        [
-            "best.weights.h5",
-            "state.json",
-            "ckpt-6.index",
-            "ckpt-6.data-00000-of-00001",
-            "ckpt-7.index",
-            "ckpt-7.data-00000-of-00001",
-        ]
-    )
+    last = result.epochs_run - 1  # the checkpoint after epoch e is ckpt-e
+    kept = [f"ckpt-{e}{suffix}" for e in (last - 1, last) for suffix in (".index", ".data-00000-of-00001")]
+    assert names == sorted(["best.weights.h5", "state.json", *kept])
     state = json.loads((Path(output) / "checkpoints" / "state.json").read_text())
-    assert state["checkpoint"] == "ckpt-7" and state["finished"] and state["best_epoch"] == result.best_epoch
+    assert state["checkpoint"] == f"ckpt-{last}" and state["finished"]
+    assert state["best_epoch"] == result.best_epoch
 
 
 def test_resume_on_gcs_continues_at_the_saved_epoch_and_optimizer_step(learnable_shards, bucket, system_temp):
@@ -339,9 +333,9 @@ def test_reduced_precision_learns_with_xla_and_exports_a_float32_model(learnable
     )
     history = []
     result = train.train(config, distribute.choose_strategy(local=True), on_epoch=history.append)
-    # Learning, not a stalled or overflowing step (that stays near 0.5): float32 reaches 0.85 on the same
-    # data (test_training_learns_the_demo_signal); float16 with EMA and erasing reached 0.845 once in CI
-    # under xdist, where the threads' reduction order differs from run to run.
+    # Learning, not a stalled or overflowing step (that stays near 0.5): float32 at 8 epochs on the same
+    # data reached 0.80-0.975 over nine runs (conftest.trained); float16 with EMA and erasing reached 0.845
+    # once in CI under xdist, where the threads' reduction order differs from run to run.
     assert result.best_val_auc > 0.75, [round(r["val_auc"], 3) for r in history]
     detector = tf_keras.models.load_model(Path(output) / "export" / "model.keras", compile=False)
     assert {w.dtype for w in detector.weights} == {tf.float32}
